@@ -1,0 +1,90 @@
+"""The bounded KV cache: per-layer keys and values plus what SirLLM needs to know about each cached token.
+
+Knows nothing of chat. The model appends keys and values through ``kv`` (a transformers ``DynamicCache``) during its
+forward; the caller then records the tokens with ``append``. The token records are the source of truth: a forward
+interrupted halfway leaves some layers longer than the records, and ``truncate`` cuts every layer back to them.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from .policies import Policy
+from .rope import KeyRotator
+
+
+class SirLLMCache:
+    """At most ``cache_size`` tokens; when full, ``policy`` chooses who stays and kept keys are re-rotated.
+
+    Per cached token it records the token id, its score (token entropy, decayed each turn), its position in the
+    whole conversation (``positions``, never reset by eviction) and the turn it came from.
+    """
+
+    def __init__(self, rotator: KeyRotator, policy: Policy, cache_size: int):
+        self.rotator = rotator
+        self.policy = policy
+        self.cache_size = cache_size
+        self.kv = DynamicCache()
+        self.token_ids = torch.empty(0, dtype=torch.long)
+        self.scores = torch.empty(0, dtype=torch.float32)
+        self.positions = torch.empty(0, dtype=torch.long)
+        self.turns = torch.empty(0, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return self.token_ids.numel()
+
+    @property
+    def max_chunk(self) -> int:
+        """The most tokens one forward may add: room must stay for the sinks and the protected recent tokens."""
+        return self.cache_size - self.policy.start_size - self.policy.recent_size
+
+    def make_room(self, n: int, slack: int = 0) -> int:
+        """Evict so that ``n`` more tokens fit; when evicting anyway, free ``slack`` extra slots so the next few
+        single-token appends (decoding) do not each pay for an eviction. Returns the number of tokens evicted."""
+        if n > self.max_chunk:
+            raise ValueError(f"cannot add {n} tokens at once to a cache of {self.cache_size} (at most {self.max_chunk})")
+        if len(self) + n <= self.cache_size:
+            return 0
+        budget = self.cache_size - min(n + slack, self.max_chunk)
+        keep = self.policy.keep(self.scores, budget).to(torch.long)
+        return self._retain(keep)
+
+    def _retain(self, keep: torch.Tensor) -> int:
+        evicted = len(self) - keep.numel()
+        delta = torch.arange(keep.numel()) - keep
+        moved = delta != 0
+        new_layers = []
+        for i, layer in enumerate(self.kv.layers):
+            idx = keep.to(layer.keys.device)
+            keys, values = layer.keys[:, :, idx], layer.values[:, :, idx]
+            if moved.any():
+                keys[:, :, moved] = self.rotator.rotate(keys[:, :, moved], delta[moved], layer=i)
+            new_layers.append((keys, values))
+        # Swap all layers only once every new tensor exists, so an interrupt cannot leave the layers disagreeing.
+        for layer, (keys, values) in zip(self.kv.layers, new_layers):
+            layer.keys, layer.values = keys, values
+        self.token_ids, self.scores = self.token_ids[keep], self.scores[keep]
+        self.positions, self.turns = self.positions[keep], self.turns[keep]
+        return evicted
+
+    def append(self, token_ids: torch.Tensor, scores: torch.Tensor, positions: torch.Tensor, turn: int) -> None:
+        """Record tokens whose keys and values the model has just appended to ``kv``."""
+        self.token_ids = torch.cat((self.token_ids, token_ids.cpu()))
+        self.scores = torch.cat((self.scores, scores.detach().float().cpu()))
+        self.positions = torch.cat((self.positions, positions.cpu()))
+        self.turns = torch.cat((self.turns, torch.full((token_ids.numel(),), turn, dtype=torch.long)))
+
+    def truncate(self, position: int) -> None:
+        """Drop every token from conversation position ``position`` on (they are the newest), and any keys and
+        values a broken forward appended without a record."""
+        n = int((self.positions < position).sum())
+        for layer in self.kv.layers:
+            if layer.keys is not None and layer.keys.numel():
+                layer.keys, layer.values = layer.keys[:, :, :n], layer.values[:, :, :n]
+        self.token_ids, self.scores = self.token_ids[:n], self.scores[:n]
+        self.positions, self.turns = self.positions[:n], self.turns[:n]
+
+    def decay(self, ratio: float) -> None:
+        """Multiply every stored score by ``ratio`` (SirLLM's per-turn decay, so old key tokens can fade)."""
+        self.scores *= ratio

@@ -1,0 +1,112 @@
+"""Decoding pieces: sampling settings, choosing the next token, and turning tokens into reply text.
+
+The decode loop itself lives in the session (it must ingest each token into the evicting cache); this module holds
+the parts that know nothing about the cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from tokenizers.decoders import DecodeStream
+
+
+@dataclass
+class GenerationConfig:
+    """How to decode one reply. ``temperature=0`` is greedy; ``seed`` makes sampling repeatable."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
+
+
+class Sampler:
+    """Picks the next token from a row of logits: argmax when greedy, else temperature / top-k / top-p sampling."""
+
+    def __init__(self, config: GenerationConfig, device: torch.device):
+        self.config = config
+        self.generator = None
+        if config.temperature > 0:
+            self.generator = torch.Generator(device=device)
+            if config.seed is None:
+                self.generator.seed()
+            else:
+                self.generator.manual_seed(config.seed)
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        if self.generator is None:
+            return int(logits.argmax())
+        logits = logits / self.config.temperature
+        if self.config.top_k:
+            kth = logits.topk(min(self.config.top_k, logits.numel())).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = logits.softmax(-1)
+        if self.config.top_p < 1:
+            sorted_probs, order = probs.sort(descending=True)
+            # Drop a token when the tokens ranked above it already reach top_p; the top token always stays.
+            drop = sorted_probs.cumsum(-1) - sorted_probs >= self.config.top_p
+            probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+class ReplyText:
+    """Builds the reply text token by token: whole UTF-8 characters only, stop strings cut off and never shown."""
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self._backend = tokenizer.backend_tokenizer
+        self._stream = DecodeStream(skip_special_tokens=True)
+        self._stop = stop
+        self._held = max((len(s) - 1 for s in stop), default=0)
+        self.text = ""  # everything decoded so far (including a stop string once found)
+        self.shown = 0  # characters of ``text`` handed out
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        """Add a token; return the text that is now safe to show (possibly empty)."""
+        piece = self._stream.step(self._backend, token_id)
+        if piece:
+            self.text += piece
+            if self._stop:
+                start = max(0, self.shown - self._held)
+                hits = [i for i in (self.text.find(s, start) for s in self._stop) if i >= 0]
+                if hits:
+                    self.text = self.text[: min(hits)]
+                    self.stopped = True
+                    return self._show(len(self.text))
+        return self._show(len(self.text) - self._unsafe_tail())
+
+    def finish(self) -> str:
+        """The rest of the text once decoding has ended."""
+        return self._show(len(self.text))
+
+    def _unsafe_tail(self) -> int:
+        """Length of the longest end of ``text`` that could still grow into a stop string."""
+        for n in range(min(self._held, len(self.text)), 0, -1):
+            tail = self.text[-n:]
+            if any(s.startswith(tail) for s in self._stop):
+                return n
+        return 0
+
+    def _show(self, end: int) -> str:
+        piece = self.text[self.shown : end] if end > self.shown else ""
+        self.shown = max(self.shown, end)
+        return piece

@@ -1,0 +1,356 @@
+"""A Session: one conversation whose KV cache lives across calls.
+
+Each call gets the whole conversation, prefills only what the session has not ingested yet, decodes a reply into
+the same bounded cache, and closes the turn so the cache holds exactly the chat-template rendering of the
+conversation (minus what was evicted).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Generator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .cache import SirLLMCache
+from .generation import GenerationConfig, ReplyText, Sampler
+from .policies import Policy
+from .transcript import Message, Segment, Transcript, normalize_messages
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+
+@dataclass
+class TurnStats:
+    """Figures of one call. ``input_tokens = reused_tokens + prefilled_tokens`` (on a restart nothing is reused)."""
+
+    input_tokens: int = 0  # tokens of the whole rendered prompt
+    reused_tokens: int = 0  # of those, already ingested by earlier calls: not prefilled again
+    prefilled_tokens: int = 0  # prompt tokens run through the model this call
+    generated_tokens: int = 0
+    evicted_tokens: int = 0
+    cache_len: int = 0  # tokens in the cache after the call
+    restarts: int = 0  # 1 when the conversation did not extend the session's transcript
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+
+@dataclass
+class SessionStats(TurnStats):
+    """Totals over a session's calls; ``cache_len`` is the current length, ``turns`` the completed replies."""
+
+    turns: int = 0
+
+    def add(self, turn: TurnStats) -> None:
+        for f in fields(TurnStats):
+            if f.name != "cache_len":
+                setattr(self, f.name, getattr(self, f.name) + getattr(turn, f.name))
+        self.cache_len = turn.cache_len
+
+
+@dataclass
+class Reply:
+    text: str
+    finish_reason: str  # "stop" (end of turn or a stop string) or "length" (max_new_tokens reached)
+    token_ids: list[int]  # the tokens sampled for the reply, before any stop string was cut off
+    stats: TurnStats
+
+
+class ReplyStream:
+    """Iterates over the text pieces of a reply as they are decoded; ``reply`` is set once it is exhausted."""
+
+    def __init__(self, pieces: Generator[str, None, Reply]):
+        self._pieces = pieces
+        self.reply: Reply | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self._pieces)
+        except StopIteration as done:
+            self.reply = done.value
+            raise
+
+    def close(self) -> None:
+        """Abandon the reply: the session rolls it back (see ``Session.stream``)."""
+        self._pieces.close()
+
+
+class Session:
+    """One conversation on an :class:`Engine`, created by ``engine.session(...)``.
+
+    Calls on one session are serialized by a lock; a stream holds it from its first piece until it ends or is
+    closed.
+    """
+
+    def __init__(self, engine: Engine, *, cache_size: int, policy: Policy, decay: float, prefill_chunk: int):
+        self.engine = engine
+        self.cache_size = cache_size
+        self.policy = policy
+        self.decay = decay
+        self.prefill_chunk = prefill_chunk
+        self.cache = SirLLMCache(engine.rotator, policy, cache_size)
+        self.transcript = Transcript()
+        self.stats = SessionStats()
+        self._logits: torch.Tensor | None = None  # model output after the newest cached token; scores the next one
+        self._position = 0  # tokens ingested over the whole conversation
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+    ) -> Reply:
+        """Reply to ``messages``, the whole conversation so far (OpenAI-style dicts). Greedy unless ``temperature``."""
+        stream = self.stream(
+            messages, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop
+        )
+        for _ in stream:
+            pass
+        assert stream.reply is not None
+        return stream.reply
+
+    def stream(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+    ) -> ReplyStream:
+        """Like :meth:`chat`, yielding text pieces as they are decoded (never a broken UTF-8 character, never any
+        part of a stop string). The finished :class:`Reply` is ``stream.reply``.
+
+        A stream abandoned midway (closed, garbage-collected, or broken by an exception) rolls the partial reply
+        back: the session then holds the conversation up to and including ``messages``, as if no reply had been
+        asked for, so the next call may either resend ``messages`` with a new message or retry them as they were.
+        """
+        config = GenerationConfig(max_new_tokens, temperature, top_p, top_k, seed, stop or [])
+        return ReplyStream(self._turn(normalize_messages(messages), config))
+
+    def reset(self) -> None:
+        """Forget the conversation: empty cache and transcript (totals in ``stats`` are kept)."""
+        with self._locked():
+            self._reset()
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    # -- one call ------------------------------------------------------------------------------------------------
+
+    def _turn(self, messages: list[Message], config: GenerationConfig) -> Generator[str, None, Reply]:
+        with self._locked():
+            turn = TurnStats()
+            segments = self.transcript.plan(messages, self.engine.template)
+            if segments is None:
+                self._reset()
+                turn.restarts = 1
+                segments = self.transcript.plan(messages, self.engine.template)
+                if segments is None:
+                    raise ValueError(
+                        "the chat template's generation prompt does not extend its own rendering of these messages, "
+                        "so the conversation cannot be followed incrementally"
+                    )
+            turn.reused_tokens = self.transcript.length
+            *message_segments, prompt_segment = segments
+            try:
+                self._prefill_messages(messages, message_segments, turn)
+            except BaseException:
+                self._rollback(self.transcript)
+                self._record(turn)
+                raise
+            asked = self.transcript
+            try:
+                prompt_ids = self.engine.encode(prompt_segment.text)
+                start = time.perf_counter()
+                turn.prefilled_tokens += self._prefill(prompt_ids, turn)
+                self._score_first_token()
+                turn.prefill_seconds += time.perf_counter() - start
+                turn.input_tokens = self._position
+                reply = yield from self._decode(config, turn)
+                self._close_turn(asked, prompt_ids, reply, turn)
+                self.cache.decay(self.decay)
+            except BaseException:
+                self._rollback(asked)
+                self._record(turn)
+                raise
+            turn.cache_len = len(self.cache)
+            self._record(turn, completed=True)
+            return reply
+
+    def _prefill_messages(self, messages: list[Message], segments: list[Segment], turn: TurnStats) -> None:
+        start = time.perf_counter()
+        spans = list(self.transcript.spans)
+        for segment in segments:
+            begin = self._position
+            turn.prefilled_tokens += self._prefill(self.engine.encode(segment.text), turn)
+            spans.extend((begin, self._position) for _ in segment.messages)
+        text = self.transcript.text + "".join(s.text for s in segments)
+        self.transcript = Transcript(list(messages), text, self._position, spans)
+        turn.prefill_seconds += time.perf_counter() - start
+
+    def _decode(self, config: GenerationConfig, turn: TurnStats) -> Generator[str, None, Reply]:
+        sampler = Sampler(config, self.engine.device)
+        text = ReplyText(self.engine.tokenizer, config.stop)
+        stop_ids = self.engine.stop_token_ids
+        # When decoding must evict, free a few slots at once instead of paying for an eviction on every token.
+        slack = max(1, min(64, self.cache_size // 16))
+        generated: list[int] = []
+        finish_reason = "length"
+        start = time.perf_counter()
+        for _ in range(config.max_new_tokens):
+            token = sampler(self._logits)
+            if token in stop_ids:
+                finish_reason = "stop"
+                break
+            generated.append(token)
+            turn.evicted_tokens += self.cache.make_room(1, slack)
+            self._forward([token], [self._position])
+            piece = text.push(token)
+            if piece:
+                yield piece
+            if text.stopped:
+                finish_reason = "stop"
+                break
+        piece = text.finish()
+        if piece:
+            yield piece
+        turn.generated_tokens = len(generated)
+        turn.decode_seconds += time.perf_counter() - start
+        return Reply(text.text, finish_reason, generated, turn)
+
+    def _close_turn(self, asked: Transcript, prompt_ids: list[int], reply: Reply, turn: TurnStats) -> None:
+        """Make the cache hold exactly the template's rendering of the conversation with the reply in it.
+
+        The sampled tokens may differ from that rendering: a stop string was cut off, the end-of-turn marker was
+        not ingested, or the model spelled the text with other tokens. Keep the longest common start and prefill
+        the rest of the rendering."""
+        start = time.perf_counter()
+        messages = asked.messages + [{"role": "assistant", "content": reply.text}]
+        rendered = self.engine.template.render(messages, add_generation_prompt=False)
+        if not rendered.startswith(asked.text):
+            # The template rewrites earlier turns once a reply follows: fall back to the state before the reply;
+            # the next call prefills the reply as a new message.
+            self._rollback(asked)
+            return
+        canonical = self.engine.encode(rendered[len(asked.text) :])
+        ingested = prompt_ids + reply.token_ids
+        common = 0
+        while common < min(len(canonical), len(ingested)) and canonical[common] == ingested[common]:
+            common += 1
+        if common < len(ingested):
+            self._truncate(asked.length + common)
+        self._prefill(canonical[common:], turn)
+        self.transcript = Transcript(messages, rendered, self._position, asked.spans + [(asked.length, self._position)])
+        turn.decode_seconds += time.perf_counter() - start
+
+    # -- the cache -----------------------------------------------------------------------------------------------
+
+    def _prefill(self, ids: list[int], turn: TurnStats) -> int:
+        """Ingest ``ids`` in chunks that fit the cache, evicting before each; returns how many were new."""
+        positions = list(range(self._position, self._position + len(ids)))
+        first_score = None
+        if ids and self._logits is None and len(self.cache):
+            # After a rollback the logits after the newest cached token are gone: feed that token again, keeping
+            # the score it has, so that its logits score the first new token.
+            first_score = float(self.cache.scores[-1])
+            ids = [int(self.cache.token_ids[-1])] + ids
+            positions = [int(self.cache.positions[-1])] + positions
+            self.cache.truncate(positions[0])
+        chunk = min(self.prefill_chunk, self.cache.max_chunk)
+        for begin in range(0, len(ids), chunk):
+            part = ids[begin : begin + chunk]
+            turn.evicted_tokens += self.cache.make_room(len(part))
+            self._forward(part, positions[begin : begin + chunk], first_score if begin == 0 else None)
+        return len(ids) - (first_score is not None)
+
+    @torch.no_grad()
+    def _forward(self, ids: list[int], positions: list[int], first_score: float | None = None) -> None:
+        """Run ``ids`` through the model into the cache, scoring each token by ``-log p(token | everything before)``:
+        the logits at one token score the next, and the previous forward's last logits score the first."""
+        device = self.engine.device
+        input_ids = torch.tensor([ids], device=device)
+        cache_index = torch.arange(len(self.cache), len(self.cache) + len(ids), device=device)
+        out = self.engine.model(
+            input_ids=input_ids, position_ids=cache_index[None], past_key_values=self.cache.kv, use_cache=True
+        )
+        logits = out.logits[0].float()
+        scores = torch.empty(len(ids), dtype=torch.float32, device=logits.device)
+        if len(ids) > 1:
+            scores[1:] = _surprisal(logits[:-1], input_ids[0, 1:])
+        if first_score is not None:
+            scores[0] = first_score
+        elif self._logits is not None:
+            scores[0] = _surprisal(self._logits[None], input_ids[0, :1])[0]
+        else:
+            scores[0] = float("inf")  # the session's very first token: see _score_first_token
+        self.cache.append(input_ids[0], scores, torch.tensor(positions), turn=self.stats.turns)
+        self._logits = logits[-1]
+        self._position = positions[-1] + 1
+
+    def _score_first_token(self) -> None:
+        """The very first token of a session has no logits before it: give it the highest score of its turn."""
+        scores = self.cache.scores
+        if scores.numel() and torch.isinf(scores[0]):
+            of_turn = scores[(self.cache.turns == self.stats.turns) & torch.isfinite(scores)]
+            scores[0] = of_turn.max() if of_turn.numel() else 0.0
+
+    def _truncate(self, position: int) -> None:
+        self.cache.truncate(position)
+        self._position = position
+        self._logits = None
+
+    def _rollback(self, state: Transcript) -> None:
+        self._truncate(state.length)
+        self.transcript = state
+
+    def _reset(self) -> None:
+        self.cache = SirLLMCache(self.engine.rotator, self.policy, self.cache_size)
+        self.transcript = Transcript()
+        self._logits = None
+        self._position = 0
+
+    def _record(self, turn: TurnStats, completed: bool = False) -> None:
+        turn.cache_len = len(self.cache)
+        self.stats.add(turn)
+        self.stats.turns += completed
+
+    def _locked(self):
+        """The session lock; a call from the thread that holds it (an open stream) is an error, not a deadlock."""
+        if self._owner == threading.get_ident():
+            raise RuntimeError("a stream on this session is still open in this thread: finish or close it first")
+        return _Owned(self)
+
+
+class _Owned:
+    def __init__(self, session: Session):
+        self.session = session
+
+    def __enter__(self) -> None:
+        self.session._lock.acquire()
+        self.session._owner = threading.get_ident()
+
+    def __exit__(self, *exc) -> None:
+        self.session._owner = None
+        self.session._lock.release()
+
+
+def _surprisal(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``-log softmax(logits)[target]`` per row, without materializing the log-softmax."""
+    return logits.logsumexp(-1) - logits.gather(-1, targets[:, None].to(logits.device))[:, 0]
