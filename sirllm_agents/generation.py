@@ -7,6 +7,7 @@ the parts that know nothing about the cache.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from tokenizers.decoders import DecodeStream
@@ -37,6 +38,21 @@ class GenerationConfig:
             raise ValueError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
+
+
+class TokenConstraint(Protocol):
+    """Restricts decoding to a grammar (a JSON schema for tool calls and structured output).
+
+    The decode loop calls ``mask`` on each row of logits before sampling (disallowed tokens set to ``-inf``; once the
+    grammar is complete only end-of-turn tokens stay allowed), then ``accept`` with the sampled token, and stops when
+    ``is_finished()`` is true.
+    """
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor: ...
+
+    def accept(self, token_id: int) -> None: ...
+
+    def is_finished(self) -> bool: ...
 
 
 class Sampler:

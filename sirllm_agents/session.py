@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .cache import SirLLMCache
-from .generation import GenerationConfig, ReplyText, Sampler
+from .generation import GenerationConfig, ReplyText, Sampler, TokenConstraint
 from .policies import Policy
 from .transcript import Message, Segment, Transcript, normalize_messages
 
@@ -113,10 +113,23 @@ class Session:
         top_k: int = 0,
         seed: int | None = None,
         stop: str | list[str] | None = None,
+        tools: list[dict] | None = None,
+        constraint: TokenConstraint | None = None,
     ) -> Reply:
-        """Reply to ``messages``, the whole conversation so far (OpenAI-style dicts). Greedy unless ``temperature``."""
+        """Reply to ``messages``, the whole conversation so far (OpenAI-style dicts). Greedy unless ``temperature``.
+
+        ``tools`` (JSON-schema tool definitions) are rendered by the chat template; ``constraint`` restricts the
+        tokens decoded (grammar-constrained tool calls and structured output)."""
         stream = self.stream(
-            messages, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop
+            messages,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop,
+            tools=tools,
+            constraint=constraint,
         )
         for _ in stream:
             pass
@@ -133,6 +146,8 @@ class Session:
         top_k: int = 0,
         seed: int | None = None,
         stop: str | list[str] | None = None,
+        tools: list[dict] | None = None,
+        constraint: TokenConstraint | None = None,
     ) -> ReplyStream:
         """Like :meth:`chat`, yielding text pieces as they are decoded (never a broken UTF-8 character, never any
         part of a stop string). The finished :class:`Reply` is ``stream.reply``.
@@ -142,7 +157,7 @@ class Session:
         asked for, so the next call may either resend ``messages`` with a new message or retry them as they were.
         """
         config = GenerationConfig(max_new_tokens, temperature, top_p, top_k, seed, stop or [])
-        return ReplyStream(self._turn(normalize_messages(messages), config))
+        return ReplyStream(self._turn(normalize_messages(messages), config, tools or None, constraint))
 
     def reset(self) -> None:
         """Forget the conversation: empty cache and transcript (totals in ``stats`` are kept)."""
@@ -154,14 +169,20 @@ class Session:
 
     # -- one call ------------------------------------------------------------------------------------------------
 
-    def _turn(self, messages: list[Message], config: GenerationConfig) -> Generator[str, None, Reply]:
+    def _turn(
+        self,
+        messages: list[Message],
+        config: GenerationConfig,
+        tools: list[dict] | None,
+        constraint: TokenConstraint | None,
+    ) -> Generator[str, None, Reply]:
         with self._locked():
             turn = TurnStats()
-            segments = self.transcript.plan(messages, self.engine.template)
+            segments = self.transcript.plan(messages, self.engine.template, tools)
             if segments is None:
                 self._reset()
                 turn.restarts = 1
-                segments = self.transcript.plan(messages, self.engine.template)
+                segments = self.transcript.plan(messages, self.engine.template, tools)
                 if segments is None:
                     raise ValueError(
                         "the chat template's generation prompt does not extend its own rendering of these messages, "
@@ -170,7 +191,7 @@ class Session:
             turn.reused_tokens = self.transcript.length
             *message_segments, prompt_segment = segments
             try:
-                self._prefill_messages(messages, message_segments, turn)
+                self._prefill_messages(messages, tools, message_segments, turn)
             except BaseException:
                 self._rollback(self.transcript)
                 self._record(turn)
@@ -183,7 +204,7 @@ class Session:
                 self._score_first_token()
                 turn.prefill_seconds += time.perf_counter() - start
                 turn.input_tokens = self._position
-                reply = yield from self._decode(config, turn)
+                reply = yield from self._decode(config, constraint, turn)
                 self._close_turn(asked, prompt_ids, reply, turn)
                 self.cache.decay(self.decay)
             except BaseException:
@@ -194,7 +215,9 @@ class Session:
             self._record(turn, completed=True)
             return reply
 
-    def _prefill_messages(self, messages: list[Message], segments: list[Segment], turn: TurnStats) -> None:
+    def _prefill_messages(
+        self, messages: list[Message], tools: list[dict] | None, segments: list[Segment], turn: TurnStats
+    ) -> None:
         start = time.perf_counter()
         spans = list(self.transcript.spans)
         for segment in segments:
@@ -202,10 +225,12 @@ class Session:
             turn.prefilled_tokens += self._prefill(self.engine.encode(segment.text), turn)
             spans.extend((begin, self._position) for _ in segment.messages)
         text = self.transcript.text + "".join(s.text for s in segments)
-        self.transcript = Transcript(list(messages), text, self._position, spans)
+        self.transcript = Transcript(list(messages), tools, text, self._position, spans)
         turn.prefill_seconds += time.perf_counter() - start
 
-    def _decode(self, config: GenerationConfig, turn: TurnStats) -> Generator[str, None, Reply]:
+    def _decode(
+        self, config: GenerationConfig, constraint: TokenConstraint | None, turn: TurnStats
+    ) -> Generator[str, None, Reply]:
         sampler = Sampler(config, self.engine.device)
         text = ReplyText(self.engine.tokenizer, config.stop)
         stop_ids = self.engine.stop_token_ids
@@ -215,7 +240,11 @@ class Session:
         finish_reason = "length"
         start = time.perf_counter()
         for _ in range(config.max_new_tokens):
-            token = sampler(self._logits)
+            if constraint is None:
+                token = sampler(self._logits)
+            else:
+                token = sampler(constraint.mask(self._logits))
+                constraint.accept(token)
             if token in stop_ids:
                 finish_reason = "stop"
                 break
@@ -225,7 +254,7 @@ class Session:
             piece = text.push(token)
             if piece:
                 yield piece
-            if text.stopped:
+            if text.stopped or (constraint is not None and constraint.is_finished()):
                 finish_reason = "stop"
                 break
         piece = text.finish()
@@ -243,7 +272,7 @@ class Session:
         the rest of the rendering."""
         start = time.perf_counter()
         messages = asked.messages + [{"role": "assistant", "content": reply.text}]
-        rendered = self.engine.template.render(messages, add_generation_prompt=False)
+        rendered = self.engine.template.render(messages, add_generation_prompt=False, tools=asked.tools)
         if not rendered.startswith(asked.text):
             # The template rewrites earlier turns once a reply follows: fall back to the state before the reply;
             # the next call prefills the reply as a new message.
@@ -257,7 +286,8 @@ class Session:
         if common < len(ingested):
             self._truncate(asked.length + common)
         self._prefill(canonical[common:], turn)
-        self.transcript = Transcript(messages, rendered, self._position, asked.spans + [(asked.length, self._position)])
+        spans = asked.spans + [(asked.length, self._position)]
+        self.transcript = Transcript(messages, asked.tools, rendered, self._position, spans)
         turn.decode_seconds += time.perf_counter() - start
 
     # -- the cache -----------------------------------------------------------------------------------------------

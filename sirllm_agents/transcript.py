@@ -85,30 +85,34 @@ class Transcript:
     """The messages a session has ingested, the text they render to, and each message's token span."""
 
     messages: list[Message] = field(default_factory=list)
+    tools: list[dict] | None = None  # tool schemas the template rendered (they change the rendered text)
     text: str = ""
     length: int = 0  # tokens ingested, counted over the whole conversation (eviction does not lower it)
     spans: list[tuple[int, int]] = field(default_factory=list)
 
-    def plan(self, messages: list[Message], template: ChatTemplate) -> list[Segment] | None:
-        """The text that ``messages`` add to this transcript, ending with the generation prompt, or None when
-        ``messages`` do not extend it (an earlier message changed or went, or the template rewrote earlier text)."""
+    def plan(self, messages: list[Message], template: ChatTemplate, tools: list[dict] | None) -> list[Segment] | None:
+        """The text that ``messages`` (rendered with ``tools``) add to this transcript, ending with the generation
+        prompt, or None when they do not extend it (an earlier message changed or went, the tools changed, or the
+        template rewrote earlier text)."""
         known = len(self.messages)
-        if messages[:known] != self.messages:
+        if messages[:known] != self.messages or (known and tools != self.tools):
             return None
-        segments = self._message_segments(messages, template)
+        segments = self._message_segments(messages, template, tools)
         if segments is None:
             return None
         rendered = self.text + "".join(s.text for s in segments)
-        prompt = template.render(messages, add_generation_prompt=True)
+        prompt = template.render(messages, add_generation_prompt=True, tools=tools)
         if not prompt.startswith(rendered):
             return None
         return segments + [Segment(prompt[len(rendered) :], range(0))]
 
-    def _message_segments(self, messages: list[Message], template: ChatTemplate) -> list[Segment] | None:
+    def _message_segments(
+        self, messages: list[Message], template: ChatTemplate, tools: list[dict] | None
+    ) -> list[Segment] | None:
         known = len(self.messages)
         segments, rendered = [], self.text
         for end in range(known + 1, len(messages) + 1):
-            text = template.render(messages[:end], add_generation_prompt=False)
+            text = template.render(messages[:end], add_generation_prompt=False, tools=tools)
             if not text.startswith(rendered):
                 break
             segments.append(Segment(text[len(rendered) :], range(end - 1, end)))
@@ -117,7 +121,7 @@ class Transcript:
             return segments
         # Some templates render a message differently once another follows it (grouped tool results): take the new
         # messages as one span then.
-        text = template.render(messages, add_generation_prompt=False)
+        text = template.render(messages, add_generation_prompt=False, tools=tools)
         if not text.startswith(self.text):
             return None
         return [Segment(text[len(self.text) :], range(known, len(messages)))]
