@@ -58,12 +58,15 @@ class KeyRotator:
         )
 
     def rotate(self, keys: torch.Tensor, delta: torch.Tensor, layer: int) -> torch.Tensor:
-        """Rotate ``keys`` [batch, heads, seq, head_dim] by ``delta`` [seq] positions, computing in float32."""
+        """Rotate ``keys`` [batch, heads, seq, head_dim] by ``delta`` [seq] positions, computing in float32.
+
+        The angles themselves are taken in float64: ``delta * inv_freq`` reaches thousands of radians, where float32
+        would lose about 1e-4 of them."""
         inv_freq = self.inv_freqs[layer].to(keys.device)
         rot_dim = 2 * inv_freq.numel()
-        angles = delta.to(keys.device, torch.float32)[:, None] * inv_freq[None, :]
+        angles = delta.to(keys.device, torch.float64)[:, None] * inv_freq.to(torch.float64)[None, :]
         angles = torch.cat((angles, angles), dim=-1)
-        cos, sin = angles.cos(), angles.sin()
+        cos, sin = angles.cos().float(), angles.sin().float()
         k = keys.to(torch.float32)
         k_rot, k_pass = k[..., :rot_dim], k[..., rot_dim:]
         k_rot = k_rot * cos + _rotate_half(k_rot) * sin

