@@ -159,6 +159,46 @@ class Session:
         config = GenerationConfig(max_new_tokens, temperature, top_p, top_k, seed, stop or [])
         return ReplyStream(self._turn(normalize_messages(messages), config, tools or None, constraint))
 
+    def score(
+        self, messages: Sequence[Mapping[str, Any]], options: Sequence[str], *, tools: list[dict] | None = None
+    ) -> list[float]:
+        """The log-likelihood of each option as the assistant's reply to ``messages`` (the whole conversation so far):
+        the sum of ``log p(token | everything before)`` over the tokens of the option's text as the chat template
+        renders it in an assistant message (without the end-of-turn marker).
+
+        ``messages`` and the generation prompt are prefilled once, like a :meth:`chat` turn; each option is then run
+        from that shared prefix and cut off again, after the cache made room for the longest one, so no option
+        evicts anything another option sees. Afterwards the session holds ``messages`` and no reply (as after an
+        abandoned stream): the next call that adds the chosen option as an assistant message prefills just that.
+        Options never stay in the cache. Like a turn, the call multiplies the stored scores by ``decay`` once.
+        """
+        messages = normalize_messages(messages)
+        if isinstance(options, str) or not options or any(not isinstance(o, str) or not o for o in options):
+            raise ValueError("options must be a non-empty list of non-empty strings")
+        with self._locked():
+            turn = TurnStats()
+            asked, _ = self._ask(messages, tools or None, turn, reserve=0)
+            try:
+                option_ids = self._reply_ids(asked, options)
+                longest = max(len(ids) for ids in option_ids)
+                if longest - 1 > self.cache.max_chunk:
+                    raise ValueError(
+                        f"an option of {longest} tokens does not fit a cache of {self.cache_size} tokens "
+                        f"(at most {self.cache.max_chunk + 1})"
+                    )
+                start = time.perf_counter()
+                turn.evicted_tokens += self.cache.make_room(longest - 1)
+                scores = [self._option_logprob(ids) for ids in option_ids]
+                turn.decode_seconds += time.perf_counter() - start
+                self._rollback(asked)
+                self.cache.decay(self.decay)
+            except BaseException:
+                self._rollback(asked)
+                self._record(turn)
+                raise
+            self._record(turn)
+            return scores
+
     def reset(self) -> None:
         """Forget the conversation: empty cache and transcript (totals in ``stats`` are kept)."""
         with self._locked():
@@ -178,32 +218,11 @@ class Session:
     ) -> Generator[str, None, Reply]:
         with self._locked():
             turn = TurnStats()
-            segments = self.transcript.plan(messages, self.engine.template, tools)
-            if segments is None:
-                self._reset()
-                turn.restarts = 1
-                segments = self.transcript.plan(messages, self.engine.template, tools)
-                if segments is None:
-                    raise ValueError(
-                        "the chat template's generation prompt does not extend its own rendering of these messages, "
-                        "so the conversation cannot be followed incrementally"
-                    )
-            turn.reused_tokens = self.transcript.length
-            *message_segments, prompt_segment = segments
+            # Reserve room for a reply of up to a quarter of the cache before the turn is cached; a longer reply
+            # evicts while decoding.
+            reserve = min(config.max_new_tokens, self.cache_size // 4)
+            asked, prompt_ids = self._ask(messages, tools, turn, reserve)
             try:
-                self._prefill_messages(messages, tools, message_segments, turn)
-            except BaseException:
-                self._rollback(self.transcript)
-                self._record(turn)
-                raise
-            asked = self.transcript
-            try:
-                prompt_ids = self.engine.encode(prompt_segment.text)
-                start = time.perf_counter()
-                turn.prefilled_tokens += self._prefill(prompt_ids, turn)
-                self._score_first_token()
-                turn.prefill_seconds += time.perf_counter() - start
-                turn.input_tokens = self._position
                 reply = yield from self._decode(config, constraint, turn)
                 self._close_turn(asked, prompt_ids, reply, turn)
                 self.cache.decay(self.decay)
@@ -215,14 +234,63 @@ class Session:
             self._record(turn, completed=True)
             return reply
 
+    def _ask(
+        self, messages: list[Message], tools: list[dict] | None, turn: TurnStats, reserve: int
+    ) -> tuple[Transcript, list[int]]:
+        """Ingest ``messages`` and the generation prompt, restarting when they do not extend the transcript, and leave
+        the logits that score the reply's first token; ``reserve`` more slots are freed for what follows when the
+        turn fits the cache. Returns the transcript of the messages (the state to roll back to) and the prompt's
+        token ids. On failure the session is rolled back and the turn recorded."""
+        segments = self.transcript.plan(messages, self.engine.template, tools)
+        if segments is None:
+            self._reset()
+            turn.restarts = 1
+            segments = self.transcript.plan(messages, self.engine.template, tools)
+            if segments is None:
+                raise ValueError(
+                    "the chat template's generation prompt does not extend its own rendering of these messages, "
+                    "so the conversation cannot be followed incrementally"
+                )
+        turn.reused_tokens = self.transcript.length
+        ids = [self.engine.encode(segment.text) for segment in segments]
+        *message_ids, prompt_ids = ids
+        new_tokens = sum(len(i) for i in ids) + 1  # +1: after a rollback the newest cached token is fed again
+        if new_tokens + reserve <= self.cache.max_chunk:
+            # Make room for the whole turn before any of it is cached, as StreamingLLM and SirLLM do: the turn's
+            # own tokens (low-entropy template tokens included) then never compete for a place while it is running.
+            turn.evicted_tokens += self.cache.make_room(new_tokens + reserve)
+        try:
+            self._prefill_messages(messages, tools, segments[:-1], message_ids, turn)
+        except BaseException:
+            self._rollback(self.transcript)
+            self._record(turn)
+            raise
+        asked = self.transcript
+        try:
+            start = time.perf_counter()
+            turn.prefilled_tokens += self._prefill(prompt_ids, turn)
+            self._score_first_token()
+            turn.prefill_seconds += time.perf_counter() - start
+            turn.input_tokens = self._position
+        except BaseException:
+            self._rollback(asked)
+            self._record(turn)
+            raise
+        return asked, prompt_ids
+
     def _prefill_messages(
-        self, messages: list[Message], tools: list[dict] | None, segments: list[Segment], turn: TurnStats
+        self,
+        messages: list[Message],
+        tools: list[dict] | None,
+        segments: list[Segment],
+        segment_ids: list[list[int]],
+        turn: TurnStats,
     ) -> None:
         start = time.perf_counter()
         spans = list(self.transcript.spans)
-        for segment in segments:
+        for segment, ids in zip(segments, segment_ids):
             begin = self._position
-            turn.prefilled_tokens += self._prefill(self.engine.encode(segment.text), turn)
+            turn.prefilled_tokens += self._prefill(ids, turn)
             spans.extend((begin, self._position) for _ in segment.messages)
         text = self.transcript.text + "".join(s.text for s in segments)
         self.transcript = Transcript(list(messages), tools, text, self._position, spans)
@@ -289,6 +357,47 @@ class Session:
         spans = asked.spans + [(asked.length, self._position)]
         self.transcript = Transcript(messages, asked.tools, rendered, self._position, spans)
         turn.decode_seconds += time.perf_counter() - start
+
+    def _reply_ids(self, asked: Transcript, options: Sequence[str]) -> list[list[int]]:
+        """Token ids of each option as the template renders it in an assistant reply to ``asked``: the text between
+        the generation prompt and the end-of-turn marker (found by rendering an empty reply)."""
+        template, tools = self.engine.template, asked.tools
+
+        def render_reply(text: str) -> str:
+            return template.render(asked.messages + [{"role": "assistant", "content": text}], False, tools)
+
+        prompt = template.render(asked.messages, add_generation_prompt=True, tools=tools)
+        end = render_reply("")
+        if not end.startswith(prompt):
+            raise ValueError("the chat template does not render a reply after its own generation prompt")
+        end = end[len(prompt) :]
+        option_ids = []
+        for option in options:
+            reply = render_reply(option)
+            if not reply.startswith(prompt):
+                raise ValueError("the chat template does not render a reply after its own generation prompt")
+            reply = reply[len(prompt) :]
+            if end and reply.endswith(end):
+                reply = reply[: -len(end)]
+            ids = self.engine.encode(reply)
+            if not ids:
+                raise ValueError(f"option {option!r} renders to no tokens")
+            option_ids.append(ids)
+        return option_ids
+
+    def _option_logprob(self, ids: list[int]) -> float:
+        """``log p(ids)`` after the prompt: the prompt's logits score the first token; the others need a forward of
+        all but the last token, which is then cut off the cache again."""
+        base, logits = self._position, self._logits
+        if len(ids) == 1:
+            return -float(_surprisal(logits[None], torch.tensor(ids))[0])
+        self._forward(ids[:-1], list(range(base, base + len(ids) - 1)))
+        # The forward recorded the surprisal of ids[:-1] with the tokens; its last logits score ids[-1].
+        surprisal = float(self.cache.scores[-(len(ids) - 1) :].sum())
+        surprisal += float(_surprisal(self._logits[None], torch.tensor(ids[-1:]))[0])
+        self.cache.truncate(base)
+        self._logits, self._position = logits, base
+        return -surprisal
 
     # -- the cache -----------------------------------------------------------------------------------------------
 
