@@ -1,0 +1,151 @@
+"""Grammar-constrained decoding: tool calls and JSON that even a 135M model always writes validly.
+
+The grammars are compiled and enforced by llguidance (https://github.com/guidance-ai/llguidance): per decoded token it
+computes the set of allowed tokens as a bitmask over the vocabulary, which the session applies to the logits before
+sampling. On this project's 2-core CPU that costs about 0.05 ms per token for the embedded 49152-token vocabulary
+(see ``integrations/langchain/README.md`` for the measurements against xgrammar, outlines-core and
+lm-format-enforcer), next to about 70 ms for the model's forward pass.
+
+JSON is written compactly with the separators of Python's ``json.dumps`` (``", "`` and ``": "``) and no other
+whitespace, so small models cannot wander off into endless blank lines, and a call re-rendered with
+:func:`sirllm_agents.tools.format_tool_call` is the text the model wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import llguidance
+import llguidance.hf
+import llguidance.torch
+import torch
+
+from .tools import TOOL_CALL_END, TOOL_CALL_START, normalize_tools
+
+if TYPE_CHECKING:
+    from .engine import Engine
+    from .generation import TokenConstraint
+
+logger = logging.getLogger(__name__)
+
+# Compact JSON with json.dumps separators; unknown keywords and formats are ignored rather than rejected.
+JSON_FORMAT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": True}
+REQUIRED_CHOICES = ("any", "required")
+
+_tokenizers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_tokenizers_lock = threading.Lock()
+
+
+class GrammarConstraint:
+    """A :class:`~sirllm_agents.generation.TokenConstraint` that keeps decoding inside an llguidance grammar.
+
+    One instance serves one reply. Once the grammar is complete only the end-of-turn tokens stay allowed, and
+    ``is_finished()`` tells the decode loop to stop."""
+
+    def __init__(self, engine: Engine, grammar: str):
+        tokenizer = _llguidance_tokenizer(engine)
+        self._matcher = llguidance.LLMatcher(tokenizer, grammar)
+        if self._matcher.is_error():
+            raise ValueError(f"the grammar was rejected: {self._matcher.get_error()}")
+        self._bitmask = llguidance.torch.allocate_token_bitmask(1, tokenizer.vocab_size)
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """A copy of ``logits`` (one row) with every token the grammar forbids set to ``-inf``."""
+        llguidance.torch.fill_next_token_bitmask(self._matcher, self._bitmask, 0)
+        masked = logits.clone()
+        llguidance.torch.apply_token_bitmask_inplace(masked, self._bitmask[0].to(masked.device))
+        return masked
+
+    def accept(self, token_id: int) -> None:
+        self._matcher.consume_token(token_id)
+
+    def is_finished(self) -> bool:
+        return self._matcher.is_stopped() or self._matcher.is_error()
+
+
+def json_schema_constraint(engine: Engine, schema: Mapping[str, Any]) -> TokenConstraint:
+    """Decode exactly one JSON value valid under ``schema``.
+
+    Objects that do not say otherwise get ``additionalProperties: false``: a small model is kept to the declared
+    keys."""
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(_closed(schema), defaults=JSON_FORMAT)
+    error = llguidance.LLMatcher.validate_grammar(grammar)
+    if error:
+        raise ValueError(f"this JSON schema cannot be enforced: {error}")
+    return GrammarConstraint(engine, grammar)
+
+
+def json_object_constraint(engine: Engine) -> TokenConstraint:
+    """Decode exactly one JSON object (JSON mode: any keys, any values)."""
+    grammar = llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_FORMAT)
+    return GrammarConstraint(engine, grammar)
+
+
+def tool_call_constraint(
+    engine: Engine, tools: Sequence[Mapping[str, Any]], tool_choice: str = "any"
+) -> TokenConstraint:
+    """Decode exactly one tool call, ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``, with the
+    arguments valid under the tool's parameter schema.
+
+    ``tool_choice`` is ``"any"`` or ``"required"`` (any of ``tools``) or the name of the tool to call."""
+    specs = [t["function"] for t in normalize_tools(tools)]
+    if tool_choice not in REQUIRED_CHOICES:
+        specs = [s for s in specs if s["name"] == tool_choice]
+        if not specs:
+            names = ", ".join(repr(t["function"]["name"]) for t in normalize_tools(tools))
+            raise ValueError(f"tool_choice {tool_choice!r} is not one of the tools ({names}), 'any' or 'required'")
+    calls = [_call_schema(spec) for spec in specs]
+    schema = {"anyOf": calls, "x-guidance": JSON_FORMAT} if len(calls) > 1 else {**calls[0], "x-guidance": JSON_FORMAT}
+    grammar = (
+        f"start: {json.dumps(TOOL_CALL_START + chr(10))} call {json.dumps(chr(10) + TOOL_CALL_END)}\n"
+        f"call: %json {json.dumps(schema)}\n"
+    )
+    return GrammarConstraint(engine, llguidance.grammar_from("lark", grammar))
+
+
+def _call_schema(spec: Mapping[str, Any]) -> dict:
+    arguments = _closed(spec.get("parameters") or {"type": "object", "properties": {}})
+    error = llguidance.LLMatcher.validate_grammar(
+        llguidance.LLMatcher.grammar_from_json_schema(arguments, defaults=JSON_FORMAT)
+    )
+    if error:
+        logger.warning("tool %r: its parameter schema cannot be enforced (%s); only a JSON object is", spec["name"], error)
+        arguments = {"type": "object"}
+    return {
+        "type": "object",
+        "properties": {"name": {"const": spec["name"]}, "arguments": arguments},
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    }
+
+
+def _closed(schema: Mapping[str, Any]) -> dict:
+    """A copy of ``schema`` where every object with ``properties`` and no ``additionalProperties`` gets ``false``."""
+
+    def close(node: Any) -> Any:
+        if isinstance(node, dict):
+            node = {key: close(value) for key, value in node.items()}
+            if "properties" in node and "additionalProperties" not in node:
+                node["additionalProperties"] = False
+        elif isinstance(node, list):
+            node = [close(item) for item in node]
+        return node
+
+    return close(dict(schema))
+
+
+def _llguidance_tokenizer(engine: Engine) -> llguidance.LLTokenizer:
+    """The engine's tokenizer as llguidance sees it (built once per engine; about a second for 49k tokens)."""
+    with _tokenizers_lock:
+        if engine not in _tokenizers:
+            config = engine.model.config.get_text_config(decoder=True)
+            vocab = max(len(engine.tokenizer), getattr(config, "vocab_size", 0) or 0)
+            _tokenizers[engine] = llguidance.hf.from_tokenizer(
+                engine.tokenizer, n_vocab=vocab, eos_token=sorted(engine.stop_token_ids)
+            )
+        return _tokenizers[engine]
