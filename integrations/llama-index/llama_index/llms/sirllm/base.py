@@ -1,0 +1,488 @@
+"""SirLLM: a LlamaIndex function-calling LLM on a local model whose KV cache lives across chat and agent steps."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Literal
+
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    ChatResponse,
+    ChatResponseAsyncGen,
+    ChatResponseGen,
+    CompletionResponse,
+    CompletionResponseAsyncGen,
+    CompletionResponseGen,
+    LLMMetadata,
+    MessageRole,
+)
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
+from llama_index.core.llms.function_calling import FunctionCallingLLM
+from llama_index.core.llms.llm import ToolSelection
+from llama_index.core.types import Model
+from sirllm_agents import Engine, Reply, ReplyStream, Session, SessionStats
+from sirllm_agents.tools import parse_tool_calls, prepare_tool_messages, tool_call_constraint
+
+from .utils import REPLY_KEY, raw_response, to_session_messages
+
+if TYPE_CHECKING:
+    from llama_index.core.prompts import BasePromptTemplate
+    from llama_index.core.tools.types import BaseTool
+
+# LlamaIndex sizes chat memory and prompts from ``context_window`` (memory keeps about 0.75 of it). A SirLLM session
+# takes a history of any length: prefill evicts the lowest-entropy tokens so the cache never exceeds ``cache_size``,
+# and each call prefills only the new messages as long as the history is sent back whole. Trimming the history would
+# change its first messages and force a full re-prefill, so SirLLM reports no practical limit: the largest int32.
+UNBOUNDED_CONTEXT_WINDOW = 2**31 - 1
+
+GENERATION_KWARGS = frozenset({"max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop"})
+TOOL_KWARGS = frozenset({"tools", "tool_choice"})
+
+# Set while structured_predict runs, so its one-off conversation goes to the side session, not the chat session.
+_one_off: contextvars.ContextVar[bool] = contextvars.ContextVar("sirllm_one_off", default=False)
+
+
+class SirLLM(FunctionCallingLLM):
+    """A local chat model whose KV cache lives across calls, bounded by SirLLM token-entropy eviction.
+
+    Chat calls run on one session that follows the conversation: each call prefills only the messages it has not
+    seen, so send the whole history every time (LlamaIndex chat engines and agents do). ``complete`` and
+    ``structured_predict`` run on a second session and never disturb the chat cache. One ``SirLLM`` follows one
+    conversation at a time; for several, make several that share an engine: ``SirLLM(engine=llm.engine)``.
+
+    Examples:
+        ```python
+        from llama_index.core.chat_engine import SimpleChatEngine
+        from llama_index.llms.sirllm import SirLLM
+
+        llm = SirLLM()  # the embedded SmolLM2-135M-Instruct
+        chat = SimpleChatEngine.from_defaults(llm=llm)
+        print(chat.chat("My name is Ada."))
+        print(llm.session.stats)  # reused (cached) vs prefilled tokens, evictions, cache length
+        ```
+    """
+
+    model: str | None = Field(
+        default=None,
+        description="A local folder, a hub id or a .gguf file; None loads the embedded SmolLM2-135M-Instruct.",
+    )
+    cache_size: int = Field(default=1024, gt=0, description="Most tokens the KV cache of a session holds.")
+    start_size: int = Field(default=4, ge=0, description="Attention-sink tokens at the start that are never evicted.")
+    recent_size: int = Field(default=0, ge=0, description="Newest tokens that are never evicted.")
+    decay: float = Field(default=1.0, ge=0.0, le=1.0, description="Factor applied to token scores after each turn.")
+    policy: Literal["sirllm", "streaming", "full"] = Field(default="sirllm", description="Who stays when full.")
+    max_new_tokens: int = Field(default=256, gt=0, description="Most tokens decoded for one reply.")
+    temperature: float = Field(default=0.0, ge=0.0, description="Sampling temperature; 0 decodes greedily.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    top_k: int = Field(default=0, ge=0, description="Sample among the k likeliest tokens; 0 turns it off.")
+    seed: int | None = Field(default=None, description="Makes sampling repeatable.")
+    stop: list[str] | None = Field(default=None, description="Strings that end a reply (cut off, never shown).")
+    context_window: int = Field(
+        default=UNBOUNDED_CONTEXT_WINDOW,
+        gt=0,
+        description="What LlamaIndex is told the model takes. Unbounded by default: eviction keeps any history "
+        "within cache_size. Set it (e.g. to cache_size) to make LlamaIndex pack prompts that fit without eviction.",
+    )
+    device: str = Field(default="cpu", description="Where the model runs when SirLLM loads it.")
+    dtype: str = Field(default="float32", description="Weights' dtype when SirLLM loads the model.")
+
+    _engine: Engine = PrivateAttr()
+    _session: Session = PrivateAttr()
+    _side_session: Session = PrivateAttr()
+
+    def __init__(self, *, engine: Engine | None = None, **kwargs: Any) -> None:
+        """Load ``model`` (or the embedded one), or share the already loaded ``engine``; other fields as above."""
+        if engine is not None and kwargs.get("model") is not None:
+            raise ValueError("pass either engine= (an already loaded model) or model=, not both")
+        super().__init__(**kwargs)
+        self._engine = engine if engine is not None else Engine(self.model, device=self.device, dtype=self.dtype)
+        self._session = self._new_session()
+        self._side_session = self._new_session()
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "SirLLM"
+
+    @property
+    def engine(self) -> Engine:
+        """The loaded model, tokenizer and chat template; share it with other SirLLMs or ChatSirLLM."""
+        return self._engine
+
+    @property
+    def session(self) -> Session:
+        """The chat session: ``session.stats`` holds cached vs prefilled tokens, evictions and the cache length."""
+        return self._session
+
+    @property
+    def stats(self) -> SessionStats:
+        """Totals over the chat session's calls (same as ``session.stats``)."""
+        return self._session.stats
+
+    def reset(self) -> None:
+        """Start the chat session afresh: empty cache and transcript (its totals are kept)."""
+        self._session.reset()
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        return LLMMetadata(
+            context_window=self.context_window,
+            num_output=self.max_new_tokens,
+            is_chat_model=True,
+            is_function_calling_model=True,
+            model_name=self._engine.model_name,
+            system_role=MessageRole.SYSTEM,
+        )
+
+    # -- chat ----------------------------------------------------------------------------------------------------
+
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        """Reply to ``messages``, the whole conversation so far; keyword arguments override generation fields."""
+        call = self._call(messages, kwargs)
+        return call.response(call.session.chat(call.messages, **call.options))
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        """Like :meth:`chat`, yielding a response per decoded piece; the last carries usage and tool calls.
+
+        Abandoning the stream midway rolls the partial reply back out of the session."""
+        call = self._call(messages, kwargs)
+        return call.responses(call.session.stream(call.messages, **call.options))
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        """:meth:`chat` in a worker thread; concurrent calls on one session wait for each other."""
+        call = self._call(messages, kwargs)
+        reply = await asyncio.to_thread(call.session.chat, call.messages, **call.options)
+        return call.response(reply)
+
+    @llm_chat_callback()
+    async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
+        """:meth:`stream_chat` decoding in a thread of its own, so the event loop stays free."""
+        call = self._call(messages, kwargs)
+        return call.aresponses(call.session.stream(call.messages, **call.options))
+
+    # -- tools ---------------------------------------------------------------------------------------------------
+
+    def _prepare_chat_with_tools(
+        self,
+        tools: Sequence[BaseTool],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        verbose: bool = False,
+        allow_parallel_tool_calls: bool = False,
+        tool_required: bool = False,
+        tool_choice: str | dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """The ``chat`` arguments for a call that may use ``tools``.
+
+        ``tool_required=True`` (or ``tool_choice="required"``, or a tool's name) decodes under the core's tool-call
+        grammar, so the reply is always one valid call; ``tool_choice="none"`` keeps the tools in the prompt (the
+        cache stays valid) but reads no call from the reply."""
+        messages = list(chat_history or [])
+        if user_msg is not None:
+            messages.append(ChatMessage(role=MessageRole.USER, content=user_msg) if isinstance(user_msg, str) else user_msg)
+        specs = [tool.metadata.to_openai_tool(skip_length_check=True) for tool in tools]
+        if tool_choice is None and tool_required:
+            tool_choice = "required"
+        return {"messages": messages, "tools": specs or None, "tool_choice": tool_choice, **kwargs}
+
+    def _validate_chat_with_tools_response(
+        self,
+        response: ChatResponse,
+        tools: Sequence[BaseTool],
+        allow_parallel_tool_calls: bool = False,
+        **kwargs: Any,
+    ) -> ChatResponse:
+        """Keep only the first tool call unless parallel calls are allowed."""
+        calls = response.message.additional_kwargs.get("tool_calls")
+        if not allow_parallel_tool_calls and calls and len(calls) > 1:
+            response.message.additional_kwargs["tool_calls"] = calls[:1]
+        return response
+
+    def get_tool_calls_from_response(
+        self, response: ChatResponse, error_on_no_tool_call: bool = True, **kwargs: Any
+    ) -> list[ToolSelection]:
+        """The tool calls parsed from the reply, from ``message.additional_kwargs["tool_calls"]``."""
+        calls = response.message.additional_kwargs.get("tool_calls") or []
+        if not calls and error_on_no_tool_call:
+            raise ValueError(f"expected at least one tool call, but the reply has none: {response.message.content!r}")
+        return [
+            ToolSelection(
+                tool_id=call["id"], tool_name=call["function"]["name"], tool_kwargs=call["function"]["arguments"]
+            )
+            for call in calls
+        ]
+
+    # -- structured output ---------------------------------------------------------------------------------------
+
+    def structured_predict(
+        self,
+        output_cls: type[Model],
+        prompt: BasePromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> Model:
+        """An ``output_cls`` instance, decoded as a grammar-constrained tool call on the side session."""
+        with _one_off_calls():
+            return super().structured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
+
+    async def astructured_predict(
+        self,
+        output_cls: type[Model],
+        prompt: BasePromptTemplate,
+        llm_kwargs: dict[str, Any] | None = None,
+        **prompt_args: Any,
+    ) -> Model:
+        """Async :meth:`structured_predict`."""
+        with _one_off_calls():
+            return await super().astructured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
+
+    # -- completion ----------------------------------------------------------------------------------------------
+
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        """One-turn chat on the side session (the chat session's cache is left as it was)."""
+        call = self._call(self._prompt_messages(prompt, formatted), kwargs, one_off=True)
+        return _completion(call.response(call.session.chat(call.messages, **call.options)))
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        """Streaming :meth:`complete`."""
+        call = self._call(self._prompt_messages(prompt, formatted), kwargs, one_off=True)
+        stream = call.session.stream(call.messages, **call.options)
+        return (_completion(response) for response in call.responses(stream))
+
+    @llm_completion_callback()
+    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        """Async :meth:`complete`."""
+        call = self._call(self._prompt_messages(prompt, formatted), kwargs, one_off=True)
+        reply = await asyncio.to_thread(call.session.chat, call.messages, **call.options)
+        return _completion(call.response(reply))
+
+    @llm_completion_callback()
+    async def astream_complete(
+        self, prompt: str, formatted: bool = False, **kwargs: Any
+    ) -> CompletionResponseAsyncGen:
+        """Async streaming :meth:`complete`."""
+        call = self._call(self._prompt_messages(prompt, formatted), kwargs, one_off=True)
+        chat_responses = call.aresponses(call.session.stream(call.messages, **call.options))
+
+        async def responses() -> CompletionResponseAsyncGen:
+            async for response in chat_responses:
+                yield _completion(response)
+
+        return responses()
+
+    # -- internals -----------------------------------------------------------------------------------------------
+
+    def _new_session(self) -> Session:
+        return self._engine.session(
+            cache_size=self.cache_size,
+            start_size=self.start_size,
+            recent_size=self.recent_size,
+            decay=self.decay,
+            policy=self.policy,
+        )
+
+    def _prompt_messages(self, prompt: str, formatted: bool) -> list[ChatMessage]:
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        if not formatted:
+            prompt = self.completion_to_prompt(prompt)
+        return [ChatMessage(role=MessageRole.USER, content=prompt)]
+
+    def _call(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any], one_off: bool = False) -> _Call:
+        unknown = sorted(set(kwargs) - GENERATION_KWARGS - TOOL_KWARGS)
+        if unknown:
+            raise TypeError(
+                f"SirLLM got unexpected keyword argument(s) {', '.join(unknown)}; it takes "
+                f"{', '.join(sorted(GENERATION_KWARGS | TOOL_KWARGS))}"
+            )
+        options: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "seed": self.seed,
+            "stop": self.stop,
+        }
+        options.update((key, value) for key, value in kwargs.items() if key in GENERATION_KWARGS)
+        session = self._side_session if one_off or _one_off.get() else self._session
+        session_messages = to_session_messages(messages)
+        tools, choice = kwargs.get("tools"), _tool_choice(kwargs.get("tool_choice"), kwargs.get("tools"))
+        if tools:
+            session_messages, options["tools"] = prepare_tool_messages(self._engine, session_messages, tools)
+            if choice not in (None, "auto", "none"):
+                options["constraint"] = tool_call_constraint(self._engine, tools, choice)
+        elif choice not in (None, "auto", "none"):
+            raise ValueError(f"tool_choice={choice!r} needs tools")
+        return _Call(self, session, session_messages, options, tools if tools and choice != "none" else None)
+
+
+class _Call:
+    """One call: the session it runs on, the converted messages and options, and how replies become responses."""
+
+    def __init__(
+        self,
+        llm: SirLLM,
+        session: Session,
+        messages: list[dict[str, Any]],
+        options: dict[str, Any],
+        tools: list[dict[str, Any]] | None,
+    ):
+        self.llm = llm
+        self.session = session
+        self.messages = messages
+        self.options = options
+        self.tools = tools  # the tools whose calls are read from the reply
+
+    def response(self, reply: Reply, delta: str | None = None) -> ChatResponse:
+        """The final response: the exact reply text (kept under ``REPLY_KEY`` too), its tool calls, usage and the
+        session's figures."""
+        extra: dict[str, Any] = {REPLY_KEY: reply.text}
+        if self.tools:
+            calls = parse_tool_calls(reply.text, self.tools)
+            if calls:
+                extra["tool_calls"] = [
+                    {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+                    for call in calls
+                ]
+        message = ChatMessage(role=MessageRole.ASSISTANT, content=reply.text, additional_kwargs=extra)
+        raw = raw_response(reply.stats, reply.finish_reason, self.llm.engine.model_name, self.session.cache_size)
+        return ChatResponse(message=message, raw=raw, delta=delta)
+
+    def responses(self, stream: ReplyStream) -> ChatResponseGen:
+        """Responses for a stream: one per piece, the last carrying the finished reply (one piece is held back)."""
+        pieces = _Pieces()
+        try:
+            for piece in stream:
+                if (chunk := pieces.push(piece)) is not None:
+                    yield chunk
+            assert stream.reply is not None
+            yield self.response(stream.reply, delta=pieces.last)
+        finally:
+            stream.close()
+
+    async def aresponses(self, stream: ReplyStream) -> ChatResponseAsyncGen:
+        """:meth:`responses`, with the stream decoded in a thread of its own."""
+        pieces, threaded = _Pieces(), _ThreadedStream(stream)
+        try:
+            async for piece in threaded:
+                if (chunk := pieces.push(piece)) is not None:
+                    yield chunk
+            assert stream.reply is not None
+            yield self.response(stream.reply, delta=pieces.last)
+        finally:
+            await threaded.aclose()
+
+
+class _Pieces:
+    """Holds the newest streamed piece back until the next arrives, so the last response can carry the reply."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.last = ""
+        self._held = False
+
+    def push(self, piece: str) -> ChatResponse | None:
+        chunk = None
+        if self._held:
+            message = ChatMessage(role=MessageRole.ASSISTANT, content=self.text)
+            chunk = ChatResponse(message=message, delta=self.last)
+        self.text += piece
+        self.last, self._held = piece, True
+        return chunk
+
+
+class _ThreadedStream:
+    """Iterates a reply stream in a thread of its own and hands its pieces to the event loop.
+
+    The session lock belongs to the thread that opened the stream, so the whole stream must run in one thread (not
+    in pooled ``to_thread`` calls). ``aclose`` stops decoding early; the session then rolls the partial reply back.
+    """
+
+    _DONE = object()
+
+    def __init__(self, stream: ReplyStream):
+        self._stream = stream
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self._cancelled = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sirllm-stream", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for piece in self._stream:
+                if self._cancelled.is_set():
+                    break
+                try:
+                    self._loop.call_soon_threadsafe(self._queue.put_nowait, piece)
+                except RuntimeError:  # the event loop is closed: nobody is reading any more
+                    break
+            item: Any = self._DONE
+        except BaseException as error:  # handed to the consumer, who raises it
+            item = error
+        finally:
+            self._stream.close()
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: nobody is waiting any more
+            pass
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self
+
+    async def __anext__(self) -> str:
+        item = await self._queue.get()
+        if item is self._DONE:
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def aclose(self) -> None:
+        """Stop decoding (if still running) and wait until the thread has released the session."""
+        self._cancelled.set()
+        await asyncio.to_thread(self._thread.join)
+
+
+def _tool_choice(choice: str | dict[str, Any] | None, tools: list[dict[str, Any]] | None) -> str | None:
+    """``tool_choice`` as the core takes it: None, "auto", "none", "required" or a tool's name."""
+    if isinstance(choice, dict):  # OpenAI style: {"type": "function", "function": {"name": ...}}
+        choice = (choice.get("function") or {}).get("name")
+        if not isinstance(choice, str):
+            raise ValueError("tool_choice as a dict must name a function: {'type': 'function', 'function': {'name': ...}}")
+    if choice == "any":
+        choice = "required"
+    if choice in (None, "auto", "none", "required"):
+        return choice
+    names = [tool["function"]["name"] for tool in tools or []]
+    if choice not in names:
+        raise ValueError(f"tool_choice {choice!r} is not one of the tools: {', '.join(names) or 'none given'}")
+    return choice
+
+
+@contextmanager
+def _one_off_calls() -> Iterator[None]:
+    token = _one_off.set(True)
+    try:
+        yield
+    finally:
+        _one_off.reset(token)
+
+
+def _completion(response: ChatResponse) -> CompletionResponse:
+    return CompletionResponse(
+        text=response.message.content or "",
+        delta=response.delta,
+        raw=response.raw,
+        additional_kwargs=response.message.additional_kwargs,
+    )
