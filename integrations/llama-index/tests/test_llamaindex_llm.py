@@ -81,7 +81,8 @@ def test_stream_chat_pieces_add_up_and_last_carries_usage(llm):
     assert "".join(c.delta for c in chunks) == chunks[-1].message.content == expected.message.content
     assert [c.raw for c in chunks[:-1]] == [None] * 5
     assert chunks[-1].raw["usage"] == expected.raw["usage"]
-    assert chunks[-1].message.additional_kwargs[REPLY_KEY] == expected.message.content
+    text = expected.message.content
+    assert chunks[-1].message.additional_kwargs[REPLY_KEY] == {"text": text, "content": text}
 
 
 def test_abandoned_stream_is_rolled_back(llm):
@@ -196,8 +197,9 @@ def test_bad_input_raises_clear_errors(llm):
 
 
 def test_conversion_keeps_the_exact_reply_and_reads_tool_calls():
-    reply = ChatMessage(role="assistant", content="Hello!", additional_kwargs={REPLY_KEY: " Hello!\n"})
-    edited = ChatMessage(role="assistant", content="Bye.", additional_kwargs={REPLY_KEY: " Hello!\n"})
+    made = {REPLY_KEY: {"text": " Hello!\n", "content": " Hello!\n"}}
+    reply = ChatMessage(role="assistant", content="Hello!", additional_kwargs=made)  # stripped by a chat engine
+    edited = ChatMessage(role="assistant", content="Bye.", additional_kwargs=made)
     calls = ChatMessage(
         role="assistant",
         content="",

@@ -26,7 +26,8 @@ from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 from llama_index.core.types import Model
 from sirllm_agents import Engine, Reply, ReplyStream, Session, SessionStats
-from sirllm_agents.tools import parse_tool_calls, prepare_tool_messages, tool_call_constraint
+from sirllm_agents.constrained import tool_call_constraint
+from sirllm_agents.tools import prepare_tool_messages, split_tool_calls
 
 from .utils import REPLY_KEY, raw_response, to_session_messages
 
@@ -315,14 +316,14 @@ class SirLLM(FunctionCallingLLM):
         }
         options.update((key, value) for key, value in kwargs.items() if key in GENERATION_KWARGS)
         session = self._side_session if one_off or _one_off.get() else self._session
-        session_messages = to_session_messages(messages)
         tools, choice = kwargs.get("tools"), _tool_choice(kwargs.get("tool_choice"), kwargs.get("tools"))
-        if tools:
-            session_messages, options["tools"] = prepare_tool_messages(self._engine, session_messages, tools)
-            if choice not in (None, "auto", "none"):
-                options["constraint"] = tool_call_constraint(self._engine, tools, choice)
-        elif choice not in (None, "auto", "none"):
-            raise ValueError(f"tool_choice={choice!r} needs tools")
+        if choice not in (None, "auto", "none"):
+            if not tools:
+                raise ValueError(f"tool_choice={choice!r} needs tools")
+            options["constraint"] = tool_call_constraint(self._engine, tools, choice)
+        # Tools go to the chat template, or into the system message when the template ignores them (SmolLM2's);
+        # earlier calls are then written into their messages the way the model writes them.
+        session_messages, options["tools"] = prepare_tool_messages(self._engine, to_session_messages(messages), tools)
         return _Call(self, session, session_messages, options, tools if tools and choice != "none" else None)
 
 
@@ -344,17 +345,17 @@ class _Call:
         self.tools = tools  # the tools whose calls are read from the reply
 
     def response(self, reply: Reply, delta: str | None = None) -> ChatResponse:
-        """The final response: the exact reply text (kept under ``REPLY_KEY`` too), its tool calls, usage and the
-        session's figures."""
-        extra: dict[str, Any] = {REPLY_KEY: reply.text}
-        if self.tools:
-            calls = parse_tool_calls(reply.text, self.tools)
-            if calls:
-                extra["tool_calls"] = [
-                    {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
-                    for call in calls
-                ]
-        message = ChatMessage(role=MessageRole.ASSISTANT, content=reply.text, additional_kwargs=extra)
+        """The final response: the reply's text (its tool calls taken out into ``additional_kwargs["tool_calls"]``),
+        usage and the session's figures. ``additional_kwargs[REPLY_KEY]`` keeps the exact reply, which is what the
+        message is sent back as, so the session's cache stays valid."""
+        content, calls = split_tool_calls(reply.text, self.tools) if self.tools else (reply.text, [])
+        extra: dict[str, Any] = {REPLY_KEY: {"text": reply.text, "content": content}}
+        if calls:
+            extra["tool_calls"] = [
+                {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+                for call in calls
+            ]
+        message = ChatMessage(role=MessageRole.ASSISTANT, content=content, additional_kwargs=extra)
         raw = raw_response(reply.stats, reply.finish_reason, self.llm.engine.model_name, self.session.cache_size)
         return ChatResponse(message=message, raw=raw, delta=delta)
 

@@ -1,8 +1,9 @@
 """Conversions between LlamaIndex chat messages and the OpenAI-style dicts a sirllm-agents session takes.
 
 The session keeps its KV cache only while each call's conversation extends the one it has ingested, message for
-message. So an assistant message that SirLLM produced carries the exact reply text under ``REPLY_KEY`` in its
-``additional_kwargs``; it is sent back as that text even when LlamaIndex has stripped its whitespace since.
+message. So an assistant message that SirLLM produced carries ``{"text": <the exact reply>, "content": <the content
+it was given>}`` under ``REPLY_KEY`` in its ``additional_kwargs``; while its content is still either of those (give or
+take surrounding whitespace, which LlamaIndex's streaming chat engines strip), it is sent back as the exact reply.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from llama_index.core.base.llms.types import (
 )
 from sirllm_agents import TurnStats
 
-REPLY_KEY = "sirllm_reply"  # additional_kwargs key: the reply text exactly as the session stored it
+REPLY_KEY = "sirllm_reply"  # additional_kwargs key: the reply as the session stored it, and the content shown
 
 # LlamaIndex roles, including other providers' names for the same ones, to the roles a chat template knows.
 ROLES = {
@@ -69,8 +70,9 @@ def _to_session_message(index: int, message: ChatMessage) -> dict[str, Any]:
     content = "\n".join(texts)  # as ChatMessage.content joins its text blocks
     extra = message.additional_kwargs
     reply = extra.get(REPLY_KEY)
-    if role == "assistant" and isinstance(reply, str) and reply.strip() == content.strip():
-        return {"role": "assistant", "content": reply}
+    if role == "assistant" and isinstance(reply, Mapping) and isinstance(reply.get("text"), str):
+        if content.strip() in (reply["text"].strip(), str(reply.get("content", "")).strip()):
+            return {"role": "assistant", "content": reply["text"]}
     converted: dict[str, Any] = {"role": role, "content": content}
     if role == "assistant":
         listed = extra.get("tool_calls")
