@@ -13,8 +13,7 @@ from langchain_tests.integration_tests import ChatModelIntegrationTests
 
 from langchain_sirllm import ChatSirLLM
 
-# The suite has coroutine tests; the repository does not run pytest-asyncio in auto mode.
-pytestmark = [pytest.mark.slow, pytest.mark.asyncio]
+pytestmark = pytest.mark.slow
 
 AUTO_TOOL_CHOICE = (
     "the 135M model does not choose to call a tool under tool_choice='auto' (calls it makes when one is required "
