@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .bench import cli as bench_cli
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="sirllm-agents", description=__doc__)
@@ -13,12 +15,61 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--turns", type=int, default=62)
     demo.add_argument("--cache-size", type=int, default=256)
     demo.add_argument("--model", default=None, help="model folder, hub id or .gguf file (default: embedded SmolLM2)")
+    bench_cli.add_parser(commands)
+
+    chat = commands.add_parser("chat", help="an interactive chat with /stats, /memory, /save, /load, /reset")
+    chat.add_argument("--model", default=None, help="model folder, hub id or .gguf file (default: embedded SmolLM2)")
+    chat.add_argument("--cache-size", type=int, default=None)
+    chat.add_argument("--policy", default="sirllm", choices=("sirllm", "streaming", "full"))
+    chat.add_argument("--decay", type=float, default=1.0)
+    chat.add_argument("--system", default=None, help="a system prompt")
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--load", default=None, metavar="SESSION_FILE", help="resume a saved session")
+
+    inspect = commands.add_parser("inspect", help="show what a saved session's cache retains and evicted")
+    inspect.add_argument("session_file")
+    inspect.add_argument("--html", default=None, metavar="OUT", help="write a self-contained HTML page here")
+    inspect.add_argument("--last", type=int, default=None, metavar="N", help="print only the last N tokens")
 
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import main as demo_main
 
         demo_main(turns=args.turns, cache_size=args.cache_size, model=args.model)
+    elif args.command == "bench":
+        bench_cli.main(args)
+    elif args.command == "chat":
+        from .chat import main as chat_main
+
+        chat_main(
+            args.model,
+            cache_size=args.cache_size,
+            policy=args.policy,
+            decay=args.decay,
+            system=args.system,
+            max_new_tokens=args.max_new_tokens,
+            load=args.load,
+        )
+    elif args.command == "inspect":
+        _inspect(args.session_file, args.html, args.last)
+
+
+def _inspect(path: str, html_out: str | None, last: int | None) -> None:
+    from rich.console import Console
+
+    from .inspect import print_memory, render_html
+    from .persistence import SessionFileError, read_memory
+
+    try:
+        memory, document = read_memory(path)
+    except SessionFileError as error:
+        raise SystemExit(f"sirllm-agents inspect: {error}") from None
+    if html_out:
+        with open(html_out, "w", encoding="utf-8") as file:
+            file.write(render_html(memory, document))
+        print(f"wrote {html_out}")
+    else:
+        print_memory(memory, Console(), last_tokens=last)
 
 
 if __name__ == "__main__":

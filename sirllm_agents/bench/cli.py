@@ -1,0 +1,107 @@
+"""The ``sirllm-agents bench`` subcommand: run a task, write its JSON results and PNG plot, or report them all."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+MEMORY_TASKS = ("grocery", "dailydialog", "rps")
+
+
+def _numbers(kind):
+    return lambda text: [kind(x) for x in text.split(",")]
+
+
+def add_parser(commands) -> None:
+    """Add ``bench`` to the ``sirllm-agents`` subcommands."""
+    bench = commands.add_parser("bench", help="benchmarks: the paper's memory tasks, the agent loop, the report")
+    tasks = bench.add_subparsers(dest="task", required=True)
+    for task in MEMORY_TASKS:
+        p = tasks.add_parser(task, help=f"the paper's {task} task under each cache policy")
+        p.add_argument("--data", required=True, help="folder with the paper's data files (SirLLM repository, data/)")
+        p.add_argument("--limit", type=int, default=None,
+                       help="episodes to play (rps: rounds per player type; default: all, rps 2000)")
+        p.add_argument("--policies", default="full,streaming,sirllm,truncate")
+        p.add_argument("--cache-size", type=_numbers(int), default=[512], help="comma list for a sweep")
+        p.add_argument("--decay", type=_numbers(float), default=[1.0], help="comma list for a sweep (sirllm only)")
+        p.add_argument("--score", choices=("text", "letter"), default="text",
+                       help="which option log-likelihood picks the reply appended to the conversation")
+        p.add_argument("--model", default=None, help="model folder, hub id or .gguf file (default: embedded SmolLM2)")
+        _common(p)
+    loop = tasks.add_parser("agent-loop", help="per-step latency and memory of SirLLM against stateless and llama.cpp")
+    loop.add_argument("--steps", type=int, default=100)
+    loop.add_argument("--peers", default="sirllm,stateless,llamacpp")
+    loop.add_argument("--cache-size", type=int, default=1024)
+    loop.add_argument("--time-limit", type=float, default=None, help="seconds after which a peer stops early")
+    _common(loop)
+    report = tasks.add_parser("report", help="the markdown tables of every JSON result in a folder")
+    report.add_argument("--results", default="bench-results")
+
+
+def _common(parser) -> None:
+    parser.add_argument("--out", default="bench-results", help="folder for the JSON results and PNG plots")
+    parser.add_argument("--threads", type=int, default=None, help="torch (and llama.cpp) threads (default: torch's)")
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.task == "report":
+        from .report import report
+
+        print(report(args.results), end="")
+        return
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{args.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.task == "agent-loop":
+        from . import agent_loop, plots
+
+        results = agent_loop.run(args.peers.split(","), args.steps, args.cache_size, threads, args.time_limit)
+        plot = plots.agent_loop_plot
+    else:
+        from . import plots
+
+        results = _memory(args, threads)
+        plot = plots.memory_plot
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    plot(results, stem.with_suffix(".png"))
+    print(f"wrote {stem}.json and {stem}.png")
+
+
+def _memory(args: argparse.Namespace, threads: int) -> dict:
+    from rich.progress import Progress
+
+    from ..engine import Engine
+    from . import data
+    from .memory import POLICIES, Setting, run_setting
+
+    policies = args.policies.split(",")
+    unknown = set(policies) - set(POLICIES)
+    if unknown:
+        raise SystemExit(f"unknown policies {sorted(unknown)}: expected some of {', '.join(POLICIES)}")
+    try:
+        episodes = data.load(args.task, args.data, args.limit)
+    except data.DataMissingError as error:
+        raise SystemExit(str(error)) from None
+    settings = []
+    for policy in policies:
+        sizes = [None] if policy == "full" else args.cache_size
+        decays = args.decay if policy == "sirllm" else [1.0]
+        settings += [Setting(policy, size, decay) for size in sizes for decay in decays]
+    engine = Engine(args.model)
+    turns = sum(len(e.turns) for e in episodes)
+    runs = []
+    with Progress() as progress:
+        for setting in settings:
+            label = f"{args.task} {setting.policy} cache={setting.cache_size or 'max'} decay={setting.decay}"
+            bar = progress.add_task(label, total=turns)
+            runs.append(run_setting(engine, args.task, episodes, setting, args.score,
+                                    lambda: progress.advance(bar)))
+    return {"task": args.task, "model": engine.model_name, "data": str(args.data), "limit": args.limit,
+            "episodes": len(episodes), "scoring": args.score, "threads": threads, "runs": runs}

@@ -1,0 +1,159 @@
+"""Memory quality: the paper's multiple-choice protocol, run under each cache policy.
+
+One session per episode. Each turn sends the user question with its lettered choices; the session scores every
+option from one shared prefix (:meth:`Session.score`): the letters by their log-likelihood, the option texts by
+their log-likelihood per character (lm-eval's ``acc_norm``, so long options are not penalized for their length).
+The option chosen under the primary scoring (``--score``) is appended as the assistant's reply, so later turns see
+it in the cache; the other scoring is recorded on the same conversation.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from ..engine import Engine
+from ..policies import ContextOverflowError
+from ..session import Session
+from .data import Episode, Turn
+
+POLICIES = ("full", "streaming", "sirllm", "truncate")
+SCORINGS = ("letter", "text")
+START_SIZE = 4  # attention sinks, as in the paper
+
+
+@dataclass
+class Setting:
+    """One column of a sweep: a policy, its cache budget in tokens, and SirLLM's per-turn decay."""
+
+    policy: str
+    cache_size: int | None  # None for "full": the model's maximum length
+    decay: float
+
+
+@dataclass
+class Tally:
+    """Per turn kind and scoring, how many turns and how many right; for RPS also ties. A turn the policy could not
+    fit (``truncate`` only) counts as wrong, and in ``overflowed``."""
+
+    overflowed: int = 0
+    turns: dict[str, int] = field(default_factory=dict)
+    right: dict[str, dict[str, int]] = field(default_factory=dict)
+    ties: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def add(self, group: str, turn: Turn, picks: dict[str, int]) -> None:
+        self.turns[group] = self.turns.get(group, 0) + 1
+        for scoring, pick in picks.items():
+            right = self.right.setdefault(scoring, {})
+            right[group] = right.get(group, 0) + (pick == turn.answer)
+            if turn.user_move is not None:
+                ties = self.ties.setdefault(scoring, {})
+                ties[group] = ties.get(group, 0) + (pick == turn.user_move)
+
+    def rate(self, scoring: str, group: str, counts: str = "right") -> float:
+        return getattr(self, counts)[scoring].get(group, 0) / self.turns[group]
+
+
+class Player:
+    """Plays episodes under one setting: a fresh session per episode; ``truncate`` trims the oldest whole messages
+    so the prompt fits the budget (what ``trim_messages`` and memory buffers do), on a never-evicting cache."""
+
+    def __init__(self, engine: Engine, setting: Setting):
+        self.engine = engine
+        self.setting = setting
+        self.session: Session | None = None
+
+    def new_episode(self) -> None:
+        s = self.setting
+        if s.policy == "truncate":
+            self.session = self.engine.session(cache_size=s.cache_size, policy="full")
+        else:
+            size = None if s.policy == "full" else s.cache_size
+            self.session = self.engine.session(cache_size=size, start_size=START_SIZE, decay=s.decay, policy=s.policy)
+
+    def score(self, messages: list[dict], options: list[str]) -> list[float] | None:
+        """The options' log-likelihoods, or None when ``truncate`` cannot fit even the last message alone."""
+        assert self.session is not None
+        if self.setting.policy != "truncate":
+            return self.session.score(messages, options)
+        try:
+            return self.session.score(self.trimmed(messages, options), options)
+        except ContextOverflowError:
+            self.session.reset()  # keeps the session's totals
+            return None
+
+    def trimmed(self, messages: list[dict], options: list[str]) -> list[dict]:
+        """The newest messages, starting at a user message, whose prompt and longest option fit the budget."""
+        budget = self.setting.cache_size - max(len(self.engine.encode(o)) for o in options)
+        start = 0
+        while start < len(messages) - 1:
+            prompt = self.engine.template.render(messages[start:], add_generation_prompt=True)
+            if len(self.engine.encode(prompt)) <= budget:
+                break
+            start += 2  # a user message and the reply to it
+        return messages[start:]
+
+
+def play(
+    player: Player, episode: Episode, scoring: str, tally: Tally, group: str | None, advance: Callable[[], None]
+) -> None:
+    """One episode: score each turn's options, record both scorings' picks (under ``group``, else the turn's kind),
+    and reply with the primary pick."""
+    player.new_episode()
+    messages: list[dict] = []
+    for turn in episode.turns:
+        messages.append({"role": "user", "content": turn.question})
+        scores = player.score(messages, turn.letters + turn.texts)
+        k = len(turn.letters)
+        if scores is None:
+            tally.overflowed += 1
+            picks = {"letter": -1, "text": -1}
+            reply = ""
+        else:
+            picks = {
+                "letter": max(range(k), key=lambda i: scores[i]),
+                "text": max(range(k), key=lambda i: scores[k + i] / len(turn.texts[i])),
+            }
+            reply = turn.letters[picks[scoring]] if scoring == "letter" else turn.texts[picks[scoring]]
+        tally.add(group or turn.kind, turn, picks)
+        messages.append({"role": "assistant", "content": "OK" if turn.kind == "key" else reply})
+        advance()
+
+
+def run_setting(
+    engine: Engine, task: str, episodes: list[Episode], setting: Setting, scoring: str, advance: Callable[[], None]
+) -> dict:
+    """Play every episode under ``setting``; returns the setting, the task's metrics per scoring, and costs."""
+    player, tally = Player(engine, setting), Tally()
+    start = time.perf_counter()
+    prefilled = evicted = 0
+    for episode in episodes:
+        group = episode.name.removeprefix("rps-dominant_") if task == "rps" else None
+        play(player, episode, scoring, tally, group, advance)
+        prefilled += player.session.stats.prefilled_tokens
+        evicted += player.session.stats.evicted_tokens
+    return {
+        **asdict(setting),
+        "episodes": len(episodes),
+        "turns": sum(len(e.turns) for e in episodes),
+        "metrics": {s: metrics(task, tally, s) for s in SCORINGS},
+        "overflowed_turns": tally.overflowed,
+        "prefilled_tokens": prefilled,
+        "evicted_tokens": evicted,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def metrics(task: str, tally: Tally, scoring: str) -> dict:
+    """Grocery: ACC_g (recall turns) and ACC_c (CommonsenseQA turns); DailyDialog: accuracy; RPS: win / tie / lose
+    rates per player type."""
+    if task == "grocery":
+        return {"acc_g": tally.rate(scoring, "recall"), "acc_c": tally.rate(scoring, "commonsense")}
+    if task == "dailydialog":
+        return {"accuracy": tally.rate(scoring, "response")}
+    result = {}
+    for player in tally.turns:
+        win, tie = tally.rate(scoring, player), tally.rate(scoring, player, "ties")
+        result[player] = {"win": win, "tie": tie, "lose": 1.0 - win - tie}
+    return result

@@ -1,0 +1,70 @@
+"""PNG plots of benchmark results (matplotlib, without a display)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def headline(task: str, run: dict, scoring: str) -> float:
+    """The figure a memory run is plotted by: ACC_g, accuracy, or the mean win rate over player types."""
+    metrics = run["metrics"][scoring]
+    if task == "grocery":
+        return metrics["acc_g"]
+    if task == "dailydialog":
+        return metrics["accuracy"]
+    return sum(m["win"] for m in metrics.values()) / len(metrics)
+
+
+def memory_plot(results: dict, path: Path) -> None:
+    """The headline metric against cache size, one line per policy (and per decay for SirLLM); ``full`` is a
+    horizontal line, being unbounded."""
+    plt = _pyplot()
+    task, scoring = results["task"], results["scoring"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lines: dict[str, list[tuple[int, float]]] = {}
+    for run in results["runs"]:
+        value = headline(task, run, scoring)
+        if run["policy"] == "full":
+            ax.axhline(value, color="black", linestyle="--", label="full (no eviction)")
+            continue
+        label = run["policy"] + (f" decay={run['decay']}" if run["policy"] == "sirllm" else "")
+        lines.setdefault(label, []).append((run["cache_size"], value))
+    for label, points in sorted(lines.items()):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    metric = {"grocery": "ACC_g", "dailydialog": "accuracy", "rps": "win rate (mean over players)"}[task]
+    ax.set(xlabel="cache size (tokens)", ylabel=f"{metric} ({scoring} scoring)", ylim=(0, 1.02),
+           title=f"{task}: {results['episodes']} episodes, {results['model']}")
+    ax.set_xscale("log", base=2)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def agent_loop_plot(results: dict, path: Path) -> None:
+    """Per-step latency and resident memory against the step index, one line per peer."""
+    plt = _pyplot()
+    fig, (latency, memory) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for name, peer in results["peers"].items():
+        steps = peer.get("steps")
+        if not steps:
+            continue
+        latency.plot([s["seconds"] for s in steps], label=f"{name}: {peer['backend']}"[:60])
+        memory.plot([s["rss_mib"] for s in steps], label=name)
+    latency.set(xlabel="step", ylabel="seconds per step", title=f"agent loop ({results['threads']} threads)")
+    memory.set(xlabel="step", ylabel="resident memory (MiB)", title="memory")
+    latency.legend(fontsize=7)
+    memory.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,72 @@
+"""``bench report``: the JSON results of a folder as the markdown tables of the README."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# The paper's Table (Yao et al., ACL 2024) for reference: Grocery ACC_g with 6B-34B chat models, cache 4+1020.
+PAPER_GROCERY = "paper (Yi-6B/34B-Chat, Vicuna-7B, cache 4+1020): ACC_g 96-99% SirLLM vs 24-29% StreamingLLM"
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def _memory_table(results: dict) -> list[str]:
+    task, scoring = results["task"], results["scoring"]
+    other = "letter" if scoring == "text" else "text"
+    head = f"### {task}: {results['episodes']} episodes, {results['model']}, `{scoring}` scoring (primary)"
+    lines = [head, ""]
+    if task == "grocery":
+        lines += [f"| policy | cache | decay | ACC_g | ACC_c | ACC_g ({other}) | ACC_c ({other}) | seconds |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for run in results["runs"]:
+            m, o = run["metrics"][scoring], run["metrics"][other]
+            lines.append(f"| {run['policy']} | {run['cache_size'] or 'max'} | {run['decay']} | {_pct(m['acc_g'])} | "
+                         f"{_pct(m['acc_c'])} | {_pct(o['acc_g'])} | {_pct(o['acc_c'])} | {run['seconds']:.0f} |")
+        lines += ["", f"For reference, {PAPER_GROCERY}."]
+    elif task == "dailydialog":
+        lines += [f"| policy | cache | decay | accuracy | accuracy ({other}) | seconds |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for run in results["runs"]:
+            lines.append(f"| {run['policy']} | {run['cache_size'] or 'max'} | {run['decay']} | "
+                         f"{_pct(run['metrics'][scoring]['accuracy'])} | {_pct(run['metrics'][other]['accuracy'])} | "
+                         f"{run['seconds']:.0f} |")
+    else:
+        lines += ["| policy | cache | decay | player | win | tie | lose |", "| --- | ---: | ---: | --- | ---: | ---: | ---: |"]
+        for run in results["runs"]:
+            for player, m in run["metrics"][scoring].items():
+                lines.append(f"| {run['policy']} | {run['cache_size'] or 'max'} | {run['decay']} | {player} | "
+                             f"{_pct(m['win'])} | {_pct(m['tie'])} | {_pct(m['lose'])} |")
+    return lines
+
+
+def _agent_table(results: dict) -> list[str]:
+    lines = [f"### agent loop: {results['steps']} steps, {results['threads']} threads, SirLLM cache {results['cache_size']}",
+             "", "| peer | backend | steps done | total s | last 10 / steps 10-20 | peak RSS MiB | RSS growth MiB | "
+             "past the context window |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    summary = results["summary"]
+    for name, peer in results["peers"].items():
+        if "skipped" in peer:
+            lines.append(f"| {name} | {peer['skipped']} | | | | | | |")
+            continue
+        s = summary[name]
+        flat = f"{s['flatness']:.2f}" if "flatness" in s else "-"
+        lines.append(f"| {name} | {peer['backend']} | {s['steps_done']} | {s['total_seconds']:.1f} | {flat} | "
+                     f"{s['peak_rss_mib']:.0f} | {s['rss_growth_mib']:.0f} | {peer['overflow']} |")
+    for other in ("stateless", "llamacpp"):
+        ratio = summary.get(f"{other}_over_sirllm")
+        if ratio:
+            lines.append(f"\n{other} time / sirllm time over the first {ratio['steps']} steps: {ratio['ratio']:.2f}")
+    return lines
+
+
+def report(folder: str | Path) -> str:
+    """Markdown for every ``*.json`` result in ``folder``, oldest first."""
+    sections = []
+    for path in sorted(Path(folder).glob("*.json"), key=lambda p: p.stat().st_mtime):
+        results = json.loads(path.read_text())
+        table = _agent_table(results) if results["task"] == "agent-loop" else _memory_table(results)
+        sections.append("\n".join(table + ["", f"(from `{path.name}`)"]))
+    return "\n\n".join(sections) + "\n"

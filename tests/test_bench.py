@@ -1,0 +1,136 @@
+"""Benchmarks at smoke size: the paper's data as episodes, each memory task under the four policies, the agent loop,
+the CLI's JSON and PNG files and the report. Data tests skip when ../shared/data/sirllm is absent."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sirllm_agents.bench import agent_loop, data
+from sirllm_agents.bench.memory import POLICIES, Player, Setting, run_setting
+from sirllm_agents.bench.report import report
+from sirllm_agents.cli import main as cli
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sirllm"
+needs_data = pytest.mark.skipif(
+    not (DATA / "keys.jsonl").is_file(), reason=f"the SirLLM data folder is absent ({DATA})"
+)
+
+
+@needs_data
+def test_episodes_follow_the_paper_data():
+    grocery = data.load("grocery", DATA)
+    assert len(grocery) == 548
+    assert all(len(e.turns) == 22 for e in grocery)
+    first = grocery[0].turns
+    assert [t.kind for t in (first[0], first[1], first[-1])] == ["key", "commonsense", "recall"]
+    assert "[chocolate]" in first[0].question and first[-1].texts[first[-1].answer] == "chocolate"
+    assert "(A) vanilla extract (B) tea (C) chocolate (D) eggs" in first[-1].question
+
+    assert [len(e.turns) for e in data.load("dailydialog", DATA, limit=3)] == [6, 2, 3]  # ids 0_1..0_11, 1_1, 1_3, ...
+    dialogues = data.load("dailydialog", DATA)
+    assert (len(dialogues), sum(len(e.turns) for e in dialogues)) == (1000, 3700)
+    games = data.load("rps", DATA, limit=5)
+    assert [g.name for g in games] == ["rps-dominant_rock", "rps-dominant_paper", "rps-dominant_scissors"]
+    assert all(len(g.turns) == 5 for g in games)
+    assert games[0].turns[1].question.startswith("I chose [rock].")  # the player's previous move
+    assert len(data.load("rps", DATA)[0].turns) == 2000  # the paper plays 2000 rounds
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    with pytest.raises(data.DataMissingError, match="Zoeyyao27/SirLLM"):
+        data.load("grocery", tmp_path)
+
+
+@needs_data
+@pytest.mark.parametrize("task", ["grocery", "dailydialog"])
+def test_each_policy_plays_a_dialogue_with_sane_figures(tiny_engine, task):
+    episodes = data.load(task, DATA, limit=1)
+    turns = len(episodes[0].turns)
+    for policy in POLICIES:
+        advanced = []
+        setting = Setting(policy, 128, 0.9)
+        run = run_setting(tiny_engine, task, episodes, setting, "text", lambda: advanced.append(1))
+        assert (run["episodes"], run["turns"], len(advanced)) == (1, turns, turns)
+        for scoring in ("text", "letter"):
+            values = run["metrics"][scoring].values()
+            assert values and all(0.0 <= v <= 1.0 for v in values)
+        assert run["prefilled_tokens"] > 0
+        # Only truncate can fail a turn: when the newest message alone passes the budget.
+        assert run["overflowed_turns"] == 0 or policy == "truncate"
+        if policy in ("streaming", "sirllm"):
+            assert run["evicted_tokens"] > 0  # a dialogue does not fit 128 tokens
+        else:
+            assert run["evicted_tokens"] == 0
+
+
+def test_truncate_keeps_the_newest_whole_messages_within_the_budget(tiny_engine):
+    player = Player(tiny_engine, Setting("truncate", 128, 1.0))
+    messages = []
+    for i in range(12):
+        messages += [{"role": "user", "content": f"Question number {i}: is {i} even?"}, {"role": "assistant", "content": "B"}]
+    messages.append({"role": "user", "content": "Last question: (A) yes (B) no"})
+    kept = player.trimmed(messages, ["A", "B"])
+    assert kept == messages[-len(kept) :] and kept[0]["role"] == "user" and 1 < len(kept) < len(messages)
+    prompt = tiny_engine.template.render(kept, add_generation_prompt=True)
+    assert len(tiny_engine.encode(prompt)) + 1 <= 128
+    longer = tiny_engine.template.render(messages[-len(kept) - 2 :], add_generation_prompt=True)
+    assert len(tiny_engine.encode(longer)) + 1 > 128  # it kept as much as fits
+
+    player.new_episode()
+    assert len(player.score(messages, ["A", "B"])) == 2
+    assert len(player.session.cache) <= 128
+
+
+@needs_data
+@pytest.mark.slow
+def test_cli_writes_json_and_png_and_the_report_tables(tmp_path):
+    out = tmp_path / "results"
+    cli(["bench", "rps", "--data", str(DATA), "--limit", "3", "--cache-size", "64,128", "--decay", "0.5,1.0",
+         "--threads", "1", "--out", str(out)])
+    [result] = out.glob("rps-*.json")
+    assert result.with_suffix(".png").stat().st_size > 1000
+    results = json.loads(result.read_text())
+    assert (results["task"], results["episodes"], results["scoring"]) == ("rps", 3, "text")
+    settings = [(r["policy"], r["cache_size"], r["decay"]) for r in results["runs"]]
+    assert settings == [("full", None, 1.0), ("streaming", 64, 1.0), ("streaming", 128, 1.0), ("sirllm", 64, 0.5),
+                        ("sirllm", 64, 1.0), ("sirllm", 128, 0.5), ("sirllm", 128, 1.0), ("truncate", 64, 1.0),
+                        ("truncate", 128, 1.0)]
+    for run in results["runs"]:
+        assert run["turns"] == 9
+        for player in ("rock", "paper", "scissors"):
+            rates = run["metrics"]["text"][player]
+            assert all(0.0 <= v <= 1.0 for v in rates.values())
+            assert rates["win"] + rates["tie"] + rates["lose"] == pytest.approx(1.0)
+    table = report(out)
+    assert "| sirllm | 64 | 0.5 | rock |" in table and "| full | max | 1.0 | scissors |" in table
+
+
+@pytest.mark.slow
+def test_agent_loop_runs_each_available_peer_and_reports_what_it_skipped(tmp_path, capsys):
+    pytest.importorskip("langchain_huggingface", reason="the stateless peer needs the bench extra")
+    results = agent_loop.run(["sirllm", "stateless", "llamacpp"], steps=3, cache_size=256, threads=1, time_limit=None)
+    for name in ("sirllm", "stateless"):
+        peer = results["peers"][name]
+        assert len(peer["steps"]) == 3 and peer["stopped"] is None
+        assert all(s["seconds"] > 0 and s["rss_mib"] > 0 and 0 < s["reply_tokens"] <= 26 for s in peer["steps"])
+        histories = [s["history_tokens"] for s in peer["steps"]]
+        assert histories == sorted(histories) and histories[0] > 60
+        assert results["summary"][name]["peak_rss_mib"] > 100
+    assert results["summary"]["stateless_over_sirllm"]["steps"] == 3
+    llamacpp = results["peers"]["llamacpp"]
+    if "skipped" in llamacpp:
+        assert "llama_cpp is not installed" in llamacpp["skipped"]
+        assert "llamacpp: skipped" in capsys.readouterr().out
+    else:
+        assert len(llamacpp["steps"]) == 3
+    (tmp_path / "agent-loop.json").write_text(json.dumps(results))
+    assert "| sirllm |" in report(tmp_path)
+
+
+def test_tool_results_are_about_sixty_tokens_and_differ(tokenizer):
+    lengths = [len(tokenizer.encode(agent_loop.tool_result(step))) for step in range(300)]
+    assert 50 <= min(lengths) and max(lengths) <= 75
+    assert len({agent_loop.tool_result(step) for step in range(300)}) == 300
