@@ -8,7 +8,6 @@ whether the fact's tokens are still in the cache.
 from __future__ import annotations
 
 from rich.console import Console
-from rich.table import Table
 
 from .engine import Engine
 
@@ -30,9 +29,8 @@ FILLER = [
 
 def run_policy(engine: Engine, policy: str, turns: int, cache_size: int, console: Console) -> tuple[str, bool]:
     session = engine.session(cache_size=cache_size, policy=policy)
-    table = Table(title=f"policy={policy}  cache_size={cache_size}", show_lines=False)
-    for column in ("turn", "prefilled", "reused", "evicted", "cache", "reply"):
-        table.add_column(column, justify="right" if column != "reply" else "left")
+    console.rule(f"policy={policy}  cache_size={cache_size}")
+    console.print(f"{'turn':>4} {'prefilled':>9} {'reused':>6} {'evicted':>7} {'cache':>5}  reply")
     messages = []
     prompts = [FACT] + [FILLER[i % len(FILLER)] for i in range(turns - 2)] + [QUESTION]
     for number, prompt in enumerate(prompts, start=1):
@@ -41,11 +39,12 @@ def run_policy(engine: Engine, policy: str, turns: int, cache_size: int, console
         messages.append({"role": "assistant", "content": reply.text})
         s = reply.stats
         shown = reply.text.replace("\n", " ")
-        table.add_row(
-            str(number), str(s.prefilled_tokens), str(s.reused_tokens), str(s.evicted_tokens), str(s.cache_len),
-            shown[:48] + ("…" if len(shown) > 48 else ""),
+        shown = shown[:40] + ("…" if len(shown) > 40 else "")
+        console.print(
+            f"{number:>4} {s.prefilled_tokens:>9} {s.reused_tokens:>6} {s.evicted_tokens:>7} {s.cache_len:>5}  {shown}",
+            markup=False,
+            highlight=False,
         )
-    console.print(table)
     kept_text = engine.tokenizer.decode(session.cache.token_ids.tolist())
     return messages[-1]["content"], "4821" in kept_text.replace(" ", "")
 
