@@ -348,6 +348,11 @@ class _Call:
         """The final response: the reply's text (its tool calls taken out into ``additional_kwargs["tool_calls"]``),
         usage and the session's figures. ``additional_kwargs[REPLY_KEY]`` keeps the exact reply, which is what the
         message is sent back as, so the session's cache stays valid."""
+        if "constraint" in self.options and reply.finish_reason == "length":
+            raise ValueError(
+                f"the constrained reply (a tool call or structured output) was cut off at max_new_tokens="
+                f"{self.options['max_new_tokens']}: raise max_new_tokens. Reply so far: {reply.text!r}"
+            )
         content, calls = split_tool_calls(reply.text, self.tools) if self.tools else (reply.text, [])
         extra: dict[str, Any] = {REPLY_KEY: {"text": reply.text, "content": content}}
         if calls:
