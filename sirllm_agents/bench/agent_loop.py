@@ -166,7 +166,7 @@ def loop(peer_name: str, steps: int, cache_size: int, threads: int, time_limit: 
                 break
             seconds = time.perf_counter() - start
             messages.append({"role": "assistant", "content": text})
-            history = len(tokenizer.apply_chat_template(messages, tokenize=True))
+            history = len(tokenizer(tokenizer.apply_chat_template(messages, tokenize=False))["input_ids"])
             result["steps"].append({"seconds": seconds, "rss_mib": process.memory_info().rss / 2**20,
                                     "history_tokens": history, "reply_tokens": len(tokenizer.encode(text))})
             progress.advance(bar)
