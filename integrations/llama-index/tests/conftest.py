@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("llama_index.core", reason="install the integration: pip install -e 'integrations/llama-index[test]'")
-
-from sirllm_agents import Engine  # noqa: E402
-
-from llama_index.llms.sirllm import SirLLM  # noqa: E402
+from llama_index.llms.sirllm import SirLLM
+from sirllm_agents import Engine
 
 
 @pytest.fixture(scope="session")
