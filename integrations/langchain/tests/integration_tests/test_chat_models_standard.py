@@ -20,6 +20,11 @@ AUTO_TOOL_CHOICE = (
     "are grammar-constrained and pass in test_tool_calling / test_tool_choice)"
 )
 
+REPEATS_IN_STRINGS = (
+    "with the pydantic.v1 Joke schema in its prompt, the greedy 135M model repeats 'a cat is a cat,' inside the "
+    "setup string until max_tokens cuts the JSON off (the grammar keeps it valid JSON, but it cannot make it end)"
+)
+
 
 class TestChatSirLLMStandard(ChatModelIntegrationTests):
     @property
@@ -54,6 +59,10 @@ class TestChatSirLLMStandard(ChatModelIntegrationTests):
             full = chunk if full is None else full + chunk
         return full
 
-    @pytest.mark.xfail(reason=AUTO_TOOL_CHOICE, strict=False)
+    @pytest.mark.xfail(reason=AUTO_TOOL_CHOICE, strict=True)
     def test_agent_loop(self, model: BaseChatModel) -> None:
         super().test_agent_loop(model)
+
+    @pytest.mark.xfail(reason=REPEATS_IN_STRINGS, strict=True)
+    def test_structured_output_pydantic_2_v1(self, model: BaseChatModel) -> None:
+        super().test_structured_output_pydantic_2_v1(model)
