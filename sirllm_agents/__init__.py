@@ -3,6 +3,8 @@
 from .engine import Engine
 from .generation import GenerationConfig
 from .loading import ModelLoadError
+from .memory import Memory, MemoryToken, TurnMemory
+from .persistence import SessionFileError
 from .policies import ContextOverflowError, FullPolicy, Policy, SirLLMPolicy, StreamingPolicy
 from .rope import UnsupportedModelError
 from .session import Reply, ReplyStream, Session, SessionStats, TurnStats
@@ -12,14 +14,18 @@ __all__ = [
     "Engine",
     "FullPolicy",
     "GenerationConfig",
+    "Memory",
+    "MemoryToken",
     "ModelLoadError",
     "Policy",
     "Reply",
     "ReplyStream",
     "Session",
+    "SessionFileError",
     "SessionStats",
     "SirLLMPolicy",
     "StreamingPolicy",
+    "TurnMemory",
     "TurnStats",
     "UnsupportedModelError",
 ]

@@ -30,6 +30,10 @@ class SirLLMCache:
         self.scores = torch.empty(0, dtype=torch.float32)
         self.positions = torch.empty(0, dtype=torch.long)
         self.turns = torch.empty(0, dtype=torch.long)
+        # Every token ingested, by conversation position, evicted or not (rolled-back ones are cut off): what the
+        # memory view shows greyed out, and how evictions are counted per turn. Four bytes a token each.
+        self.history_ids = torch.empty(0, dtype=torch.int32)
+        self.history_turns = torch.empty(0, dtype=torch.int32)
 
     def __len__(self) -> int:
         return self.token_ids.numel()
@@ -74,6 +78,11 @@ class SirLLMCache:
         self.scores = torch.cat((self.scores, scores.detach().float().cpu()))
         self.positions = torch.cat((self.positions, positions.cpu()))
         self.turns = torch.cat((self.turns, torch.full((token_ids.numel(),), turn, dtype=torch.long)))
+        start = int(positions[0]) if positions.numel() else len(self.history_ids)
+        self.history_ids = torch.cat((self.history_ids[:start], token_ids.cpu().to(torch.int32)))
+        self.history_turns = torch.cat(
+            (self.history_turns[:start], torch.full((token_ids.numel(),), turn, dtype=torch.int32))
+        )
 
     def truncate(self, position: int) -> None:
         """Drop every token from conversation position ``position`` on (they are the newest), and any keys and
@@ -84,6 +93,7 @@ class SirLLMCache:
                 layer.keys, layer.values = layer.keys[:, :, :n], layer.values[:, :, :n]
         self.token_ids, self.scores = self.token_ids[:n], self.scores[:n]
         self.positions, self.turns = self.positions[:n], self.turns[:n]
+        self.history_ids, self.history_turns = self.history_ids[:position], self.history_turns[:position]
 
     def decay(self, ratio: float) -> None:
         """Multiply every stored score by ``ratio`` (SirLLM's per-turn decay, so old key tokens can fade)."""

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
 from . import loading
+from .persistence import load_session
 from .policies import Policy, make_policy
+from .pool import SessionPool
 from .rope import KeyRotator
-from .session import Session
+from .session import Reply, ReplyStream, Session
 from .transcript import ChatTemplate
 
 DEFAULT_CACHE_SIZE = 1024
 MIN_FREE_SLOTS = 16  # room a cache keeps beyond sinks and protected recent tokens, so prefill can make progress
+DEFAULT_MAX_LIVE_SESSIONS = 16
 
 
 class Engine:
@@ -22,6 +28,12 @@ class Engine:
 
     ``Engine()`` loads the embedded SmolLM2-135M-Instruct (offline); ``Engine(model=...)`` takes a local folder, a hub
     id, a ``.gguf`` file, or an already loaded ``PreTrainedModel`` together with ``tokenizer=``.
+
+    The engine also holds a pool of conversations for :meth:`chat` / :meth:`stream` / :meth:`achat`: each call goes
+    to the session named by ``session_id``, else to the one whose transcript is the longest prefix of its messages.
+    At most ``max_live_sessions`` stay in memory; the least recently used idle one is saved to ``spill_dir`` (a
+    private temporary folder by default) and read back when its conversation returns. Pooled sessions are made with
+    ``session_options`` (the keywords of :meth:`session`).
     """
 
     def __init__(
@@ -33,6 +45,9 @@ class Engine:
         dtype: str | torch.dtype = torch.float32,
         trust_remote_code: bool = False,
         chat_template: str | None = None,
+        max_live_sessions: int = DEFAULT_MAX_LIVE_SESSIONS,
+        spill_dir: str | os.PathLike | None = None,
+        session_options: Mapping[str, Any] | None = None,
     ):
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         if isinstance(model, PreTrainedModel):
@@ -52,6 +67,9 @@ class Engine:
         config = self.model.config.get_text_config(decoder=True)
         self.max_length: int = config.max_position_embeddings
         self.stop_token_ids: frozenset[int] = self._stop_token_ids()
+        self.pool = SessionPool(
+            self, max_live_sessions=max_live_sessions, spill_dir=spill_dir, session_options=session_options or {}
+        )
 
     def session(
         self,
@@ -61,12 +79,15 @@ class Engine:
         decay: float = 1.0,
         policy: str | Policy = "sirllm",
         prefill_chunk: int = 512,
+        session_id: str | None = None,
     ) -> Session:
         """A new conversation with a KV cache of at most ``cache_size`` tokens.
 
         ``policy`` chooses who stays when the cache is full: ``"sirllm"`` (sinks + highest token entropy),
         ``"streaming"`` (sinks + newest) or ``"full"`` (never evict; ``cache_size`` defaults to the model's maximum
         length). ``decay`` multiplies every stored score after each turn so old key tokens can fade.
+
+        The session is the caller's own, outside the engine's pool (see :meth:`chat` for pooled conversations).
         """
         if isinstance(policy, str):
             for name, value in (("start_size", start_size), ("recent_size", recent_size)):
@@ -90,7 +111,75 @@ class Engine:
             raise ValueError(f"decay must be in [0, 1], got {decay}")
         if not isinstance(prefill_chunk, int) or prefill_chunk <= 0:
             raise ValueError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}")
-        return Session(self, cache_size=cache_size, policy=policy, decay=decay, prefill_chunk=prefill_chunk)
+        return Session(
+            self, cache_size=cache_size, policy=policy, decay=decay, prefill_chunk=prefill_chunk, session_id=session_id
+        )
+
+    # -- the pool of conversations -------------------------------------------------------------------------------
+
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        session_id: str | None = None,
+        *,
+        tools: list[dict] | None = None,
+        **generation: Any,
+    ) -> Reply:
+        """Reply to ``messages`` (the whole conversation so far) on the pooled session for them: the one named
+        ``session_id`` (created when new), else the one whose transcript is the longest prefix of ``messages``, else
+        a new one. ``generation`` takes the keywords of :meth:`Session.chat`. Thread-safe; calls on one session are
+        serialized, calls on different sessions run concurrently."""
+        with self.pool.use(messages, tools, session_id) as session:
+            return session.chat(messages, tools=tools, **generation)
+
+    def stream(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        session_id: str | None = None,
+        *,
+        tools: list[dict] | None = None,
+        **generation: Any,
+    ) -> ReplyStream:
+        """Like :meth:`chat`, yielding text pieces (see :meth:`Session.stream`). The session is chosen when the
+        first piece is asked for and stays pinned in memory until the stream ends or is closed."""
+
+        def pieces() -> Iterator[str]:
+            with self.pool.use(messages, tools, session_id) as session:
+                return (yield from session.stream(messages, tools=tools, **generation))
+
+        return ReplyStream(pieces())
+
+    async def achat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        session_id: str | None = None,
+        *,
+        tools: list[dict] | None = None,
+        **generation: Any,
+    ) -> Reply:
+        """:meth:`chat` in a worker thread, so an event loop keeps serving other conversations meanwhile."""
+        return await asyncio.to_thread(self.chat, messages, session_id, tools=tools, **generation)
+
+    def route(
+        self, messages: Sequence[Mapping[str, Any]], session_id: str | None = None, *, tools: list[dict] | None = None
+    ) -> Session:
+        """The pooled session a call with these arguments would use (created or read back when needed), for
+        inspection. Call through :meth:`chat` / :meth:`stream`: a session used directly may be spilled to disk once
+        idle, and the pool would not see what it did afterwards."""
+        return self.pool.route(messages, tools, session_id)
+
+    def load_session(self, path: str | os.PathLike, session_id: str | None = None) -> Session:
+        """Resume a session saved with :meth:`Session.save` (by this or another process) and add it to the pool
+        under ``session_id`` (default: the id it was saved with), replacing any session of that id. Raises
+        ``SessionFileError`` (a ``ValueError``), changing nothing, for a missing, truncated or corrupted file or one
+        saved from another model or dtype."""
+        session = load_session(self, path, session_id)
+        self.pool.add(session)
+        return session
+
+    def drop_session(self, session_id: str) -> bool:
+        """Forget a pooled session (in memory or spilled); True when there was one."""
+        return self.pool.drop(session_id)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of rendered chat text (its special tokens are already written in it)."""

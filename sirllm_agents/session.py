@@ -7,9 +7,11 @@ conversation (minus what was evicted).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
-from collections.abc import Generator, Iterator, Mapping, Sequence
+import uuid
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +24,7 @@ from .transcript import Message, Segment, Transcript, normalize_messages
 
 if TYPE_CHECKING:
     from .engine import Engine
+    from .memory import Memory
 
 
 @dataclass
@@ -89,8 +92,18 @@ class Session:
     closed.
     """
 
-    def __init__(self, engine: Engine, *, cache_size: int, policy: Policy, decay: float, prefill_chunk: int):
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        cache_size: int,
+        policy: Policy,
+        decay: float,
+        prefill_chunk: int,
+        session_id: str | None = None,
+    ):
         self.engine = engine
+        self.session_id = session_id or uuid.uuid4().hex
         self.cache_size = cache_size
         self.policy = policy
         self.decay = decay
@@ -98,6 +111,9 @@ class Session:
         self.cache = SirLLMCache(engine.rotator, policy, cache_size)
         self.transcript = Transcript()
         self.stats = SessionStats()
+        self.turn_log: list[TurnStats] = []  # every call's figures, in order (the memory view charts them)
+        # Called as progress(done, total) after each prefill chunk of a segment (a long message being ingested).
+        self.progress: Callable[[int, int], None] | None = None
         self._logits: torch.Tensor | None = None  # model output after the newest cached token; scores the next one
         self._position = 0  # tokens ingested over the whole conversation
         self._lock = threading.Lock()
@@ -203,6 +219,23 @@ class Session:
         """Forget the conversation: empty cache and transcript (totals in ``stats`` are kept)."""
         with self._locked():
             self._reset()
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the session (KV cache, scores, transcript, settings, stats) to ``path``, atomically: a crash midway
+        leaves any earlier file there intact. ``engine.load_session(path)`` resumes it, in this or another process,
+        with the same greedy replies. Waits for a call in progress to end."""
+        from .persistence import save_session
+
+        with self._locked():
+            save_session(self, path)
+
+    def memory(self) -> Memory:
+        """What the cache holds now: the retained tokens in cache order (text, decayed score, turn), every ingested
+        token of the conversation with whether it was evicted, and per-turn counts (see :class:`Memory`)."""
+        from .memory import session_memory
+
+        with self._locked():
+            return session_memory(self)
 
     def __len__(self) -> int:
         return len(self.cache)
@@ -405,7 +438,7 @@ class Session:
         """Ingest ``ids`` in chunks that fit the cache, evicting before each; returns how many were new."""
         positions = list(range(self._position, self._position + len(ids)))
         first_score = None
-        if ids and self._logits is None and len(self.cache):
+        if self._logits is None and len(self.cache):
             # After a rollback the logits after the newest cached token are gone: feed that token again, keeping
             # the score it has, so that its logits score the first new token.
             first_score = float(self.cache.scores[-1])
@@ -417,6 +450,8 @@ class Session:
             part = ids[begin : begin + chunk]
             turn.evicted_tokens += self.cache.make_room(len(part))
             self._forward(part, positions[begin : begin + chunk], first_score if begin == 0 else None)
+            if self.progress is not None:
+                self.progress(min(begin + chunk, len(ids)), len(ids))
         return len(ids) - (first_score is not None)
 
     @torch.no_grad()
@@ -469,6 +504,7 @@ class Session:
         turn.cache_len = len(self.cache)
         self.stats.add(turn)
         self.stats.turns += completed
+        self.turn_log.append(turn)
 
     def _locked(self):
         """The session lock; a call from the thread that holds it (an open stream) is an error, not a deadlock."""
