@@ -12,10 +12,10 @@ from sirllm_agents import Engine
 
 CACHE = dict(cache_size=64, decay=0.9)  # small enough that every conversation below evicts
 SCRIPTS = {
-    "a": ["Hi there!", "What is 2+2?", "Name a colour.", "Tell me a joke.", "Thanks!"],
-    "b": ["Plan a trip to Rome.", "Which museums?", "And food?", "Budget?", "Great."],
-    "c": ["Write a haiku.", "Another one.", "About the sea.", "Shorter.", "Done."],
-    "d": ["Help me debug.", "It says KeyError.", "In a dict.", "Fixed it.", "Bye."],
+    "a": ["Hi there!", "What is 2+2?", "Name a colour.", "Tell me a joke."],
+    "b": ["Plan a trip to Rome.", "Which museums?", "And food?", "Budget?"],
+    "c": ["Write a haiku.", "Another one.", "About the sea.", "Shorter."],
+    "d": ["Help me debug.", "It says KeyError.", "In a dict.", "Fixed it."],
 }
 
 
