@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -123,13 +123,16 @@ class Engine:
         session_id: str | None = None,
         *,
         tools: list[dict] | None = None,
+        session_options: Mapping[str, Any] | None = None,
         **generation: Any,
     ) -> Reply:
         """Reply to ``messages`` (the whole conversation so far) on the pooled session for them: the one named
         ``session_id`` (created when new), else the one whose transcript is the longest prefix of ``messages``, else
-        a new one. ``generation`` takes the keywords of :meth:`Session.chat`. Thread-safe; calls on one session are
-        serialized, calls on different sessions run concurrently."""
-        with self.pool.use(messages, tools, session_id) as session:
+        a new one. A session made by the call takes ``session_options`` (the keywords of :meth:`session`; default:
+        the engine's ``session_options``); one that exists keeps its own. ``generation`` takes the keywords of
+        :meth:`Session.chat`. Thread-safe; calls on one session are serialized, calls on different sessions run
+        concurrently."""
+        with self.pool.use(messages, tools, session_id, session_options) as session:
             return session.chat(messages, tools=tools, **generation)
 
     def stream(
@@ -138,16 +141,20 @@ class Engine:
         session_id: str | None = None,
         *,
         tools: list[dict] | None = None,
+        session_options: Mapping[str, Any] | None = None,
         **generation: Any,
     ) -> ReplyStream:
         """Like :meth:`chat`, yielding text pieces (see :meth:`Session.stream`). The session is chosen when the
-        first piece is asked for and stays pinned in memory until the stream ends or is closed."""
+        first piece is asked for (``stream.session`` from then on) and stays pinned in memory until the stream ends
+        or is closed."""
 
-        def pieces() -> Iterator[str]:
-            with self.pool.use(messages, tools, session_id) as session:
+        def pieces() -> Generator[str, None, Reply]:
+            with self.pool.use(messages, tools, session_id, session_options) as session:
+                stream.session = session
                 return (yield from session.stream(messages, tools=tools, **generation))
 
-        return ReplyStream(pieces())
+        stream = ReplyStream(pieces())
+        return stream
 
     async def achat(
         self,
@@ -155,18 +162,26 @@ class Engine:
         session_id: str | None = None,
         *,
         tools: list[dict] | None = None,
+        session_options: Mapping[str, Any] | None = None,
         **generation: Any,
     ) -> Reply:
         """:meth:`chat` in a worker thread, so an event loop keeps serving other conversations meanwhile."""
-        return await asyncio.to_thread(self.chat, messages, session_id, tools=tools, **generation)
+        return await asyncio.to_thread(
+            self.chat, messages, session_id, tools=tools, session_options=session_options, **generation
+        )
 
     def route(
-        self, messages: Sequence[Mapping[str, Any]], session_id: str | None = None, *, tools: list[dict] | None = None
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        session_id: str | None = None,
+        *,
+        tools: list[dict] | None = None,
+        session_options: Mapping[str, Any] | None = None,
     ) -> Session:
         """The pooled session a call with these arguments would use (created or read back when needed), for
         inspection. Call through :meth:`chat` / :meth:`stream`: a session used directly may be spilled to disk once
         idle, and the pool would not see what it did afterwards."""
-        return self.pool.route(messages, tools, session_id)
+        return self.pool.route(messages, tools, session_id, session_options)
 
     def load_session(self, path: str | os.PathLike, session_id: str | None = None) -> Session:
         """Resume a session saved with :meth:`Session.save` (by this or another process) and add it to the pool

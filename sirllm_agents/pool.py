@@ -72,10 +72,14 @@ class SessionPool:
 
     @contextmanager
     def use(
-        self, messages: Sequence[Mapping[str, Any]], tools: list[dict] | None = None, session_id: str | None = None
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: list[dict] | None = None,
+        session_id: str | None = None,
+        session_options: Mapping[str, Any] | None = None,
     ) -> Iterator[Session]:
         """The session for a call, pinned in memory until the block ends."""
-        session = self.route(messages, tools, session_id, pin=True)
+        session = self.route(messages, tools, session_id, session_options, pin=True)
         try:
             yield session
         finally:
@@ -90,19 +94,22 @@ class SessionPool:
         messages: Sequence[Mapping[str, Any]],
         tools: list[dict] | None = None,
         session_id: str | None = None,
+        session_options: Mapping[str, Any] | None = None,
         *,
         pin: bool = False,
     ) -> Session:
-        """The session ``session_id`` names (created when new), else the one whose transcript is the longest prefix
-        of ``messages`` (rendered with the same ``tools``), else a new one. Spilled sessions are read back."""
-        messages = normalize_messages(messages)
-        tools = tools or None
+        """The session ``session_id`` names (created when new; ``messages`` are then not read), else the one whose
+        transcript is the longest prefix of ``messages`` (rendered with the same ``tools``), else a new one. Spilled
+        sessions are read back. A session made here takes ``session_options`` (default: the pool's); one that exists
+        keeps its own settings."""
+        if session_id is None:
+            messages, tools = normalize_messages(messages), tools or None
         with self._lock:
             if session_id is None:
                 session_id = self._longest_prefix(messages, tools)
             session = self._live.get(session_id) if session_id is not None else None
             if session is None:
-                session = self._revive(session_id)
+                session = self._revive(session_id, session_options)
             self._live[session.session_id] = session
             self._live.move_to_end(session.session_id)
             if pin:
@@ -119,7 +126,7 @@ class SessionPool:
                 best, best_len = sid, len(known)
         return best
 
-    def _revive(self, session_id: str | None) -> Session:
+    def _revive(self, session_id: str | None, session_options: Mapping[str, Any] | None) -> Session:
         """Read a spilled session back, or start a new one (also when its file cannot be read: the caller's messages
         hold the whole conversation, so a fresh session still gives the right reply, only slower)."""
         spilled = self._spilled.pop(session_id, None) if session_id is not None else None
@@ -131,7 +138,8 @@ class SessionPool:
             else:
                 spilled.path.unlink(missing_ok=True)
                 return session
-        return self.engine.session(**self.session_options, session_id=session_id)
+        options = self.session_options if session_options is None else session_options
+        return self.engine.session(**options, session_id=session_id)
 
     # -- memory bound ---------------------------------------------------------------------------------------------
 

@@ -64,10 +64,12 @@ class Reply:
 
 
 class ReplyStream:
-    """Iterates over the text pieces of a reply as they are decoded; ``reply`` is set once it is exhausted."""
+    """Iterates over the text pieces of a reply as they are decoded; ``reply`` is set once it is exhausted, and
+    ``session`` names the session the reply runs on (for ``Engine.stream``, once the first piece was asked for)."""
 
-    def __init__(self, pieces: Generator[str, None, Reply]):
+    def __init__(self, pieces: Generator[str, None, Reply], session: Session | None = None):
         self._pieces = pieces
+        self.session = session
         self.reply: Reply | None = None
 
     def __iter__(self) -> Iterator[str]:
@@ -173,7 +175,7 @@ class Session:
         asked for, so the next call may either resend ``messages`` with a new message or retry them as they were.
         """
         config = GenerationConfig(max_new_tokens, temperature, top_p, top_k, seed, stop or [])
-        return ReplyStream(self._turn(normalize_messages(messages), config, tools or None, constraint))
+        return ReplyStream(self._turn(normalize_messages(messages), config, tools or None, constraint), self)
 
     def score(
         self, messages: Sequence[Mapping[str, Any]], options: Sequence[str], *, tools: list[dict] | None = None

@@ -6,6 +6,7 @@ import asyncio
 import json
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -37,13 +38,13 @@ from langchain_core.output_parsers import (
     PydanticToolsParser,
 )
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.runnables import Runnable, RunnableConfig, RunnableMap, RunnablePassthrough, ensure_config
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field, PrivateAttr
 
-from sirllm_agents import Engine, Reply, Session
+from sirllm_agents import Engine, Reply, ReplyStream, Session
 from sirllm_agents.constrained import json_object_constraint, json_schema_constraint, tool_call_constraint
 from sirllm_agents.generation import TokenConstraint
 from sirllm_agents.tools import TOOL_CALL_START, prepare_tool_messages, split_tool_calls
@@ -53,6 +54,8 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 # text here, so that sending the message back lets the session recognise its own reply and reuse its KV cache.
 REPLY_TEXT_KEY = "sirllm_reply_text"
 REQUIRED_CHOICES = ("any", "required")
+# Run-config keys that name the conversation a call belongs to, in order of precedence.
+SESSION_ID_KEYS = ("session_id", "thread_id")
 _TEXT_ONLY = "ChatSirLLM runs a text-only model"
 _SKIPPED_BLOCKS = ("tool_use", "tool_call", "tool_call_chunk", "function_call", "reasoning", "thinking")
 
@@ -106,8 +109,19 @@ class ChatSirLLM(BaseChatModel):
 
             llm.with_structured_output(Joke).invoke("Tell me a joke about cats.")
 
-    One instance holds one conversation session; ``bind_tools`` and ``with_structured_output`` share it. Calls on
-    it are serialized. For independent conversations, create one ``ChatSirLLM`` each (passing the same ``engine``).
+    Many conversations:
+        A call whose run config names a conversation, ``configurable={"session_id": ...}`` or (as LangGraph
+        checkpointers use) ``{"thread_id": ...}``, runs on the engine's pooled session of that id, made with this
+        model's cache settings when new (see ``Engine.chat``: idle sessions beyond ``max_live_sessions`` are written
+        to disk and read back exactly). ``session_id`` wins over ``thread_id``, so a side task in a thread (a
+        summary, a title) can take an id of its own and leave the thread's cache as it is.
+
+        .. code-block:: python
+
+            llm.invoke(messages, config={"configurable": {"thread_id": "user-42"}})
+
+        A call that names none runs on this instance's own session; ``bind_tools`` and ``with_structured_output``
+        share it. Calls on one session are serialized.
     """
 
     model: str | None = None
@@ -175,18 +189,15 @@ class ChatSirLLM(BaseChatModel):
 
     @property
     def session(self) -> Session:
-        """This model's conversation session (created, and the model loaded, on first use)."""
+        """This model's own conversation session, for calls that name none (created, and the model loaded, on first
+        use)."""
         with self._session_lock:
             if self._session is None:
-                engine = self.engine if self.engine is not None else shared_engine(self.model)
-                self._session = engine.session(
-                    cache_size=self.cache_size,
-                    start_size=self.start_size,
-                    recent_size=self.recent_size,
-                    decay=self.decay,
-                    policy=self.policy,
-                )
+                self._session = self._engine().session(**self._session_options())
             return self._session
+
+    def _engine(self) -> Engine:
+        return self.engine if self.engine is not None else shared_engine(self.model)
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = LangSmithParams(
@@ -275,6 +286,57 @@ class ChatSirLLM(BaseChatModel):
         parse = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
         keep_error = RunnablePassthrough.assign(parsed=lambda _: None)
         return RunnableMap(raw=llm) | parse.with_fallbacks([keep_error], exception_key="parsing_error")
+
+    # -- which conversation a call belongs to --------------------------------------------------------------------
+
+    def invoke(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AIMessage:
+        return super().invoke(input, config, stop=stop, **_with_session_id(config, kwargs))
+
+    async def ainvoke(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AIMessage:
+        return await super().ainvoke(input, config, stop=stop, **_with_session_id(config, kwargs))
+
+    def stream(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Iterator[AIMessageChunk]:
+        return super().stream(input, config, stop=stop, **_with_session_id(config, kwargs))
+
+    def astream(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[AIMessageChunk]:
+        return super().astream(input, config, stop=stop, **_with_session_id(config, kwargs))
+
+    def _session_options(self) -> dict[str, Any]:
+        return {
+            "cache_size": self.cache_size,
+            "start_size": self.start_size,
+            "recent_size": self.recent_size,
+            "decay": self.decay,
+            "policy": self.policy,
+        }
 
     # -- generation ----------------------------------------------------------------------------------------------
 
@@ -366,10 +428,10 @@ class ChatSirLLM(BaseChatModel):
             "stop": stop if stop is not None else self.stop,
         }
         kwargs.pop("model", None)
+        session_id = kwargs.pop("session_id", None)
         if kwargs:
             raise TypeError(f"ChatSirLLM got unexpected call arguments: {sorted(kwargs)}")
-        session = self.session
-        engine = session.engine
+        engine = self._engine()
         chat = [_to_chat_message(m, i) for i, m in enumerate(messages)]
         if response_format is not None:
             chat = _with_format_instructions(chat, response_format)
@@ -388,13 +450,20 @@ class ChatSirLLM(BaseChatModel):
             mode = "pass"
         else:
             mode = "hold" if constraint is not None else "auto"
-        return _Plan(session, chat, template_tools, tools or [], parse_tools, constraint, options, mode)
+        return _Plan(session_id, chat, template_tools, tools or [], parse_tools, constraint, options, mode)
+
+    def _open(self, plan: _Plan) -> ReplyStream:
+        """The reply stream of a call: on the engine's pooled session ``plan.session_id``, else on our own."""
+        generation = {"tools": plan.template_tools, "constraint": plan.constraint, **plan.options}
+        if plan.session_id is None:
+            return self.session.stream(plan.messages, **generation)
+        return self._engine().stream(
+            plan.messages, plan.session_id, session_options=self._session_options(), **generation
+        )
 
     def _chunks(self, plan: _Plan, abandoned: threading.Event | None = None) -> Iterator[ChatGenerationChunk]:
         """Run one call: text chunks as they are decoded, then a last chunk with the tool calls and usage."""
-        stream = plan.session.stream(
-            plan.messages, tools=plan.template_tools, constraint=plan.constraint, **plan.options
-        )
+        stream = self._open(plan)
         shown = _Shown(plan.mode)
         start = time.monotonic()
         try:
@@ -407,10 +476,10 @@ class ChatSirLLM(BaseChatModel):
                     yield ChatGenerationChunk(message=AIMessageChunk(content=text))
         finally:
             stream.close()  # rolls an unfinished reply back; a no-op once it is complete
-        assert stream.reply is not None
-        yield self._last_chunk(stream.reply, plan, shown.text)
+        assert stream.reply is not None and stream.session is not None
+        yield self._last_chunk(stream.reply, stream.session, plan, shown.text)
 
-    def _last_chunk(self, reply: Reply, plan: _Plan, shown: str) -> ChatGenerationChunk:
+    def _last_chunk(self, reply: Reply, session: Session, plan: _Plan, shown: str) -> ChatGenerationChunk:
         content, calls = split_tool_calls(reply.text, plan.tools) if plan.parse_tools else (reply.text, [])
         stats = reply.stats
         usage = UsageMetadata(
@@ -426,7 +495,8 @@ class ChatSirLLM(BaseChatModel):
             "prefilled_tokens": stats.prefilled_tokens,
             "evicted_tokens": stats.evicted_tokens,
             "cache_len": stats.cache_len,
-            "cache_size": plan.session.cache_size,
+            "cache_size": session.cache_size,
+            "session_id": session.session_id,
             "restarts": stats.restarts,
             "prefill_seconds": stats.prefill_seconds,
             "decode_seconds": stats.decode_seconds,
@@ -447,7 +517,7 @@ class ChatSirLLM(BaseChatModel):
 
 @dataclass
 class _Plan:
-    session: Session
+    session_id: str | None  # the engine's pooled session to run on; None: the model's own session
     messages: list[dict]
     template_tools: list[dict] | None  # tools the chat template renders (None: they are in the system message)
     tools: list[dict]
@@ -498,6 +568,25 @@ def _partial_suffix(text: str, marker: str) -> int:
         if marker.startswith(text[-n:]):
             return n
     return 0
+
+
+def _with_session_id(config: RunnableConfig | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Call arguments with ``session_id`` taken from the run config's ``configurable`` (the config passed, else the
+    one of the enclosing runnable, as in a LangGraph node) unless the call names one itself."""
+    if "session_id" not in kwargs:
+        configurable = ensure_config(config).get("configurable") or {}
+        found = next((configurable[key] for key in SESSION_ID_KEYS if configurable.get(key) is not None), None)
+        if found is None:
+            return kwargs
+        kwargs = {**kwargs, "session_id": found}
+    session_id = kwargs["session_id"]
+    if isinstance(session_id, (int, uuid.UUID)) and not isinstance(session_id, bool):
+        kwargs["session_id"] = str(session_id)
+    elif session_id is not None and not (isinstance(session_id, str) and session_id):
+        raise ValueError(
+            f"a session id (configurable session_id / thread_id) must be a non-empty string, got {session_id!r}"
+        )
+    return kwargs
 
 
 def _normalize_tool_choice(choice: str | bool | dict | None, names: list[str]) -> str | None:

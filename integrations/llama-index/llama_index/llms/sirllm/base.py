@@ -25,7 +25,7 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 from llama_index.core.types import Model
-from sirllm_agents import Engine, Reply, ReplyStream, Session, SessionStats
+from sirllm_agents import Engine, ReplyStream, Session, SessionStats
 from sirllm_agents.constrained import tool_call_constraint
 from sirllm_agents.tools import prepare_tool_messages, split_tool_calls
 
@@ -43,6 +43,7 @@ UNBOUNDED_CONTEXT_WINDOW = 2**31 - 1
 
 GENERATION_KWARGS = frozenset({"max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop"})
 TOOL_KWARGS = frozenset({"tools", "tool_choice"})
+CALL_KWARGS = GENERATION_KWARGS | TOOL_KWARGS | {"session_id"}
 
 # Set while structured_predict runs, so its one-off conversation goes to the side session, not the chat session.
 _one_off: contextvars.ContextVar[bool] = contextvars.ContextVar("sirllm_one_off", default=False)
@@ -53,8 +54,13 @@ class SirLLM(FunctionCallingLLM):
 
     Chat calls run on one session that follows the conversation: each call prefills only the messages it has not
     seen, so send the whole history every time (LlamaIndex chat engines and agents do). ``complete`` and
-    ``structured_predict`` run on a second session and never disturb the chat cache. One ``SirLLM`` follows one
-    conversation at a time; for several, make several that share an engine: ``SirLLM(engine=llm.engine)``.
+    ``structured_predict`` run on a second session and never disturb the chat cache.
+
+    For many conversations on one loaded model, name them: ``session_id=`` (a field, or a keyword of a chat call,
+    which wins) runs the chat on the engine's pooled session of that id, made with this LLM's cache settings when
+    new. The engine keeps at most ``max_live_sessions`` in memory and writes idle ones to disk, reading them back
+    exactly when their conversation returns (see ``Engine.chat``). Without an id, one ``SirLLM`` follows one
+    conversation at a time; several can share an engine: ``SirLLM(engine=llm.engine)``.
 
     Examples:
         ```python
@@ -91,6 +97,12 @@ class SirLLM(FunctionCallingLLM):
     )
     device: str = Field(default="cpu", description="Where the model runs when SirLLM loads it.")
     dtype: str = Field(default="float32", description="Weights' dtype when SirLLM loads the model.")
+    session_id: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Run chat calls on the engine's pooled session of this id (a chat call's session_id= wins); "
+        "None: on this LLM's own session.",
+    )
 
     _engine: Engine = PrivateAttr()
     _session: Session = PrivateAttr()
@@ -102,8 +114,8 @@ class SirLLM(FunctionCallingLLM):
             raise ValueError("pass either engine= (an already loaded model) or model=, not both")
         super().__init__(**kwargs)
         self._engine = engine if engine is not None else Engine(self.model, device=self.device, dtype=self.dtype)
-        self._session = self._new_session()
-        self._side_session = self._new_session()
+        self._session = self._engine.session(**self._session_options())
+        self._side_session = self._engine.session(**self._session_options())
 
     @classmethod
     def class_name(cls) -> str:
@@ -116,17 +128,20 @@ class SirLLM(FunctionCallingLLM):
 
     @property
     def session(self) -> Session:
-        """The chat session: ``session.stats`` holds cached vs prefilled tokens, evictions and the cache length."""
-        return self._session
+        """The chat session (the pooled one named by the ``session_id`` field, if set): ``session.stats`` holds
+        cached vs prefilled tokens, evictions and the cache length."""
+        if self.session_id is None:
+            return self._session
+        return self._engine.route([], self.session_id, session_options=self._session_options())
 
     @property
     def stats(self) -> SessionStats:
         """Totals over the chat session's calls (same as ``session.stats``)."""
-        return self._session.stats
+        return self.session.stats
 
     def reset(self) -> None:
         """Start the chat session afresh: empty cache and transcript (its totals are kept)."""
-        self._session.reset()
+        self.session.reset()
 
     @property
     def metadata(self) -> LLMMetadata:
@@ -144,8 +159,7 @@ class SirLLM(FunctionCallingLLM):
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         """Reply to ``messages``, the whole conversation so far; keyword arguments override generation fields."""
-        call = self._call(messages, kwargs)
-        return call.response(call.session.chat(call.messages, **call.options))
+        return self._call(messages, kwargs).chat()
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
@@ -153,20 +167,18 @@ class SirLLM(FunctionCallingLLM):
 
         Abandoning the stream midway rolls the partial reply back out of the session."""
         call = self._call(messages, kwargs)
-        return call.responses(call.session.stream(call.messages, **call.options))
+        return call.responses(call.stream())
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         """:meth:`chat` in a worker thread; concurrent calls on one session wait for each other."""
-        call = self._call(messages, kwargs)
-        reply = await asyncio.to_thread(call.session.chat, call.messages, **call.options)
-        return call.response(reply)
+        return await asyncio.to_thread(self._call(messages, kwargs).chat)
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
         """:meth:`stream_chat` decoding in a thread of its own, so the event loop stays free."""
         call = self._call(messages, kwargs)
-        return call.aresponses(call.session.stream(call.messages, **call.options))
+        return call.aresponses(call.stream())
 
     # -- tools ---------------------------------------------------------------------------------------------------
 
@@ -250,22 +262,19 @@ class SirLLM(FunctionCallingLLM):
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         """One-turn chat on the side session (the chat session's cache is left as it was)."""
-        call = self._call(self._prompt_messages(prompt, formatted), kwargs, one_off=True)
-        return _completion(call.response(call.session.chat(call.messages, **call.options)))
+        return _completion(self._call(self._prompt_messages(prompt, formatted), kwargs, one_off=True).chat())
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
         """Streaming :meth:`complete`."""
         call = self._call(self._prompt_messages(prompt, formatted), kwargs, one_off=True)
-        stream = call.session.stream(call.messages, **call.options)
-        return (_completion(response) for response in call.responses(stream))
+        return (_completion(response) for response in call.responses(call.stream()))
 
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         """Async :meth:`complete`."""
         call = self._call(self._prompt_messages(prompt, formatted), kwargs, one_off=True)
-        reply = await asyncio.to_thread(call.session.chat, call.messages, **call.options)
-        return _completion(call.response(reply))
+        return _completion(await asyncio.to_thread(call.chat))
 
     @llm_completion_callback()
     async def astream_complete(
@@ -273,7 +282,7 @@ class SirLLM(FunctionCallingLLM):
     ) -> CompletionResponseAsyncGen:
         """Async streaming :meth:`complete`."""
         call = self._call(self._prompt_messages(prompt, formatted), kwargs, one_off=True)
-        chat_responses = call.aresponses(call.session.stream(call.messages, **call.options))
+        chat_responses = call.aresponses(call.stream())
 
         async def responses() -> CompletionResponseAsyncGen:
             async for response in chat_responses:
@@ -283,14 +292,14 @@ class SirLLM(FunctionCallingLLM):
 
     # -- internals -----------------------------------------------------------------------------------------------
 
-    def _new_session(self) -> Session:
-        return self._engine.session(
-            cache_size=self.cache_size,
-            start_size=self.start_size,
-            recent_size=self.recent_size,
-            decay=self.decay,
-            policy=self.policy,
-        )
+    def _session_options(self) -> dict[str, Any]:
+        return {
+            "cache_size": self.cache_size,
+            "start_size": self.start_size,
+            "recent_size": self.recent_size,
+            "decay": self.decay,
+            "policy": self.policy,
+        }
 
     def _prompt_messages(self, prompt: str, formatted: bool) -> list[ChatMessage]:
         if not isinstance(prompt, str):
@@ -300,12 +309,16 @@ class SirLLM(FunctionCallingLLM):
         return [ChatMessage(role=MessageRole.USER, content=prompt)]
 
     def _call(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any], one_off: bool = False) -> _Call:
-        unknown = sorted(set(kwargs) - GENERATION_KWARGS - TOOL_KWARGS)
+        unknown = sorted(set(kwargs) - CALL_KWARGS)
         if unknown:
             raise TypeError(
-                f"SirLLM got unexpected keyword argument(s) {', '.join(unknown)}; it takes "
-                f"{', '.join(sorted(GENERATION_KWARGS | TOOL_KWARGS))}"
+                f"SirLLM got unexpected keyword argument(s) {', '.join(unknown)}; it takes {', '.join(sorted(CALL_KWARGS))}"
             )
+        if one_off and "session_id" in kwargs:
+            raise TypeError("completions run on SirLLM's side session: session_id= names a chat session")
+        session_id = kwargs.get("session_id", self.session_id)
+        if session_id is not None and not (isinstance(session_id, str) and session_id):
+            raise ValueError(f"session_id must be a non-empty string, got {session_id!r}")
         options: dict[str, Any] = {
             "max_new_tokens": self.max_new_tokens,
             "temperature": self.temperature,
@@ -315,7 +328,10 @@ class SirLLM(FunctionCallingLLM):
             "stop": self.stop,
         }
         options.update((key, value) for key, value in kwargs.items() if key in GENERATION_KWARGS)
-        session = self._side_session if one_off or _one_off.get() else self._session
+        if one_off or _one_off.get():
+            session, session_id = self._side_session, None
+        else:
+            session = self._session if session_id is None else None
         tools, choice = kwargs.get("tools"), _tool_choice(kwargs.get("tool_choice"), kwargs.get("tools"))
         if choice not in (None, "auto", "none"):
             if not tools:
@@ -324,7 +340,8 @@ class SirLLM(FunctionCallingLLM):
         # Tools go to the chat template, or into the system message when the template ignores them (SmolLM2's);
         # earlier calls are then written into their messages the way the model writes them.
         session_messages, options["tools"] = prepare_tool_messages(self._engine, to_session_messages(messages), tools)
-        return _Call(self, session, session_messages, options, tools if tools and choice != "none" else None)
+        tools_read = tools if tools and choice != "none" else None
+        return _Call(self, session, session_id, session_messages, options, tools_read)
 
 
 class _Call:
@@ -333,21 +350,40 @@ class _Call:
     def __init__(
         self,
         llm: SirLLM,
-        session: Session,
+        session: Session | None,
+        session_id: str | None,
         messages: list[dict[str, Any]],
         options: dict[str, Any],
         tools: list[dict[str, Any]] | None,
     ):
         self.llm = llm
-        self.session = session
+        self.session = session  # the LLM's own chat or side session; None: the engine's pooled ``session_id``
+        self.session_id = session_id
         self.messages = messages
         self.options = options
         self.tools = tools  # the tools whose calls are read from the reply
 
-    def response(self, reply: Reply, delta: str | None = None) -> ChatResponse:
-        """The final response: the reply's text (its tool calls taken out into ``additional_kwargs["tool_calls"]``),
-        usage and the session's figures. ``additional_kwargs[REPLY_KEY]`` keeps the exact reply, which is what the
-        message is sent back as, so the session's cache stays valid."""
+    def stream(self) -> ReplyStream:
+        """The reply stream, on the call's session (a pooled one is chosen, and pinned, once decoding starts)."""
+        if self.session is not None:
+            return self.session.stream(self.messages, **self.options)
+        return self.llm.engine.stream(
+            self.messages, self.session_id, session_options=self.llm._session_options(), **self.options
+        )
+
+    def chat(self) -> ChatResponse:
+        """The whole reply as one response."""
+        stream = self.stream()
+        for _ in stream:
+            pass
+        return self.response(stream)
+
+    def response(self, stream: ReplyStream, delta: str | None = None) -> ChatResponse:
+        """The final response of a finished ``stream``: the reply's text (its tool calls taken out into
+        ``additional_kwargs["tool_calls"]``), usage and the session's figures. ``additional_kwargs[REPLY_KEY]`` keeps
+        the exact reply, which is what the message is sent back as, so the session's cache stays valid."""
+        reply, session = stream.reply, stream.session
+        assert reply is not None and session is not None
         if "constraint" in self.options and reply.finish_reason == "length":
             raise ValueError(
                 f"the constrained reply (a tool call or structured output) was cut off at max_new_tokens="
@@ -361,7 +397,7 @@ class _Call:
                 for call in calls
             ]
         message = ChatMessage(role=MessageRole.ASSISTANT, content=content, additional_kwargs=extra)
-        raw = raw_response(reply.stats, reply.finish_reason, self.llm.engine.model_name, self.session.cache_size)
+        raw = raw_response(reply.stats, reply.finish_reason, self.llm.engine.model_name, session)
         return ChatResponse(message=message, raw=raw, delta=delta)
 
     def responses(self, stream: ReplyStream) -> ChatResponseGen:
@@ -371,8 +407,7 @@ class _Call:
             for piece in stream:
                 if (chunk := pieces.push(piece)) is not None:
                     yield chunk
-            assert stream.reply is not None
-            yield self.response(stream.reply, delta=pieces.last)
+            yield self.response(stream, delta=pieces.last)
         finally:
             stream.close()
 
@@ -383,8 +418,7 @@ class _Call:
             async for piece in threaded:
                 if (chunk := pieces.push(piece)) is not None:
                     yield chunk
-            assert stream.reply is not None
-            yield self.response(stream.reply, delta=pieces.last)
+            yield self.response(stream, delta=pieces.last)
         finally:
             await threaded.aclose()
 

@@ -21,7 +21,7 @@ from llama_index.core.base.llms.types import (
     ThinkingBlock,
     ToolCallBlock,
 )
-from sirllm_agents import TurnStats
+from sirllm_agents import Session, TurnStats
 
 REPLY_KEY = "sirllm_reply"  # additional_kwargs key: the reply as the session stored it, and the content shown
 
@@ -123,11 +123,11 @@ def usage(stats: TurnStats) -> dict[str, int]:
     }
 
 
-def raw_response(stats: TurnStats, finish_reason: str, model: str, cache_size: int) -> dict[str, Any]:
+def raw_response(stats: TurnStats, finish_reason: str, model: str, session: Session) -> dict[str, Any]:
     """``ChatResponse.raw``: usage, why decoding stopped, and the session's figures for the call."""
     return {
         "model": model,
         "finish_reason": finish_reason,
         "usage": usage(stats),
-        "sirllm": {**asdict(stats), "cache_size": cache_size},
+        "sirllm": {**asdict(stats), "cache_size": session.cache_size, "session_id": session.session_id},
     }
