@@ -21,6 +21,7 @@ from .transcript import ChatTemplate
 DEFAULT_CACHE_SIZE = 1024
 MIN_FREE_SLOTS = 16  # room a cache keeps beyond sinks and protected recent tokens, so prefill can make progress
 DEFAULT_MAX_LIVE_SESSIONS = 16
+DEFAULT_MAX_SPILLED_SESSIONS = 1024
 
 
 class Engine:
@@ -32,7 +33,9 @@ class Engine:
     The engine also holds a pool of conversations for :meth:`chat` / :meth:`stream` / :meth:`achat`: each call goes
     to the session named by ``session_id``, else to the one whose transcript is the longest prefix of its messages.
     At most ``max_live_sessions`` stay in memory; the least recently used idle one is saved to ``spill_dir`` (a
-    private temporary folder by default) and read back when its conversation returns. Pooled sessions are made with
+    private temporary folder by default) and read back when its conversation returns. At most
+    ``max_spilled_sessions`` files are kept: past that the longest-idle one is deleted, and if its conversation
+    returns it starts afresh from the messages sent (the right reply, after a full re-prefill). Pooled sessions are made with
     ``session_options`` (the keywords of :meth:`session`).
     """
 
@@ -46,6 +49,7 @@ class Engine:
         trust_remote_code: bool = False,
         chat_template: str | None = None,
         max_live_sessions: int = DEFAULT_MAX_LIVE_SESSIONS,
+        max_spilled_sessions: int = DEFAULT_MAX_SPILLED_SESSIONS,
         spill_dir: str | os.PathLike | None = None,
         session_options: Mapping[str, Any] | None = None,
     ):
@@ -68,7 +72,11 @@ class Engine:
         self.max_length: int = config.max_position_embeddings
         self.stop_token_ids: frozenset[int] = self._stop_token_ids()
         self.pool = SessionPool(
-            self, max_live_sessions=max_live_sessions, spill_dir=spill_dir, session_options=session_options or {}
+            self,
+            max_live_sessions=max_live_sessions,
+            max_spilled_sessions=max_spilled_sessions,
+            spill_dir=spill_dir,
+            session_options=session_options or {},
         )
 
     def session(

@@ -3,7 +3,7 @@
 A call names its session (``session_id``) or is routed to the session whose transcript is the longest prefix of its
 messages, a conversation-level prefix cache; with no match a new session starts. At most ``max_live_sessions`` stay
 in memory: the least recently used idle one is written to ``spill_dir`` and read back when its conversation returns,
-so it continues exactly as if it had stayed.
+so it continues exactly as if it had stayed. Past ``max_spilled_sessions`` files, the longest idle one is deleted.
 
 Thread safety: the pool's own lock guards only its bookkeeping, never a model call. A session in a call is pinned
 and never spilled; calls on one session are serialized by the session's lock, calls on different sessions run
@@ -53,18 +53,22 @@ class SessionPool:
         engine: Engine,
         *,
         max_live_sessions: int,
+        max_spilled_sessions: int,
         spill_dir: str | os.PathLike | None,
         session_options: Mapping[str, Any],
     ):
         if not isinstance(max_live_sessions, int) or max_live_sessions < 1:
             raise ValueError(f"max_live_sessions must be a positive integer, got {max_live_sessions!r}")
+        if not isinstance(max_spilled_sessions, int) or max_spilled_sessions < 0:
+            raise ValueError(f"max_spilled_sessions must be a non-negative integer, got {max_spilled_sessions!r}")
         self.engine = engine
         self.max_live_sessions = max_live_sessions
+        self.max_spilled_sessions = max_spilled_sessions
         self.session_options = dict(session_options)
         engine.session(**self.session_options)  # validate the options now rather than at the first call
         self._spill_dir = Path(spill_dir) if spill_dir is not None else None
         self._live: OrderedDict[str, Session] = OrderedDict()  # least recently used first
-        self._spilled: dict[str, _Spilled] = {}
+        self._spilled: dict[str, _Spilled] = {}  # longest idle first
         self._pins: Counter[str] = Counter()
         self._lock = threading.Lock()
 
@@ -170,6 +174,10 @@ class SessionPool:
         transcript = session.transcript
         self._spilled[session.session_id] = _Spilled(path, transcript.messages, transcript.tools)
         del self._live[session.session_id]
+        while len(self._spilled) > self.max_spilled_sessions:
+            oldest = next(iter(self._spilled))
+            log.info("deleting the file of session %s, idle longest of %d spilled", oldest, len(self._spilled))
+            self._drop(oldest)
 
     def _folder(self) -> Path:
         if self._spill_dir is None:

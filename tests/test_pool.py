@@ -81,6 +81,24 @@ def test_spilled_sessions_come_back_with_the_same_replies(tiny_engine, tmp_path,
     assert len(list(tmp_path.glob("*.safetensors"))) == 1
 
 
+def test_spilled_files_past_the_cap_are_deleted_longest_idle_first(tiny_engine, tmp_path, expected):
+    engine = pooled_engine(tiny_engine, tmp_path, max_live_sessions=1, max_spilled_sessions=2)
+    history = {name: [{"role": "user", "content": SCRIPTS[name][0]}] for name in "abcd"}
+    for name in "abcd":
+        reply = engine.chat(history[name], name, max_new_tokens=6)
+        history[name].append({"role": "assistant", "content": reply.text})
+    assert engine.pool.live_ids() == ["d"] and engine.pool.spilled_ids() == ["b", "c"]  # a's file went first
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+    # b comes back from its file, exactly; a starts afresh from the messages sent, as a new session would.
+    history["b"].append({"role": "user", "content": SCRIPTS["b"][1]})
+    assert engine.chat(history["b"], "b", max_new_tokens=6).token_ids == expected["b"][1]
+    history["a"].append({"role": "user", "content": SCRIPTS["a"][1]})
+    again = engine.chat(history["a"], "a", max_new_tokens=6)
+    assert again.stats.reused_tokens == 0
+    assert again.token_ids == engine.session(**CACHE).chat(history["a"], max_new_tokens=6).token_ids
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2 and "a" not in engine.pool.spilled_ids()
+
+
 def test_eight_threads_driving_four_conversations_match_a_serial_run(tiny_engine, tmp_path, expected):
     """Each conversation is driven by two threads taking turns; the cap of two live sessions forces spills and
     reloads while other threads are mid-call."""
@@ -180,5 +198,7 @@ def test_a_pooled_stream_is_pinned_until_it_ends(tiny_engine, tmp_path):
 def test_bad_pool_settings_are_value_errors(tiny_engine):
     with pytest.raises(ValueError, match="max_live_sessions must be a positive integer, got 0"):
         Engine(tiny_engine.model, tokenizer=tiny_engine.tokenizer, max_live_sessions=0)
+    with pytest.raises(ValueError, match="max_spilled_sessions must be a non-negative integer, got -1"):
+        Engine(tiny_engine.model, tokenizer=tiny_engine.tokenizer, max_spilled_sessions=-1)
     with pytest.raises(ValueError, match="decay must be in"):
         Engine(tiny_engine.model, tokenizer=tiny_engine.tokenizer, session_options={"decay": 2.0})
