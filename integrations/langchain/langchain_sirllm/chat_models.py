@@ -288,6 +288,8 @@ class ChatSirLLM(BaseChatModel):
         return RunnableMap(raw=llm) | parse.with_fallbacks([keep_error], exception_key="parsing_error")
 
     # -- which conversation a call belongs to --------------------------------------------------------------------
+    # BaseChatModel hands _generate/_stream the call's arguments but not its run config, so the entry points read
+    # the session id from the config and pass it on as the call argument ``session_id``.
 
     def invoke(
         self,
