@@ -9,6 +9,7 @@ it in the cache; the other scoring is recorded on the same conversation.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -99,21 +100,25 @@ def play(
     player: Player, episode: Episode, scoring: str, tally: Tally, group: str | None, advance: Callable[[], None]
 ) -> None:
     """One episode: score each turn's options, record both scorings' picks (under ``group``, else the turn's kind),
-    and reply with the primary pick."""
+    and reply with the primary pick. A blank option text (DailyDialog has some) has no text to score: the text
+    scoring never picks it, the letter scoring may."""
     player.new_episode()
     messages: list[dict] = []
     for turn in episode.turns:
         messages.append({"role": "user", "content": turn.question})
-        scores = player.score(messages, turn.letters + turn.texts)
+        texts = [text for text in turn.texts if text]
+        scores = player.score(messages, turn.letters + texts)
         k = len(turn.letters)
         if scores is None:
             tally.overflowed += 1
             picks = {"letter": -1, "text": -1}
             reply = ""
         else:
+            text_scores = iter(scores[k:])
+            per_char = [next(text_scores) / len(text) if text else -math.inf for text in turn.texts]
             picks = {
                 "letter": max(range(k), key=lambda i: scores[i]),
-                "text": max(range(k), key=lambda i: scores[k + i] / len(turn.texts[i])),
+                "text": max(range(k), key=lambda i: per_char[i]),
             }
             reply = turn.letters[picks[scoring]] if scoring == "letter" else turn.texts[picks[scoring]]
         tally.add(group or turn.kind, turn, picks)

@@ -14,6 +14,10 @@ def _pyplot():
     return plt
 
 
+# What picking an option at random scores: Grocery recall and DailyDialog have 4 options, RPS 3 moves.
+CHANCE = {"grocery": 1 / 4, "dailydialog": 1 / 4, "rps": 1 / 3}
+
+
 def headline(task: str, run: dict, scoring: str) -> float:
     """The figure a memory run is plotted by: ACC_g, accuracy, or the mean win rate over player types."""
     metrics = run["metrics"][scoring]
@@ -31,6 +35,7 @@ def memory_plot(results: dict, path: Path) -> None:
     task, scoring = results["task"], results["scoring"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     lines: dict[str, list[tuple[int, float]]] = {}
+    ax.axhline(CHANCE[task], color="grey", linestyle=":", label="chance")
     for run in results["runs"]:
         value = headline(task, run, scoring)
         if run["policy"] == "full":

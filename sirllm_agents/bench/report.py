@@ -63,9 +63,9 @@ def _agent_table(results: dict) -> list[str]:
 
 
 def report(folder: str | Path) -> str:
-    """Markdown for every ``*.json`` result in ``folder``, oldest first."""
+    """Markdown for every ``*.json`` result in ``folder``, by task, oldest first."""
     sections = []
-    for path in sorted(Path(folder).glob("*.json"), key=lambda p: p.stat().st_mtime):
+    for path in sorted(Path(folder).glob("*.json")):  # names are TASK-TIMESTAMP
         results = json.loads(path.read_text())
         table = _agent_table(results) if results["task"] == "agent-loop" else _memory_table(results)
         sections.append("\n".join(table + ["", f"(from `{path.name}`)"]))
