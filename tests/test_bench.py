@@ -47,7 +47,7 @@ def test_missing_data_is_a_clear_error(tmp_path):
 @needs_data
 @pytest.mark.parametrize("task", ["grocery", "dailydialog"])
 def test_each_policy_plays_a_dialogue_with_sane_figures(tiny_engine, task):
-    # DailyDialog's second dialogue has a blank option (``"\n"``): the text scoring must never pick it.
+    # DailyDialog's second dialogue has a blank option (``"\n"``): only the letter scoring can pick it.
     episodes = data.load(task, DATA, limit=2)[-1:]
     if task == "dailydialog":
         assert "" in episodes[0].turns[1].texts
