@@ -137,3 +137,11 @@ def test_tool_results_are_about_sixty_tokens_and_differ(tokenizer):
     lengths = [len(tokenizer.encode(agent_loop.tool_result(step))) for step in range(300)]
     assert 50 <= min(lengths) and max(lengths) <= 75
     assert len({agent_loop.tool_result(step) for step in range(300)}) == 300
+
+
+def test_runs_started_in_the_same_second_keep_both_results(tmp_path):
+    from sirllm_agents.bench.cli import _write_new
+
+    stems = [_write_new(tmp_path / "grocery-20261122-090205", json.dumps({"run": n})) for n in range(3)]
+    assert [s.name for s in stems] == ["grocery-20261122-090205", "grocery-20261122-090205-2", "grocery-20261122-090205-3"]
+    assert [json.loads(s.with_suffix(".json").read_text())["run"] for s in stems] == [0, 1, 2]

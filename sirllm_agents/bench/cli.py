@@ -58,7 +58,7 @@ def main(args: argparse.Namespace) -> None:
     threads = torch.get_num_threads()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{args.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    started = time.strftime("%Y%m%d-%H%M%S")
     if args.task == "agent-loop":
         from . import agent_loop, plots
 
@@ -69,9 +69,23 @@ def main(args: argparse.Namespace) -> None:
 
         results = _memory(args, threads)
         plot = plots.memory_plot
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    stem = _write_new(out / f"{args.task}-{started}", json.dumps(results, indent=1))
     plot(results, stem.with_suffix(".png"))
     print(f"wrote {stem}.json and {stem}.png")
+
+
+def _write_new(stem: Path, text: str) -> Path:
+    """Write ``text`` to ``STEM.json``, or ``STEM-2.json`` ... when taken (runs started in the same second, in
+    parallel, must not write over each other); returns the stem used."""
+    for n in range(1, 1000):
+        candidate = stem if n == 1 else stem.with_name(f"{stem.name}-{n}")
+        try:
+            with candidate.with_suffix(".json").open("x", encoding="utf-8") as file:
+                file.write(text)
+        except FileExistsError:
+            continue
+        return candidate
+    raise SystemExit(f"could not find a free result name like {stem}.json")
 
 
 def _memory(args: argparse.Namespace, threads: int) -> dict:
