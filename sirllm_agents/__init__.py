@@ -1,6 +1,6 @@
 """sirllm-agents: a local-LLM chat session whose KV cache lives across agent steps, bounded by SirLLM eviction."""
 
-from .engine import Engine
+from .engine import SESSION_SETTINGS, Engine
 from .generation import GenerationConfig
 from .loading import ModelLoadError
 from .memory import Memory, MemoryToken, TurnMemory
@@ -10,6 +10,7 @@ from .rope import UnsupportedModelError
 from .session import Reply, ReplyStream, Session, SessionStats, TurnStats
 
 __all__ = [
+    "SESSION_SETTINGS",
     "ContextOverflowError",
     "Engine",
     "FullPolicy",

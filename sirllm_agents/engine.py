@@ -22,6 +22,8 @@ DEFAULT_CACHE_SIZE = 1024
 MIN_FREE_SLOTS = 16  # room a cache keeps beyond sinks and protected recent tokens, so prefill can make progress
 DEFAULT_MAX_LIVE_SESSIONS = 16
 DEFAULT_MAX_SPILLED_SESSIONS = 1024
+# The cache settings of :meth:`Engine.session` that a wrapper exposes as its own fields and passes on.
+SESSION_SETTINGS = ("cache_size", "start_size", "recent_size", "decay", "policy")
 
 
 class Engine:

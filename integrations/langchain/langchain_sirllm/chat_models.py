@@ -44,7 +44,7 @@ from langchain_core.utils.function_calling import convert_to_json_schema, conver
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field, PrivateAttr
 
-from sirllm_agents import Engine, Reply, ReplyStream, Session
+from sirllm_agents import SESSION_SETTINGS, Engine, Reply, ReplyStream, Session
 from sirllm_agents.constrained import json_object_constraint, json_schema_constraint, tool_call_constraint
 from sirllm_agents.generation import TokenConstraint
 from sirllm_agents.tools import TOOL_CALL_START, prepare_tool_messages, split_tool_calls
@@ -332,13 +332,7 @@ class ChatSirLLM(BaseChatModel):
         return super().astream(input, config, stop=stop, **_with_session_id(config, kwargs))
 
     def _session_options(self) -> dict[str, Any]:
-        return {
-            "cache_size": self.cache_size,
-            "start_size": self.start_size,
-            "recent_size": self.recent_size,
-            "decay": self.decay,
-            "policy": self.policy,
-        }
+        return {name: getattr(self, name) for name in SESSION_SETTINGS}
 
     # -- generation ----------------------------------------------------------------------------------------------
 

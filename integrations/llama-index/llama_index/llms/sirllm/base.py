@@ -25,7 +25,7 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 from llama_index.core.types import Model
-from sirllm_agents import Engine, ReplyStream, Session, SessionStats
+from sirllm_agents import SESSION_SETTINGS, Engine, ReplyStream, Session, SessionStats
 from sirllm_agents.constrained import tool_call_constraint
 from sirllm_agents.tools import prepare_tool_messages, split_tool_calls
 
@@ -293,13 +293,7 @@ class SirLLM(FunctionCallingLLM):
     # -- internals -----------------------------------------------------------------------------------------------
 
     def _session_options(self) -> dict[str, Any]:
-        return {
-            "cache_size": self.cache_size,
-            "start_size": self.start_size,
-            "recent_size": self.recent_size,
-            "decay": self.decay,
-            "policy": self.policy,
-        }
+        return {name: getattr(self, name) for name in SESSION_SETTINGS}
 
     def _prompt_messages(self, prompt: str, formatted: bool) -> list[ChatMessage]:
         if not isinstance(prompt, str):
