@@ -106,6 +106,8 @@ class SessionPool:
         transcript is the longest prefix of ``messages`` (rendered with the same ``tools``), else a new one. Spilled
         sessions are read back. A session made here takes ``session_options`` (default: the pool's); one that exists
         keeps its own settings."""
+        if session_id is not None and not (isinstance(session_id, str) and session_id):
+            raise ValueError(f"session_id must be a non-empty string, got {session_id!r}")
         if session_id is None:
             messages, tools = normalize_messages(messages), tools or None
         with self._lock:

@@ -52,3 +52,19 @@ def tiny_engine(tokenizer) -> Engine:
 @pytest.fixture(scope="session")
 def embedded_engine() -> Engine:
     return Engine()
+
+
+def _converse(session, turns: list[str], max_new_tokens: int = 8, **kwargs):
+    """Send each text as the next user turn; returns the whole conversation's messages and the replies."""
+    messages, replies = [], []
+    for text in turns:
+        messages.append({"role": "user", "content": text})
+        reply = session.chat(messages, max_new_tokens=max_new_tokens, **kwargs)
+        replies.append(reply)
+        messages.append({"role": "assistant", "content": reply.text})
+    return messages, replies
+
+
+@pytest.fixture(scope="session")
+def converse():
+    return _converse

@@ -18,20 +18,11 @@ from sirllm_agents.inspect import print_memory
 QUESTIONS = ["Hi there!", "What is 2+2?", "Name a colour.", "Tell me a short joke.", "Thanks, bye!"]
 
 
-def converse(session, turns, max_new_tokens=8):
-    messages = []
-    for text in turns:
-        messages.append({"role": "user", "content": text})
-        reply = session.chat(messages, max_new_tokens=max_new_tokens)
-        messages.append({"role": "assistant", "content": reply.text})
-    return messages
-
-
 @pytest.fixture(scope="module")
-def streaming_session(tiny_engine):
+def streaming_session(converse, tiny_engine):
     """StreamingLLM keeps the sinks and the newest tokens, so which tokens each turn lost is known independently."""
     session = tiny_engine.session(cache_size=64, start_size=4, policy="streaming")
-    messages = converse(session, QUESTIONS)
+    messages, _ = converse(session, QUESTIONS)
     return session, messages
 
 

@@ -19,20 +19,11 @@ QUESTIONS = ["Hi there!", "What is 2+2?", "Name a colour.", "Tell me a short jok
 TESTS = Path(__file__).parent
 
 
-def converse(session, turns, max_new_tokens=8):
-    messages = []
-    for text in turns:
-        messages.append({"role": "user", "content": text})
-        reply = session.chat(messages, max_new_tokens=max_new_tokens)
-        messages.append({"role": "assistant", "content": reply.text})
-    return messages
-
-
 @pytest.fixture
-def saved(tiny_engine, tmp_path):
+def saved(converse, tiny_engine, tmp_path):
     """A session that evicted (cache 64, decay 0.9) saved after three turns, its messages, and the file."""
     session = tiny_engine.session(cache_size=64, decay=0.9, session_id="conv-1")
-    messages = converse(session, QUESTIONS[:3])
+    messages, _ = converse(session, QUESTIONS[:3])
     path = tmp_path / "s.safetensors"
     session.save(path)
     return session, messages, path

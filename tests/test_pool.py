@@ -202,3 +202,12 @@ def test_bad_pool_settings_are_value_errors(tiny_engine):
         Engine(tiny_engine.model, tokenizer=tiny_engine.tokenizer, max_spilled_sessions=-1)
     with pytest.raises(ValueError, match="decay must be in"):
         Engine(tiny_engine.model, tokenizer=tiny_engine.tokenizer, session_options={"decay": 2.0})
+
+
+@pytest.mark.parametrize("session_id", ["", 7, b"conv"])
+def test_bad_session_ids_are_value_errors_that_change_nothing(tiny_engine, session_id):
+    engine = Engine(tiny_engine.model, tokenizer=tiny_engine.tokenizer)
+    engine.chat([{"role": "user", "content": "Hi"}], "kept", max_new_tokens=2)
+    with pytest.raises(ValueError, match=f"session_id must be a non-empty string, got {session_id!r}"):
+        engine.chat([{"role": "user", "content": "Hi"}], session_id, max_new_tokens=2)
+    assert engine.pool.live_ids() == ["kept"] and not engine.pool._pins

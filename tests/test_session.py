@@ -24,16 +24,6 @@ def surprisal_of_sequence(model, ids: list[int]) -> torch.Tensor:
     return -logprobs.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
 
 
-def converse(session, turns: list[str], max_new_tokens: int = 8, **kwargs):
-    messages, replies = [], []
-    for text in turns:
-        messages.append({"role": "user", "content": text})
-        reply = session.chat(messages, max_new_tokens=max_new_tokens, **kwargs)
-        replies.append(reply)
-        messages.append({"role": "assistant", "content": reply.text})
-    return messages, replies
-
-
 def test_full_policy_matches_generate_and_prefills_only_new_tokens(tiny_engine):
     session = tiny_engine.session(policy="full")
     messages = []
@@ -68,7 +58,7 @@ def test_full_policy_matches_generate_and_prefills_only_new_tokens(tiny_engine):
     assert session.stats.restarts == 0
 
 
-def test_scores_are_token_surprisal_decayed_once_per_turn(tiny_engine):
+def test_scores_are_token_surprisal_decayed_once_per_turn(converse, tiny_engine):
     decay = 0.5
     session = tiny_engine.session(cache_size=2048, decay=decay)
     messages, _ = converse(session, QUESTIONS[:4])
@@ -85,7 +75,7 @@ def test_scores_are_token_surprisal_decayed_once_per_turn(tiny_engine):
     torch.testing.assert_close(session.cache.scores[0], first_turn.max() * decay**completed, atol=1e-4, rtol=1e-4)
 
 
-def test_cache_bound_sinks_and_sirllm_kept_set_over_200_turns(tiny_engine, monkeypatch):
+def test_cache_bound_sinks_and_sirllm_kept_set_over_200_turns(converse, tiny_engine, monkeypatch):
     session = tiny_engine.session(cache_size=128, start_size=4, recent_size=8, decay=0.9)
     cache_cls = type(session.cache)
     evictions = []
@@ -126,7 +116,7 @@ def test_policy_keeps_sinks_recent_and_top_scores():
     assert kept.tolist() == [0, 1, 3, 5, 8, 9]
 
 
-def test_retained_keys_equal_keys_computed_at_their_new_index(tiny_engine):
+def test_retained_keys_equal_keys_computed_at_their_new_index(converse, tiny_engine):
     """Layer 0 keys depend only on the token and its position, so after eviction and re-rotation they must equal
     the keys of the kept tokens computed afresh at cache indices 0..n-1."""
     session = tiny_engine.session(cache_size=64, start_size=4)
@@ -170,7 +160,7 @@ def test_full_policy_overflow_is_a_clear_error_and_loses_nothing(tokenizer, make
     assert session.transcript.messages == messages[:2]
 
 
-def test_divergent_history_restarts_and_matches_a_fresh_session(tiny_engine):
+def test_divergent_history_restarts_and_matches_a_fresh_session(converse, tiny_engine):
     session = tiny_engine.session(cache_size=256)
     messages, _ = converse(session, QUESTIONS[:3])
     edited = [dict(m) for m in messages]
@@ -195,7 +185,7 @@ def test_dropping_the_last_reply_restarts(tiny_engine):
     assert again.token_ids == first.token_ids
 
 
-def test_abandoned_stream_rolls_back_the_partial_reply(tiny_engine):
+def test_abandoned_stream_rolls_back_the_partial_reply(converse, tiny_engine):
     session = tiny_engine.session(cache_size=256)
     messages, _ = converse(session, QUESTIONS[:2])
     messages.append({"role": "user", "content": QUESTIONS[2]})
@@ -212,7 +202,7 @@ def test_abandoned_stream_rolls_back_the_partial_reply(tiny_engine):
     assert retried.token_ids == fresh.token_ids
 
 
-def test_interrupt_inside_a_forward_leaves_the_session_consistent(tiny_engine, monkeypatch):
+def test_interrupt_inside_a_forward_leaves_the_session_consistent(converse, tiny_engine, monkeypatch):
     session = tiny_engine.session(cache_size=256)
     messages, _ = converse(session, QUESTIONS[:2])
     messages.append({"role": "user", "content": QUESTIONS[2]})
@@ -287,7 +277,7 @@ def test_an_open_stream_blocks_a_second_call_in_the_same_thread(tiny_engine):
         ([{"role": "user", "content": "hi"}, "oops"], r"messages\[1\] must be a dict"),
     ],
 )
-def test_bad_messages_are_value_errors_that_change_nothing(tiny_engine, messages, error):
+def test_bad_messages_are_value_errors_that_change_nothing(converse, tiny_engine, messages, error):
     session = tiny_engine.session()
     converse(session, ["Hello"])
     before = (session.cache.token_ids.clone(), session.transcript)
