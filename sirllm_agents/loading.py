@@ -46,6 +46,12 @@ def embedded_model_path() -> Path:
     return path
 
 
+
+def embedded_tokenizer():
+    """The embedded model's tokenizer and chat template, without loading its weights."""
+    return AutoTokenizer.from_pretrained(_converted_gguf(embedded_model_path()))
+
+
 def load(
     model: str | os.PathLike | None,
     *,

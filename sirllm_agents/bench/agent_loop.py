@@ -144,10 +144,10 @@ def loop(peer_name: str, steps: int, cache_size: int, threads: int, time_limit: 
     import psutil
     from rich.progress import Progress
 
-    from ..loading import load
+    from ..loading import embedded_tokenizer
 
     torch.set_num_threads(threads)
-    tokenizer = load(None, device="cpu", dtype=torch.float32)[1]
+    tokenizer = embedded_tokenizer()  # only to count tokens: loading weights here would add to every peer's memory
     started = time.perf_counter()
     peer = make_peer(peer_name, cache_size, threads)
     result = {"peer": peer_name, "backend": peer.backend, "overflow": peer.overflow, "threads": threads,

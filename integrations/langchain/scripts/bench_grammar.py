@@ -13,9 +13,8 @@ import time
 from collections.abc import Callable, Iterator
 
 import torch
-from transformers import AutoTokenizer
 
-from sirllm_agents.loading import _converted_gguf, embedded_model_path
+from sirllm_agents.loading import embedded_tokenizer
 
 SCHEMA = {
     "type": "object",
@@ -160,7 +159,7 @@ def lm_format_enforcer_compiler(tokenizer, vocab: int) -> Callable[[], Step]:
 
 
 def main() -> None:
-    tokenizer = AutoTokenizer.from_pretrained(_converted_gguf(embedded_model_path()))
+    tokenizer = embedded_tokenizer()
     vocab = len(tokenizer)
     ids = tokenizer(json.dumps(TARGET), add_special_tokens=False)["input_ids"]
     logits = torch.randn(vocab)

@@ -7,18 +7,18 @@ import inspect
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from langchain_sirllm import shared_engine
 from sirllm_agents import Engine
-from sirllm_agents.loading import _converted_gguf, embedded_model_path
+from sirllm_agents.loading import embedded_tokenizer
 
 
 @pytest.fixture(scope="session")
 def tiny_engine() -> Engine:
     """A 2-layer random Llama over SmolLM2's tokenizer and chat template: fast, deterministic, and (under a grammar
     constraint) as valid as a real model."""
-    tokenizer = AutoTokenizer.from_pretrained(_converted_gguf(embedded_model_path()))
+    tokenizer = embedded_tokenizer()
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
