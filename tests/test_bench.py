@@ -145,3 +145,27 @@ def test_runs_started_in_the_same_second_keep_both_results(tmp_path):
     stems = [_write_new(tmp_path / "grocery-20261122-090205", json.dumps({"run": n})) for n in range(3)]
     assert [s.name for s in stems] == ["grocery-20261122-090205", "grocery-20261122-090205-2", "grocery-20261122-090205-3"]
     assert [json.loads(s.with_suffix(".json").read_text())["run"] for s in stems] == [0, 1, 2]
+
+
+def test_agent_report_gives_ratios_and_why_a_peer_stopped_or_was_skipped(tmp_path):
+    def peer(name, seconds, stopped=None):
+        steps = [{"seconds": s, "rss_mib": 500.0 + i, "history_tokens": 100 * (i + 1), "reply_tokens": 24}
+                 for i, s in enumerate(seconds)]
+        return {"peer": name, "backend": f"{name} backend", "overflow": f"{name} overflow", "threads": 1,
+                "load_seconds": 1.0, "steps": steps, "stopped": stopped, "peak_rss_mib": 600.0}
+
+    results = {"task": "agent-loop", "steps": 40, "cache_size": 512, "threads": 1, "reply_tokens": 24, "peers": {
+        "sirllm": peer("sirllm", [1.0] * 40),
+        "stateless": peer("stateless", [2.0] * 30, stopped="time limit of 60 s reached after step 29"),
+        "llamacpp": {"peer": "llamacpp", "skipped": "skipped: llama_cpp is not installed"},
+    }}
+    results["summary"] = agent_loop.summarize(results)
+    assert results["summary"]["stateless_over_sirllm"] == {"steps": 30, "ratio": 2.0}
+    assert "llamacpp_over_sirllm" not in results["summary"]
+    (tmp_path / "agent-loop-20261122-120000.json").write_text(json.dumps(results))
+    table = report(tmp_path)
+    assert "| sirllm | sirllm backend | 40 | 40.0 | 1.00 | 600 | 30 | sirllm overflow | - |" in table
+    assert ("| stateless | stateless backend | 30 | 60.0 | 1.00 | 600 | 20 | stateless overflow | "
+            "time limit of 60 s reached after step 29 |") in table
+    assert "| llamacpp | skipped: llama_cpp is not installed |" in table
+    assert "stateless time / sirllm time over the first 30 steps: 2.00" in table
