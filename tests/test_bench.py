@@ -10,6 +10,7 @@ import pytest
 
 from sirllm_agents.bench import agent_loop, data
 from sirllm_agents.bench.memory import POLICIES, Player, Setting, run_setting
+from sirllm_agents.bench.plots import agent_loop_plot
 from sirllm_agents.bench.report import report
 from sirllm_agents.cli import main as cli
 
@@ -147,7 +148,7 @@ def test_runs_started_in_the_same_second_keep_both_results(tmp_path):
     assert [json.loads(s.with_suffix(".json").read_text())["run"] for s in stems] == [0, 1, 2]
 
 
-def test_agent_report_gives_ratios_and_why_a_peer_stopped_or_was_skipped(tmp_path):
+def test_agent_report_and_plot_give_ratios_and_why_a_peer_stopped_or_was_skipped(tmp_path):
     def peer(name, seconds, stopped=None):
         steps = [{"seconds": s, "rss_mib": 500.0 + i, "history_tokens": 100 * (i + 1), "reply_tokens": 24}
                  for i, s in enumerate(seconds)]
@@ -169,3 +170,5 @@ def test_agent_report_gives_ratios_and_why_a_peer_stopped_or_was_skipped(tmp_pat
             "time limit of 60 s reached after step 29 |") in table
     assert "| llamacpp | skipped: llama_cpp is not installed |" in table
     assert "stateless time / sirllm time over the first 30 steps: 2.00" in table
+    agent_loop_plot(results, tmp_path / "agent-loop.png")
+    assert (tmp_path / "agent-loop.png").stat().st_size > 1000

@@ -64,9 +64,13 @@ def agent_loop_plot(results: dict, path: Path) -> None:
         steps = peer.get("steps")
         if not steps:
             continue
-        latency.plot([s["seconds"] for s in steps], label=f"{name}: {peer['backend']}"[:60])
+        [line] = latency.plot([s["seconds"] for s in steps], label=f"{name}: {peer['backend']}"[:60])
+        if peer["stopped"]:  # a cross where the peer stopped early (an error or the time limit)
+            latency.plot(len(steps) - 1, steps[-1]["seconds"], "x", color=line.get_color(), markersize=9)
         memory.plot([s["rss_mib"] for s in steps], label=name)
-    latency.set(xlabel="step", ylabel="seconds per step", title=f"agent loop ({results['threads']} threads)")
+    # Log scale: the stateless peer's growing steps would otherwise flatten the others into the axis.
+    latency.set_yscale("log")
+    latency.set(xlabel="step", ylabel="seconds per step (log)", title=f"agent loop ({results['threads']} thread{'s' * (results['threads'] != 1)})")
     memory.set(xlabel="step", ylabel="resident memory (MiB)", title="memory")
     latency.legend(fontsize=7)
     memory.legend(fontsize=8)
