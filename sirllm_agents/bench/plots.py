@@ -70,7 +70,9 @@ def agent_loop_plot(results: dict, path: Path) -> None:
         memory.plot([s["rss_mib"] for s in steps], label=name)
     # Log scale: the stateless peer's growing steps would otherwise flatten the others into the axis.
     latency.set_yscale("log")
-    latency.set(xlabel="step", ylabel="seconds per step (log)", title=f"agent loop ({results['threads']} thread{'s' * (results['threads'] != 1)})")
+    threads = results["threads"]
+    title = f"agent loop ({threads} thread{'s' * (threads != 1)})"
+    latency.set(xlabel="step", ylabel="seconds per step (log)", title=title)
     memory.set(xlabel="step", ylabel="resident memory (MiB)", title="memory")
     latency.legend(fontsize=7)
     memory.legend(fontsize=8)

@@ -45,7 +45,8 @@ def _memory_table(results: dict) -> list[str]:
 def _agent_table(results: dict) -> list[str]:
     lines = [f"### agent loop: {results['steps']} steps, {results['threads']} threads, SirLLM cache {results['cache_size']}",
              "", "| peer | backend | steps done | total s | last 10 / steps 10-20 | peak RSS MiB | RSS growth MiB | "
-             "past the context window | stopped early |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+             "past the context window | stopped early |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     summary = results["summary"]
     for name, peer in results["peers"].items():
         if "skipped" in peer:
@@ -54,7 +55,8 @@ def _agent_table(results: dict) -> list[str]:
         s = summary[name]
         flat = f"{s['flatness']:.2f}" if "flatness" in s else "-"
         lines.append(f"| {name} | {peer['backend']} | {s['steps_done']} | {s['total_seconds']:.1f} | {flat} | "
-                     f"{s['peak_rss_mib']:.0f} | {s['rss_growth_mib']:.0f} | {peer['overflow']} | {peer['stopped'] or '-'} |")
+                     f"{s['peak_rss_mib']:.0f} | {s['rss_growth_mib']:.0f} | {peer['overflow']} | "
+                     f"{peer['stopped'] or '-'} |")
     for other in ("stateless", "llamacpp"):
         ratio = summary.get(f"{other}_over_sirllm")
         if ratio:
