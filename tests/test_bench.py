@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from sirllm_agents.bench import agent_loop, data
-from sirllm_agents.bench.memory import POLICIES, Player, Setting, run_setting
-from sirllm_agents.bench.plots import agent_loop_plot
+from sirllm_agents.bench.memory import POLICIES, Player, Setting, key_share_in_cache, run_setting
+from sirllm_agents.bench.plots import agent_loop_plot, memory_plot
 from sirllm_agents.bench.report import report
 from sirllm_agents.cli import main as cli
+from sirllm_agents.memory import MemoryToken
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sirllm"
 needs_data = pytest.mark.skipif(
@@ -68,6 +70,27 @@ def test_each_policy_plays_a_dialogue_with_sane_figures(tiny_engine, task):
             assert run["evicted_tokens"] > 0  # a dialogue does not fit 128 tokens
         else:
             assert run["evicted_tokens"] == 0
+        if task == "grocery":
+            # The first turn's grocery: all there with no eviction; gone from the recent window and from the trimmed
+            # messages; SirLLM keeps whatever its scores say.
+            if policy == "sirllm":
+                assert 0.0 <= run["key_in_cache"] <= 1.0
+            else:
+                assert run["key_in_cache"] == {"full": 1.0, "streaming": 0.0, "truncate": 0.0}[policy]
+        else:
+            assert "key_in_cache" not in run
+
+
+def test_key_share_counts_the_grocery_tokens_the_cache_still_holds():
+    def session(*pieces_kept):
+        tokens = [MemoryToken(i, i, piece, 0, 1.0 if kept else None) for i, (piece, kept) in enumerate(pieces_kept)]
+        return SimpleNamespace(memory=lambda: SimpleNamespace(conversation=tokens))
+
+    # The brackets' tokens do not count; a token that holds part of the name does.
+    held = session(("I buy [", False), ("ch", True), ("ocol", False), ("ate].", True), (" Choices: chocolate", False))
+    assert key_share_in_cache(held, "chocolate") == pytest.approx(2 / 3)
+    assert key_share_in_cache(session(("GROCERY: [", True), ("tea", True), ("]", False)), "tea") == 1.0
+    assert key_share_in_cache(session(("Choices: (A) tea", True),), "tea") == 0.0  # the first turn was trimmed
 
 
 def test_truncate_keeps_the_newest_whole_messages_within_the_budget(tiny_engine):
@@ -172,3 +195,29 @@ def test_agent_report_and_plot_give_ratios_and_why_a_peer_stopped_or_was_skipped
     assert "stateless time / sirllm time over the first 30 steps: 2.00" in table
     agent_loop_plot(results, tmp_path / "agent-loop.png")
     assert (tmp_path / "agent-loop.png").stat().st_size > 1000
+
+
+def test_grocery_report_and_plot_show_the_grocery_kept_in_cache(tmp_path):
+    def run(policy, cache_size, acc_g, key_in_cache):
+        metrics = {"acc_g": acc_g, "acc_c": 0.2}
+        return {"policy": policy, "cache_size": cache_size, "decay": 1.0, "metrics": {"text": metrics, "letter": metrics},
+                "key_in_cache": key_in_cache, "seconds": 10.0}
+
+    results = {"task": "grocery", "episodes": 40, "model": "tiny", "scoring": "text",
+               "runs": [run("full", None, 0.5, 1.0), run("streaming", 256, 0.25, 0.0), run("streaming", 512, 0.25, 0.0),
+                        run("sirllm", 256, 0.4, 0.625), run("sirllm", 512, 0.45, 0.875)]}
+    (tmp_path / "grocery-20261123-000000.json").write_text(json.dumps(results))
+    table = report(tmp_path)
+    assert "| sirllm | 512 | 1.0 | 45.0 | 20.0 | 45.0 | 20.0 | 87.5 | 10 |" in table
+    assert "| full | max | 1.0 | 50.0 | 20.0 | 50.0 | 20.0 | 100.0 | 10 |" in table
+    del results["runs"][0]["key_in_cache"]  # results written before the column existed
+    (tmp_path / "grocery-20261123-000000.json").write_text(json.dumps(results))
+    assert "| full | max | 1.0 | 50.0 | 20.0 | 50.0 | 20.0 | - | 10 |" in report(tmp_path)
+    memory_plot(results, tmp_path / "without-key.png")
+    results["runs"][0]["key_in_cache"] = 1.0
+    memory_plot(results, tmp_path / "with-key.png")
+    from matplotlib.image import imread
+
+    # 7 x 4.5 inches at 120 dpi for ACC_g alone; 12 inches wide with the panel of the grocery kept.
+    assert imread(tmp_path / "without-key.png").shape[:2] == (540, 840)
+    assert imread(tmp_path / "with-key.png").shape[:2] == (540, 1440)

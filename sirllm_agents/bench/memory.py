@@ -52,6 +52,8 @@ class Tally:
                 ties = self.ties.setdefault(scoring, {})
                 ties[group] = ties.get(group, 0) + (pick == turn.user_move)
 
+    key_in_cache: list[float] = field(default_factory=list)  # Grocery: per recall turn, see `key_share_in_cache`
+
     def rate(self, scoring: str, group: str, counts: str = "right") -> float:
         return getattr(self, counts)[scoring].get(group, 0) / self.turns[group]
 
@@ -122,8 +124,28 @@ def play(
             }
             reply = turn.letters[picks[scoring]] if scoring == "letter" else turn.texts[picks[scoring]]
         tally.add(group or turn.kind, turn, picks)
+        if turn.kind == "recall":
+            tally.key_in_cache.append(key_share_in_cache(player.session, turn.texts[turn.answer]))
         messages.append({"role": "assistant", "content": "OK" if turn.kind == "key" else reply})
         advance()
+
+
+def key_share_in_cache(session: Session, grocery: str) -> float:
+    """The share of the grocery's tokens, where the first turn names it (``GROCERY: [item]``), that the cache still
+    holds: what the model can attend to when it answers the recall question. It shows whether a policy kept the key
+    fact apart from whether the model can use it; 0 when the conversation no longer has the first turn (``truncate``).
+    """
+    conversation = session.memory().conversation
+    text = "".join(token.text for token in conversation)
+    start = text.find(f"[{grocery}]") + 1
+    if start == 0:
+        return 0.0
+    end, offset, kept = start + len(grocery), 0, []
+    for token in conversation:
+        if offset < end and offset + len(token.text) > start:
+            kept.append(token.retained)
+        offset += len(token.text)
+    return sum(kept) / len(kept)
 
 
 def run_setting(
@@ -143,6 +165,7 @@ def run_setting(
         "episodes": len(episodes),
         "turns": sum(len(e.turns) for e in episodes),
         "metrics": {s: metrics(task, tally, s) for s in SCORINGS},
+        **({"key_in_cache": sum(tally.key_in_cache) / len(tally.key_in_cache)} if tally.key_in_cache else {}),
         "overflowed_turns": tally.overflowed,
         "prefilled_tokens": prefilled,
         "evicted_tokens": evicted,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -30,30 +31,39 @@ def headline(task: str, run: dict, scoring: str) -> float:
 
 def memory_plot(results: dict, path: Path) -> None:
     """The headline metric against cache size, one line per policy (and per decay for SirLLM); ``full`` is a
-    horizontal line, being unbounded."""
+    horizontal line, being unbounded. Grocery runs add a panel of the grocery's share kept in the cache."""
     plt = _pyplot()
     task, scoring = results["task"], results["scoring"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    lines: dict[str, list[tuple[int, float]]] = {}
-    ax.axhline(CHANCE[task], color="grey", linestyle=":", label="chance")
-    for run in results["runs"]:
-        value = headline(task, run, scoring)
-        if run["policy"] == "full":
-            ax.axhline(value, color="black", linestyle="--", label="full (no eviction)")
-            continue
-        label = run["policy"] + (f" decay={run['decay']}" if run["policy"] == "sirllm" else "")
-        lines.setdefault(label, []).append((run["cache_size"], value))
-    for label, points in sorted(lines.items()):
-        points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    with_key = task == "grocery" and all("key_in_cache" in run for run in results["runs"])
+    fig, axes = plt.subplots(1, 1 + with_key, figsize=(12 if with_key else 7, 4.5), squeeze=False)
     metric = {"grocery": "ACC_g", "dailydialog": "accuracy", "rps": "win rate (mean over players)"}[task]
-    ax.set(xlabel="cache size (tokens)", ylabel=f"{metric} ({scoring} scoring)", ylim=(0, 1.02),
-           title=f"{task}: {results['episodes']} episodes, {results['model']}")
-    ax.set_xscale("log", base=2)
-    ax.legend(fontsize=8)
+    _policy_lines(axes[0][0], results["runs"], lambda run: headline(task, run, scoring), CHANCE[task])
+    axes[0][0].set(ylabel=f"{metric} ({scoring} scoring)", title=f"{task}: {results['episodes']} episodes, "
+                   f"{results['model']}")
+    if with_key:
+        _policy_lines(axes[0][1], results["runs"], lambda run: run["key_in_cache"], None)
+        axes[0][1].set(ylabel="share of the grocery's tokens in the cache", title="the key fact at the recall question")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _policy_lines(ax, runs: list[dict], value: Callable[[dict], float], chance: float | None) -> None:
+    if chance is not None:
+        ax.axhline(chance, color="grey", linestyle=":", label="chance")
+    lines: dict[str, list[tuple[int, float]]] = {}
+    for run in runs:
+        if run["policy"] == "full":
+            ax.axhline(value(run), color="black", linestyle="--", label="full (no eviction)")
+            continue
+        label = run["policy"] + (f" decay={run['decay']}" if run["policy"] == "sirllm" else "")
+        lines.setdefault(label, []).append((run["cache_size"], value(run)))
+    for label, points in sorted(lines.items()):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    ax.set(xlabel="cache size (tokens)", ylim=(0, 1.02))
+    ax.set_xscale("log", base=2)
+    ax.legend(fontsize=8)
 
 
 def agent_loop_plot(results: dict, path: Path) -> None:

@@ -19,13 +19,16 @@ def _memory_table(results: dict) -> list[str]:
     head = f"### {task}: {results['episodes']} episodes, {results['model']}, `{scoring}` scoring (primary)"
     lines = [head, ""]
     if task == "grocery":
-        lines += [f"| policy | cache | decay | ACC_g | ACC_c | ACC_g ({other}) | ACC_c ({other}) | seconds |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| policy | cache | decay | ACC_g | ACC_c | ACC_g ({other}) | ACC_c ({other}) | grocery in cache | "
+                  "seconds |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for run in results["runs"]:
             m, o = run["metrics"][scoring], run["metrics"][other]
+            key = _pct(run["key_in_cache"]) if "key_in_cache" in run else "-"  # not recorded before 2026-11-23
             lines.append(f"| {run['policy']} | {run['cache_size'] or 'max'} | {run['decay']} | {_pct(m['acc_g'])} | "
-                         f"{_pct(m['acc_c'])} | {_pct(o['acc_g'])} | {_pct(o['acc_c'])} | {run['seconds']:.0f} |")
-        lines += ["", f"For reference, {PAPER_GROCERY}."]
+                         f"{_pct(m['acc_c'])} | {_pct(o['acc_g'])} | {_pct(o['acc_c'])} | {key} | "
+                         f"{run['seconds']:.0f} |")
+        lines += ["", "Grocery in cache: the share of the grocery's tokens from the first turn that the cache holds when "
+                  "the recall question is scored.", f"For reference, {PAPER_GROCERY}."]
     elif task == "dailydialog":
         lines += [f"| policy | cache | decay | accuracy | accuracy ({other}) | seconds |",
                   "| --- | ---: | ---: | ---: | ---: | ---: |"]
