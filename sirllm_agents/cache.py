@@ -78,22 +78,27 @@ class SirLLMCache:
         self.scores = torch.cat((self.scores, scores.detach().float().cpu()))
         self.positions = torch.cat((self.positions, positions.cpu()))
         self.turns = torch.cat((self.turns, torch.full((token_ids.numel(),), turn, dtype=torch.long)))
-        start = int(positions[0]) if positions.numel() else len(self.history_ids)
-        self.history_ids = torch.cat((self.history_ids[:start], token_ids.cpu().to(torch.int32)))
-        self.history_turns = torch.cat(
-            (self.history_turns[:start], torch.full((token_ids.numel(),), turn, dtype=torch.int32))
-        )
+        # A token fed again (see `drop_newest`) is in the history already; only positions past its end extend it.
+        new = positions.cpu() >= len(self.history_ids)
+        self.history_ids = torch.cat((self.history_ids, token_ids.cpu()[new].to(torch.int32)))
+        self.history_turns = torch.cat((self.history_turns, torch.full((int(new.sum()),), turn, dtype=torch.int32)))
 
     def truncate(self, position: int) -> None:
         """Drop every token from conversation position ``position`` on (they are the newest), and any keys and
         values a broken forward appended without a record."""
-        n = int((self.positions < position).sum())
+        self._keep_oldest(int((self.positions < position).sum()))
+        self.history_ids, self.history_turns = self.history_ids[:position], self.history_turns[:position]
+
+    def drop_newest(self) -> None:
+        """Drop the newest cached token's keys, values and record, to feed it again; the history keeps it."""
+        self._keep_oldest(len(self) - 1)
+
+    def _keep_oldest(self, n: int) -> None:
         for layer in self.kv.layers:
             if layer.keys is not None and layer.keys.numel():
                 layer.keys, layer.values = layer.keys[:, :, :n], layer.values[:, :, :n]
         self.token_ids, self.scores = self.token_ids[:n], self.scores[:n]
         self.positions, self.turns = self.positions[:n], self.turns[:n]
-        self.history_ids, self.history_turns = self.history_ids[:position], self.history_turns[:position]
 
     def decay(self, ratio: float) -> None:
         """Multiply every stored score by ``ratio`` (SirLLM's per-turn decay, so old key tokens can fade)."""

@@ -442,11 +442,12 @@ class Session:
         first_score = None
         if self._logits is None and len(self.cache):
             # After a rollback the logits after the newest cached token are gone: feed that token again, keeping
-            # the score it has, so that its logits score the first new token.
+            # the score it has, so that its logits score the first new token. (When eviction took the
+            # conversation's last token, the newest cached one stands in for it, at its own position.)
             first_score = float(self.cache.scores[-1])
             ids = [int(self.cache.token_ids[-1])] + ids
             positions = [int(self.cache.positions[-1])] + positions
-            self.cache.truncate(positions[0])
+            self.cache.drop_newest()
         chunk = min(self.prefill_chunk, self.cache.max_chunk)
         for begin in range(0, len(ids), chunk):
             part = ids[begin : begin + chunk]

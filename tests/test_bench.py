@@ -200,8 +200,8 @@ def test_agent_report_and_plot_give_ratios_and_why_a_peer_stopped_or_was_skipped
 def test_grocery_report_and_plot_show_the_grocery_kept_in_cache(tmp_path):
     def run(policy, cache_size, acc_g, key_in_cache):
         metrics = {"acc_g": acc_g, "acc_c": 0.2}
-        return {"policy": policy, "cache_size": cache_size, "decay": 1.0, "metrics": {"text": metrics, "letter": metrics},
-                "key_in_cache": key_in_cache, "seconds": 10.0}
+        return {"policy": policy, "cache_size": cache_size, "decay": 1.0, "key_in_cache": key_in_cache,
+                "metrics": {"text": metrics, "letter": metrics}, "seconds": 10.0}
 
     results = {"task": "grocery", "episodes": 40, "model": "tiny", "scoring": "text",
                "runs": [run("full", None, 0.5, 1.0), run("streaming", 256, 0.25, 0.0), run("streaming", 512, 0.25, 0.0),

@@ -3,6 +3,8 @@ leaves, the prefix it reuses, and the cache bound."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 
@@ -111,6 +113,37 @@ def test_cache_bound_and_decay_hold_over_many_scored_turns(tiny_engine):
         messages.append({"role": "assistant", "content": "A" if scores[0] > scores[1] else "B"})
     assert session.stats.evicted_tokens > 0
     assert session.stats.restarts == 0
+
+
+@dataclass
+class NewestFirstOut:
+    """A policy that evicts the newest tokens first, so scoring's make-room evicts the conversation's last token."""
+
+    start_size: int = 4
+    recent_size: int = 0
+    name: str = "newest-first-out"
+
+    def keep(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
+        return torch.arange(budget)
+
+
+def test_the_history_stays_whole_when_eviction_took_the_last_token_before_a_rollback(tiny_engine):
+    # SirLLM can evict a low-entropy last token (the newline after <|im_end|>). Scoring then rolls back, and the next
+    # call feeds the newest cached token again for its logits; the history must still hold every token once.
+    session = tiny_engine.session(cache_size=48, policy=NewestFirstOut())
+    messages, gaps = [], 0
+    for turn in range(6):
+        messages.append({"role": "user", "content": f"Question {turn}: is {turn} even? (A) yes (B) no"})
+        session.score(messages, ["A", "B", "an option long enough to push the end of the question out of the cache"])
+        history = rendered_ids(tiny_engine, messages)
+        assert session.cache.history_ids.tolist() == history
+        assert len(session.cache) <= 48 and session.cache.positions.max() < len(history)
+        gaps += int(session.cache.positions[-1]) < len(history) - 1  # the last token was evicted
+        memory = session.memory()
+        assert "".join(t.text for t in memory.conversation) == tiny_engine.template.render(messages, False)
+        assert [t.position for t in memory.tokens] == session.cache.positions.tolist()
+        messages.append({"role": "assistant", "content": "A"})
+    assert gaps > 0
 
 
 @pytest.mark.parametrize("options", [[], "AB", [""], ["A", 3]])

@@ -27,8 +27,8 @@ def _memory_table(results: dict) -> list[str]:
             lines.append(f"| {run['policy']} | {run['cache_size'] or 'max'} | {run['decay']} | {_pct(m['acc_g'])} | "
                          f"{_pct(m['acc_c'])} | {_pct(o['acc_g'])} | {_pct(o['acc_c'])} | {key} | "
                          f"{run['seconds']:.0f} |")
-        lines += ["", "Grocery in cache: the share of the grocery's tokens from the first turn that the cache holds when "
-                  "the recall question is scored.", f"For reference, {PAPER_GROCERY}."]
+        lines += ["", "Grocery in cache: the share of the grocery's tokens from the first turn that the cache holds "
+                  "when the recall question is scored.", f"For reference, {PAPER_GROCERY}."]
     elif task == "dailydialog":
         lines += [f"| policy | cache | decay | accuracy | accuracy ({other}) | seconds |",
                   "| --- | ---: | ---: | ---: | ---: | ---: |"]
