@@ -4,7 +4,8 @@ One session per episode. Each turn sends the user question with its lettered cho
 option from one shared prefix (:meth:`Session.score`): the letters by their log-likelihood, the option texts by
 their log-likelihood per character (lm-eval's ``acc_norm``, so long options are not penalized for their length).
 The option chosen under the primary scoring (``--score``) is appended as the assistant's reply, so later turns see
-it in the cache; the other scoring is recorded on the same conversation.
+it in the cache; the other scoring is recorded on the same conversation. Grocery runs also record how much of the
+first turn's grocery the cache still holds at the recall question.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class Tally:
     turns: dict[str, int] = field(default_factory=dict)
     right: dict[str, dict[str, int]] = field(default_factory=dict)
     ties: dict[str, dict[str, int]] = field(default_factory=dict)
+    key_in_cache: list[float] = field(default_factory=list)  # Grocery: per recall turn, see `key_share_in_cache`
 
     def add(self, group: str, turn: Turn, picks: dict[str, int]) -> None:
         self.turns[group] = self.turns.get(group, 0) + 1
@@ -51,8 +53,6 @@ class Tally:
             if turn.user_move is not None:
                 ties = self.ties.setdefault(scoring, {})
                 ties[group] = ties.get(group, 0) + (pick == turn.user_move)
-
-    key_in_cache: list[float] = field(default_factory=list)  # Grocery: per recall turn, see `key_share_in_cache`
 
     def rate(self, scoring: str, group: str, counts: str = "right") -> float:
         return getattr(self, counts)[scoring].get(group, 0) / self.turns[group]
