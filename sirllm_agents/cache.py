@@ -18,7 +18,8 @@ class SirLLMCache:
     """At most ``cache_size`` tokens; when full, ``policy`` chooses who stays and kept keys are re-rotated.
 
     Per cached token it records the token id, its score (token entropy, decayed each turn), its position in the
-    whole conversation (``positions``, never reset by eviction) and the turn it came from.
+    whole conversation (``positions``, never reset by eviction), the turn it came from, and whether the chat template
+    wrote it (``template``).
     """
 
     def __init__(self, rotator: KeyRotator, policy: Policy, cache_size: int):
@@ -30,6 +31,7 @@ class SirLLMCache:
         self.scores = torch.empty(0, dtype=torch.float32)
         self.positions = torch.empty(0, dtype=torch.long)
         self.turns = torch.empty(0, dtype=torch.long)
+        self.template = torch.empty(0, dtype=torch.bool)  # written by the chat template, not a message's text
         # Every token ingested, by conversation position, evicted or not (rolled-back ones are cut off): what the
         # memory view shows greyed out, and how evictions are counted per turn. Four bytes a token each.
         self.history_ids = torch.empty(0, dtype=torch.int32)
@@ -69,15 +71,18 @@ class SirLLMCache:
         for layer, (keys, values) in zip(self.kv.layers, new_layers):
             layer.keys, layer.values = keys, values
         self.token_ids, self.scores = self.token_ids[keep], self.scores[keep]
-        self.positions, self.turns = self.positions[keep], self.turns[keep]
+        self.positions, self.turns, self.template = self.positions[keep], self.turns[keep], self.template[keep]
         return evicted
 
-    def append(self, token_ids: torch.Tensor, scores: torch.Tensor, positions: torch.Tensor, turn: int) -> None:
+    def append(
+        self, token_ids: torch.Tensor, scores: torch.Tensor, positions: torch.Tensor, turn: int, template: torch.Tensor
+    ) -> None:
         """Record tokens whose keys and values the model has just appended to ``kv``."""
         self.token_ids = torch.cat((self.token_ids, token_ids.cpu()))
         self.scores = torch.cat((self.scores, scores.detach().float().cpu()))
         self.positions = torch.cat((self.positions, positions.cpu()))
         self.turns = torch.cat((self.turns, torch.full((token_ids.numel(),), turn, dtype=torch.long)))
+        self.template = torch.cat((self.template, template.to(torch.bool).cpu()))
         # A token fed again (see `drop_newest`) is in the history already; only positions past its end extend it.
         new = positions.cpu() >= len(self.history_ids)
         self.history_ids = torch.cat((self.history_ids, token_ids.cpu()[new].to(torch.int32)))
@@ -98,7 +103,17 @@ class SirLLMCache:
             if layer.keys is not None and layer.keys.numel():
                 layer.keys, layer.values = layer.keys[:, :, :n], layer.values[:, :, :n]
         self.token_ids, self.scores = self.token_ids[:n], self.scores[:n]
-        self.positions, self.turns = self.positions[:n], self.turns[:n]
+        self.positions, self.turns, self.template = self.positions[:n], self.turns[:n], self.template[:n]
+
+    def copy(self) -> SirLLMCache:
+        """A copy sharing no tensor with this cache (the rotator and policy, which never change, are shared)."""
+        twin = SirLLMCache(self.rotator, self.policy, self.cache_size)
+        for i, layer in enumerate(self.kv.layers):
+            if layer.keys is not None and layer.keys.numel():
+                twin.kv.update(layer.keys.clone(), layer.values.clone(), i)
+        for name in ("token_ids", "scores", "positions", "turns", "template", "history_ids", "history_turns"):
+            setattr(twin, name, getattr(self, name).clone())
+        return twin
 
     def decay(self, ratio: float) -> None:
         """Multiply every stored score by ``ratio`` (SirLLM's per-turn decay, so old key tokens can fade)."""

@@ -210,6 +210,22 @@ class Engine:
         """Token ids of rendered chat text (its special tokens are already written in it)."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def encode_marked(self, text: str, contents: Sequence[str]) -> tuple[list[int], list[bool]]:
+        """Token ids of rendered chat text, and per token whether the chat template wrote it (role markers, ends of
+        turn) rather than one of ``contents``, the messages' texts in the order rendered. When a content cannot be
+        found verbatim (a template that rewrites it, a message that is only tool calls), no token is marked."""
+        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = encoding["input_ids"]
+        ranges, cursor = [], 0
+        for content in contents:
+            start = text.find(content, cursor) if content else -1
+            if start < 0:
+                return ids, [False] * len(ids)
+            ranges.append((start, start + len(content)))
+            cursor = start + len(content)
+        marks = [not any(begin < stop and end > start for start, stop in ranges) for begin, end in encoding["offset_mapping"]]
+        return ids, marks
+
     def _stop_token_ids(self) -> frozenset[int]:
         ids: set[int] = set()
         for source in (self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id):

@@ -51,6 +51,7 @@ def save_session(session: Session, path: str | os.PathLike) -> None:
         "cache.scores": cache.scores,
         "cache.positions": cache.positions,
         "cache.turns": cache.turns,
+        "cache.template": cache.template,
         "history.ids": cache.history_ids,
         "history.turns": cache.history_turns,
     }
@@ -117,6 +118,8 @@ def load_session(engine: Engine, path: str | os.PathLike, session_id: str | None
         cache.kv.update(tensors[f"kv.{i}.keys"].to(device), tensors[f"kv.{i}.values"].to(device), i)
     cache.token_ids, cache.scores = tensors["cache.token_ids"], tensors["cache.scores"]
     cache.positions, cache.turns = tensors["cache.positions"], tensors["cache.turns"]
+    # Files written before template marks were recorded mark no token.
+    cache.template = tensors.get("cache.template", torch.zeros(len(cache.token_ids), dtype=torch.bool))
     cache.history_ids, cache.history_turns = tensors["history.ids"], tensors["history.turns"]
     if "logits" in tensors:
         session._logits = tensors["logits"].to(device)

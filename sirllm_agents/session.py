@@ -7,6 +7,8 @@ conversation (minus what was evicted).
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
 import threading
 import time
@@ -21,6 +23,8 @@ from .cache import SirLLMCache
 from .generation import GenerationConfig, ReplyText, Sampler, TokenConstraint
 from .policies import Policy
 from .transcript import Message, Segment, Transcript, normalize_messages
+
+Marked = tuple[list[int], list[bool]]  # token ids, and per token whether the chat template wrote it
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -217,6 +221,42 @@ class Session:
             self._record(turn)
             return scores
 
+    def ingest(self, messages: Sequence[Mapping[str, Any]], *, tools: list[dict] | None = None) -> TurnStats:
+        """Prefill ``messages`` (the whole conversation so far) without asking for a reply: context that needs no
+        answer, such as a scripted exchange or a document, added as a turn. Only what the session has not ingested
+        yet is prefilled (a conversation that does not extend it restarts, as in :meth:`chat`); afterwards the
+        session holds ``messages`` and the next call prefills only what follows them. Like a turn, the call
+        multiplies the stored scores by ``decay`` once. Returns the call's figures."""
+        messages = normalize_messages(messages)
+        with self._locked():
+            turn = TurnStats()
+            self._extend(messages, tools or None, turn, reserve=0)
+            turn.input_tokens = self._position
+            self.cache.decay(self.decay)
+            self._record(turn, completed=True)
+            return turn
+
+    def fork(self, session_id: str | None = None) -> Session:
+        """An independent copy of this session (cache, transcript, settings and stats), e.g. to try several
+        continuations of one conversation; calls on either never change the other. Waits for a call in progress to
+        end."""
+        with self._locked():
+            twin = Session(
+                self.engine,
+                cache_size=self.cache_size,
+                policy=self.policy,
+                decay=self.decay,
+                prefill_chunk=self.prefill_chunk,
+                session_id=session_id,
+            )
+            twin.cache = self.cache.copy()
+            twin.transcript = copy.deepcopy(self.transcript)
+            twin.stats = dataclasses.replace(self.stats)
+            twin.turn_log = [dataclasses.replace(turn) for turn in self.turn_log]
+            twin._logits = None if self._logits is None else self._logits.clone()
+            twin._position = self._position
+            return twin
+
     def reset(self) -> None:
         """Forget the conversation: empty cache and transcript (totals in ``stats`` are kept)."""
         with self._locked():
@@ -276,6 +316,24 @@ class Session:
         the logits that score the reply's first token; ``reserve`` more slots are freed for what follows when the
         turn fits the cache. Returns the transcript of the messages (the state to roll back to) and the prompt's
         token ids. On failure the session is rolled back and the turn recorded."""
+        prompt_ids, prompt_marks = self._extend(messages, tools, turn, reserve)
+        asked = self.transcript
+        try:
+            start = time.perf_counter()
+            turn.prefilled_tokens += self._prefill(prompt_ids, turn, prompt_marks)
+            self._score_first_token()
+            turn.prefill_seconds += time.perf_counter() - start
+            turn.input_tokens = self._position
+        except BaseException:
+            self._rollback(asked)
+            self._record(turn)
+            raise
+        return asked, prompt_ids
+
+    def _extend(self, messages: list[Message], tools: list[dict] | None, turn: TurnStats, reserve: int) -> Marked:
+        """Ingest the messages the transcript lacks (all of them after a restart) and return the token ids of the
+        generation prompt that would follow them, with their template marks (see ``Engine.encode_marked``). On
+        failure the session is rolled back and the turn recorded."""
         segments = self.transcript.plan(messages, self.engine.template, tools)
         if segments is None:
             self._reset()
@@ -287,9 +345,12 @@ class Session:
                     "so the conversation cannot be followed incrementally"
                 )
         turn.reused_tokens = self.transcript.length
-        ids = [self.engine.encode(segment.text) for segment in segments]
-        *message_ids, prompt_ids = ids
-        new_tokens = sum(len(i) for i in ids) + 1  # +1: after a rollback the newest cached token is fed again
+        encoded = [
+            self.engine.encode_marked(segment.text, [messages[i]["content"] for i in segment.messages])
+            for segment in segments
+        ]
+        *message_ids, prompt_ids = encoded
+        new_tokens = sum(len(ids) for ids, _ in encoded) + 1  # +1: after a rollback the newest cached token is fed again
         if new_tokens + reserve <= self.cache.max_chunk:
             # Make room for the whole turn before any of it is cached, as StreamingLLM and SirLLM do: the turn's
             # own tokens (low-entropy template tokens included) then never compete for a place while it is running.
@@ -300,32 +361,21 @@ class Session:
             self._rollback(self.transcript)
             self._record(turn)
             raise
-        asked = self.transcript
-        try:
-            start = time.perf_counter()
-            turn.prefilled_tokens += self._prefill(prompt_ids, turn)
-            self._score_first_token()
-            turn.prefill_seconds += time.perf_counter() - start
-            turn.input_tokens = self._position
-        except BaseException:
-            self._rollback(asked)
-            self._record(turn)
-            raise
-        return asked, prompt_ids
+        return prompt_ids
 
     def _prefill_messages(
         self,
         messages: list[Message],
         tools: list[dict] | None,
         segments: list[Segment],
-        segment_ids: list[list[int]],
+        segment_ids: list[Marked],
         turn: TurnStats,
     ) -> None:
         start = time.perf_counter()
         spans = list(self.transcript.spans)
-        for segment, ids in zip(segments, segment_ids):
+        for segment, (ids, marks) in zip(segments, segment_ids):
             begin = self._position
-            turn.prefilled_tokens += self._prefill(ids, turn)
+            turn.prefilled_tokens += self._prefill(ids, turn, marks)
             spans.extend((begin, self._position) for _ in segment.messages)
         text = self.transcript.text + "".join(s.text for s in segments)
         self.transcript = Transcript(list(messages), tools, text, self._position, spans)
@@ -381,14 +431,14 @@ class Session:
             # the next call prefills the reply as a new message.
             self._rollback(asked)
             return
-        canonical = self.engine.encode(rendered[len(asked.text) :])
+        canonical, marks = self.engine.encode_marked(rendered[len(asked.text) :], [reply.text])
         ingested = prompt_ids + reply.token_ids
         common = 0
         while common < min(len(canonical), len(ingested)) and canonical[common] == ingested[common]:
             common += 1
         if common < len(ingested):
             self._truncate(asked.length + common)
-        self._prefill(canonical[common:], turn)
+        self._prefill(canonical[common:], turn, marks[common:])
         spans = asked.spans + [(asked.length, self._position)]
         self.transcript = Transcript(messages, asked.tools, rendered, self._position, spans)
         turn.decode_seconds += time.perf_counter() - start
@@ -436,8 +486,9 @@ class Session:
 
     # -- the cache -----------------------------------------------------------------------------------------------
 
-    def _prefill(self, ids: list[int], turn: TurnStats) -> int:
-        """Ingest ``ids`` in chunks that fit the cache, evicting before each; returns how many were new."""
+    def _prefill(self, ids: list[int], turn: TurnStats, template: list[bool]) -> int:
+        """Ingest ``ids`` (``template`` marks the tokens the chat template wrote) in chunks that fit the cache,
+        evicting before each; returns how many were new."""
         positions = list(range(self._position, self._position + len(ids)))
         first_score = None
         if self._logits is None and len(self.cache):
@@ -447,20 +498,24 @@ class Session:
             first_score = float(self.cache.scores[-1])
             ids = [int(self.cache.token_ids[-1])] + ids
             positions = [int(self.cache.positions[-1])] + positions
+            template = [bool(self.cache.template[-1])] + template
             self.cache.drop_newest()
         chunk = min(self.prefill_chunk, self.cache.max_chunk)
         for begin in range(0, len(ids), chunk):
-            part = ids[begin : begin + chunk]
-            turn.evicted_tokens += self.cache.make_room(len(part))
-            self._forward(part, positions[begin : begin + chunk], first_score if begin == 0 else None)
+            part = slice(begin, begin + chunk)
+            turn.evicted_tokens += self.cache.make_room(len(ids[part]))
+            self._forward(ids[part], positions[part], template[part], first_score if begin == 0 else None)
             if self.progress is not None:
                 self.progress(min(begin + chunk, len(ids)), len(ids))
         return len(ids) - (first_score is not None)
 
     @torch.no_grad()
-    def _forward(self, ids: list[int], positions: list[int], first_score: float | None = None) -> None:
+    def _forward(
+        self, ids: list[int], positions: list[int], template: list[bool] | None = None, first_score: float | None = None
+    ) -> None:
         """Run ``ids`` through the model into the cache, scoring each token by ``-log p(token | everything before)``:
-        the logits at one token score the next, and the previous forward's last logits score the first."""
+        the logits at one token score the next, and the previous forward's last logits score the first. ``template``
+        marks the tokens the chat template wrote (none by default: generated and option tokens)."""
         device = self.engine.device
         input_ids = torch.tensor([ids], device=device)
         cache_index = torch.arange(len(self.cache), len(self.cache) + len(ids), device=device)
@@ -477,7 +532,8 @@ class Session:
             scores[0] = _surprisal(self._logits[None], input_ids[0, :1])[0]
         else:
             scores[0] = float("inf")  # the session's very first token: see _score_first_token
-        self.cache.append(input_ids[0], scores, torch.tensor(positions), turn=self.stats.turns)
+        marks = torch.zeros(len(ids), dtype=torch.bool) if template is None else torch.tensor(template, dtype=torch.bool)
+        self.cache.append(input_ids[0], scores, torch.tensor(positions), self.stats.turns, marks)
         self._logits = logits[-1]
         self._position = positions[-1] + 1
 

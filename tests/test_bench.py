@@ -8,9 +8,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from sirllm_agents.bench import agent_loop, data
-from sirllm_agents.bench.memory import POLICIES, Player, Setting, key_share_in_cache, run_setting
+from sirllm_agents.bench.memory import POLICIES, Player, Setting, cloze_picks, key_share_in_cache, run_setting
 from sirllm_agents.bench.plots import agent_loop_plot, memory_plot
 from sirllm_agents.bench.report import report
 from sirllm_agents.cli import main as cli
@@ -63,6 +64,9 @@ def test_each_policy_plays_a_dialogue_with_sane_figures(tiny_engine, task):
         for scoring in ("text", "letter"):
             values = run["metrics"][scoring].values()
             assert values and all(0.0 <= v <= 1.0 for v in values)
+        if task == "grocery":  # the recall turn in cloze form, on its own
+            assert set(run["metrics"]) == {"text", "letter", "cloze", "cloze_char"}
+            assert all(list(run["metrics"][s]) == ["acc_g"] for s in ("cloze", "cloze_char"))
         assert run["prefilled_tokens"] > 0
         # Only truncate can fail a turn: when the newest message alone passes the budget.
         assert run["overflowed_turns"] == 0 or policy == "truncate"
@@ -79,6 +83,27 @@ def test_each_policy_plays_a_dialogue_with_sane_figures(tiny_engine, task):
                 assert run["key_in_cache"] == {"full": 1.0, "streaming": 0.0, "truncate": 0.0}[policy]
         else:
             assert "key_in_cache" not in run
+
+
+@pytest.mark.parametrize("policy", ["sirllm", "truncate"])
+def test_cloze_form_runs_on_a_fork_and_ranks_per_token(tiny_engine, policy):
+    player = Player(tiny_engine, Setting(policy, 96, 1.0))
+    player.new_episode()
+    messages = []
+    for i in range(6):
+        messages.append({"role": "user", "content": f"Question {i}: which colour is grass? Choices: (A) green (B) red"})
+        player.score(messages, ["A", "B"])
+        messages.append({"role": "assistant", "content": "A"})
+    turn = data.Turn("Which grocery? Choices: (A) tea (B) peanut butter", ["A", "B"], ["tea", "peanut butter"], 1,
+                     "recall", stem="Which grocery?")
+    before = (player.session.cache.token_ids.clone(), player.session.transcript.messages[:])
+    picks = cloze_picks(player, messages, turn)
+    # The session the lettered question goes to is untouched.
+    assert torch.equal(player.session.cache.token_ids, before[0]) and player.session.transcript.messages == before[1]
+    scores = player.fork().score(messages + [{"role": "user", "content": "Which grocery?"}], turn.texts)
+    per_token = [s / len(tiny_engine.encode(t)) for s, t in zip(scores, turn.texts)]
+    per_char = [s / len(t) for s, t in zip(scores, turn.texts)]
+    assert picks == {"cloze": per_token.index(max(per_token)), "cloze_char": per_char.index(max(per_char))}
 
 
 def test_key_share_counts_the_grocery_tokens_the_cache_still_holds():
@@ -208,11 +233,15 @@ def test_grocery_report_and_plot_show_the_grocery_kept_in_cache(tmp_path):
                         run("sirllm", 256, 0.4, 0.625), run("sirllm", 512, 0.45, 0.875)]}
     (tmp_path / "grocery-20261123-000000.json").write_text(json.dumps(results))
     table = report(tmp_path)
-    assert "| sirllm | 512 | 1.0 | 45.0 | 20.0 | 45.0 | 20.0 | 87.5 | 10 |" in table
-    assert "| full | max | 1.0 | 50.0 | 20.0 | 50.0 | 20.0 | 100.0 | 10 |" in table
+    # Results written before the cloze form existed show "-" there.
+    assert "| sirllm | 512 | 1.0 | - | - | 45.0 | 20.0 | 45.0 | 20.0 | 87.5 | 10 |" in table
+    assert "| full | max | 1.0 | - | - | 50.0 | 20.0 | 50.0 | 20.0 | 100.0 | 10 |" in table
     del results["runs"][0]["key_in_cache"]  # results written before the column existed
+    results["runs"][1]["metrics"] |= {"cloze": {"acc_g": 0.75}, "cloze_char": {"acc_g": 0.625}}
     (tmp_path / "grocery-20261123-000000.json").write_text(json.dumps(results))
-    assert "| full | max | 1.0 | 50.0 | 20.0 | 50.0 | 20.0 | - | 10 |" in report(tmp_path)
+    table = report(tmp_path)
+    assert "| full | max | 1.0 | - | - | 50.0 | 20.0 | 50.0 | 20.0 | - | 10 |" in table
+    assert "| streaming | 256 | 1.0 | 75.0 | 62.5 | 25.0 | 20.0 | 25.0 | 20.0 | 0.0 | 10 |" in table
     memory_plot(results, tmp_path / "without-key.png")
     results["runs"][0]["key_in_cache"] = 1.0
     memory_plot(results, tmp_path / "with-key.png")

@@ -36,6 +36,7 @@ class Turn:
     answer: int  # index of the right option (for RPS: the winning move)
     kind: str  # grocery: "key", "commonsense" or "recall"; dailydialog: "response"; rps: "round"
     user_move: int | None = None  # RPS: index of the player's move this round
+    stem: str = ""  # the question without its choices (what a recall turn asks in cloze form)
 
 
 @dataclass
@@ -95,7 +96,7 @@ def _choice_turn(row: dict, question: str, kind: str) -> Turn:
     letters = [c["label"] for c in choices]
     texts = [c["text"].strip() for c in choices]
     listed = " ".join(f"({c['label']}) {c['text'].strip()}" for c in choices)
-    return Turn(f"{question} Choices: {listed}", letters, texts, letters.index(row["answerKey"]), kind)
+    return Turn(f"{question} Choices: {listed}", letters, texts, letters.index(row["answerKey"]), kind, stem=question)
 
 
 def _grocery(rows: Iterator[dict]) -> Iterator[Episode]:

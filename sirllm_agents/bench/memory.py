@@ -4,8 +4,13 @@ One session per episode. Each turn sends the user question with its lettered cho
 option from one shared prefix (:meth:`Session.score`): the letters by their log-likelihood, the option texts by
 their log-likelihood per character (lm-eval's ``acc_norm``, so long options are not penalized for their length).
 The option chosen under the primary scoring (``--score``) is appended as the assistant's reply, so later turns see
-it in the cache; the other scoring is recorded on the same conversation. Grocery runs also record how much of the
-first turn's grocery the cache still holds at the recall question.
+it in the cache; the other scoring is recorded on the same conversation.
+
+A recall turn (Grocery's last) is also asked in cloze form, on a fork of the session taken just before it: the
+question without its options, each option's text scored as the whole reply, the best per token winning (``cloze``;
+per character: ``cloze_char``). With the options in the prompt a small model picks among the texts it has just read,
+whatever it remembers; without them, only the memory can favour the right one. Grocery runs also record how much of
+the first turn's grocery the cache still holds at the recall question.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from ..session import Session
 from .data import Episode, Turn
 
 POLICIES = ("full", "streaming", "sirllm", "truncate")
-SCORINGS = ("letter", "text")
+SCORINGS = ("letter", "text")  # every turn; recall turns add "cloze" and "cloze_char"
 START_SIZE = 4  # attention sinks, as in the paper
 
 
@@ -67,6 +72,12 @@ class Player:
         self.setting = setting
         self.session: Session | None = None
 
+    def fork(self) -> Player:
+        """A player on a copy of this one's session (see :meth:`Session.fork`)."""
+        twin = Player(self.engine, self.setting)
+        twin.session = self.session.fork()
+        return twin
+
     def new_episode(self) -> None:
         s = self.setting
         if s.policy == "truncate":
@@ -107,6 +118,7 @@ def play(
     player.new_episode()
     messages: list[dict] = []
     for turn in episode.turns:
+        cloze = cloze_picks(player, messages, turn) if turn.kind == "recall" else {}
         messages.append({"role": "user", "content": turn.question})
         texts = [text for text in turn.texts if text]
         scores = player.score(messages, turn.letters + texts)
@@ -123,11 +135,26 @@ def play(
                 "text": max(range(k), key=lambda i: per_char[i]),
             }
             reply = turn.letters[picks[scoring]] if scoring == "letter" else turn.texts[picks[scoring]]
-        tally.add(group or turn.kind, turn, picks)
+        tally.add(group or turn.kind, turn, picks | cloze)
         if turn.kind == "recall":
             tally.key_in_cache.append(key_share_in_cache(player.session, turn.texts[turn.answer]))
         messages.append({"role": "assistant", "content": "OK" if turn.kind == "key" else reply})
         advance()
+
+
+def cloze_picks(player: Player, messages: list[dict], turn: Turn) -> dict[str, int]:
+    """Ask ``turn`` without its options on a fork of the player's session; each option's text is scored as the
+    reply, normalized by its tokens (``cloze``) and by its characters (``cloze_char``). -1 when it does not fit."""
+    scores = player.fork().score(messages + [{"role": "user", "content": turn.stem}], turn.texts)
+    if scores is None:
+        return {"cloze": -1, "cloze_char": -1}
+    per_token = [s / len(player.engine.encode(text)) for s, text in zip(scores, turn.texts)]
+    per_char = [s / len(text) for s, text in zip(scores, turn.texts)]
+    return {"cloze": _best(per_token), "cloze_char": _best(per_char)}
+
+
+def _best(values: list[float]) -> int:
+    return max(range(len(values)), key=values.__getitem__)
 
 
 def key_share_in_cache(session: Session, grocery: str) -> float:
@@ -164,7 +191,7 @@ def run_setting(
         **asdict(setting),
         "episodes": len(episodes),
         "turns": sum(len(e.turns) for e in episodes),
-        "metrics": {s: metrics(task, tally, s) for s in SCORINGS},
+        "metrics": {s: metrics(task, tally, s) for s in tally.right},
         **({"key_in_cache": sum(tally.key_in_cache) / len(tally.key_in_cache)} if tally.key_in_cache else {}),
         "overflowed_turns": tally.overflowed,
         "prefilled_tokens": prefilled,
@@ -177,7 +204,10 @@ def metrics(task: str, tally: Tally, scoring: str) -> dict:
     """Grocery: ACC_g (recall turns) and ACC_c (CommonsenseQA turns); DailyDialog: accuracy; RPS: win / tie / lose
     rates per player type."""
     if task == "grocery":
-        return {"acc_g": tally.rate(scoring, "recall"), "acc_c": tally.rate(scoring, "commonsense")}
+        result = {"acc_g": tally.rate(scoring, "recall")}
+        if "commonsense" in tally.right[scoring]:  # cloze scorings score only the recall turn
+            result["acc_c"] = tally.rate(scoring, "commonsense")
+        return result
     if task == "dailydialog":
         return {"accuracy": tally.rate(scoring, "response")}
     result = {}

@@ -20,10 +20,11 @@ CHANCE = {"grocery": 1 / 4, "dailydialog": 1 / 4, "rps": 1 / 3}
 
 
 def headline(task: str, run: dict, scoring: str) -> float:
-    """The figure a memory run is plotted by: ACC_g, accuracy, or the mean win rate over player types."""
+    """The figure a memory run is plotted by: ACC_g (cloze form when recorded), accuracy, or the mean win rate over
+    player types."""
     metrics = run["metrics"][scoring]
     if task == "grocery":
-        return metrics["acc_g"]
+        return run["metrics"].get("cloze", metrics)["acc_g"]
     if task == "dailydialog":
         return metrics["accuracy"]
     return sum(m["win"] for m in metrics.values()) / len(metrics)
@@ -36,10 +37,11 @@ def memory_plot(results: dict, path: Path) -> None:
     task, scoring = results["task"], results["scoring"]
     with_key = task == "grocery" and all("key_in_cache" in run for run in results["runs"])
     fig, axes = plt.subplots(1, 1 + with_key, figsize=(12 if with_key else 7, 4.5), squeeze=False)
+    cloze = task == "grocery" and all("cloze" in run["metrics"] for run in results["runs"])
     metric = {"grocery": "ACC_g", "dailydialog": "accuracy", "rps": "win rate (mean over players)"}[task]
     _policy_lines(axes[0][0], results["runs"], lambda run: headline(task, run, scoring), CHANCE[task])
-    axes[0][0].set(ylabel=f"{metric} ({scoring} scoring)", title=f"{task}: {results['episodes']} episodes, "
-                   f"{results['model']}")
+    axes[0][0].set(ylabel=f"{metric} ({'cloze' if cloze else scoring} scoring)",
+                   title=f"{task}: {results['episodes']} episodes, {results['model']}")
     if with_key:
         _policy_lines(axes[0][1], results["runs"], lambda run: run["key_in_cache"], None)
         axes[0][1].set(ylabel="share of the grocery's tokens in the cache", title="the key fact at the recall question")
