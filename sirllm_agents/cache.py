@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from .policies import Policy
+from .policies import CachedTokens, Policy
 from .rope import KeyRotator
+from .token_shapes import TokenShapes
 
 
 class SirLLMCache:
@@ -22,10 +23,11 @@ class SirLLMCache:
     wrote it (``template``).
     """
 
-    def __init__(self, rotator: KeyRotator, policy: Policy, cache_size: int):
+    def __init__(self, rotator: KeyRotator, policy: Policy, cache_size: int, shapes: TokenShapes):
         self.rotator = rotator
         self.policy = policy
         self.cache_size = cache_size
+        self.shapes = shapes
         self.kv = DynamicCache()
         self.token_ids = torch.empty(0, dtype=torch.long)
         self.scores = torch.empty(0, dtype=torch.float32)
@@ -53,8 +55,9 @@ class SirLLMCache:
         if len(self) + n <= self.cache_size:
             return 0
         budget = self.cache_size - min(n + slack, self.max_chunk)
-        keep = self.policy.keep(self.scores, budget).to(torch.long)
-        return self._retain(keep)
+        word_start, sentence_end = self.shapes.of(self.token_ids)
+        tokens = CachedTokens(self.scores, self.template, word_start, sentence_end)
+        return self._retain(self.policy.keep(tokens, budget).to(torch.long))
 
     def _retain(self, keep: torch.Tensor) -> int:
         evicted = len(self) - keep.numel()
@@ -106,8 +109,8 @@ class SirLLMCache:
         self.positions, self.turns, self.template = self.positions[:n], self.turns[:n], self.template[:n]
 
     def copy(self) -> SirLLMCache:
-        """A copy sharing no tensor with this cache (the rotator and policy, which never change, are shared)."""
-        twin = SirLLMCache(self.rotator, self.policy, self.cache_size)
+        """A copy sharing no tensor with this cache (the rotator, policy and shapes, which never change, are shared)."""
+        twin = SirLLMCache(self.rotator, self.policy, self.cache_size, self.shapes)
         for i, layer in enumerate(self.kv.layers):
             if layer.keys is not None and layer.keys.numel():
                 twin.kv.update(layer.keys.clone(), layer.values.clone(), i)

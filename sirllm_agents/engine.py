@@ -16,6 +16,7 @@ from .policies import Policy, make_policy
 from .pool import SessionPool
 from .rope import KeyRotator
 from .session import Reply, ReplyStream, Session
+from .token_shapes import TokenShapes
 from .transcript import ChatTemplate
 
 DEFAULT_CACHE_SIZE = 1024
@@ -69,6 +70,7 @@ class Engine:
             raise ValueError(f"{self.model_name}: sirllm-agents needs a fast (tokenizers) tokenizer")
         self.template = ChatTemplate(self.tokenizer, chat_template)
         self.rotator = KeyRotator.from_model(self.model)
+        self.token_shapes = TokenShapes.from_tokenizer(self.tokenizer, self.model.get_input_embeddings().num_embeddings)
         self.device = self.model.device
         config = self.model.config.get_text_config(decoder=True)
         self.max_length: int = config.max_position_embeddings

@@ -114,7 +114,7 @@ class Session:
         self.policy = policy
         self.decay = decay
         self.prefill_chunk = prefill_chunk
-        self.cache = SirLLMCache(engine.rotator, policy, cache_size)
+        self.cache = SirLLMCache(engine.rotator, policy, cache_size, engine.token_shapes)
         self.transcript = Transcript()
         self.stats = SessionStats()
         self.turn_log: list[TurnStats] = []  # every call's figures, in order (the memory view charts them)
@@ -554,7 +554,7 @@ class Session:
         self.transcript = state
 
     def _reset(self) -> None:
-        self.cache = SirLLMCache(self.engine.rotator, self.policy, self.cache_size)
+        self.cache = SirLLMCache(self.engine.rotator, self.policy, self.cache_size, self.engine.token_shapes)
         self.transcript = Transcript()
         self._logits = None
         self._position = 0

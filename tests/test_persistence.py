@@ -33,7 +33,8 @@ def test_a_loaded_session_equals_the_original_and_continues_with_the_same_reply(
     session, messages, path = saved
     loaded = tiny_engine.load_session(path)
     assert loaded.session_id == "conv-1" and tiny_engine.route(messages, "conv-1") is loaded
-    for name in ("token_ids", "scores", "positions", "turns", "history_ids", "history_turns"):
+    assert session.cache.template.any() and not session.cache.template.all()
+    for name in ("token_ids", "scores", "positions", "turns", "template", "history_ids", "history_turns"):
         assert torch.equal(getattr(loaded.cache, name), getattr(session.cache, name)), name
     for mine, theirs in zip(loaded.cache.kv.layers, session.cache.kv.layers):
         assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from sirllm_agents.policies import CachedTokens
+
 QUESTIONS = ["Hi there!", "What is 2+2?", "Name a colour.", "Tell me a short joke."]
 OPTIONS = ["B", "Paris", "the capital of France, which is a rather long answer"]
 
@@ -123,7 +125,7 @@ class NewestFirstOut:
     recent_size: int = 0
     name: str = "newest-first-out"
 
-    def keep(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
+    def keep(self, tokens: CachedTokens, budget: int) -> torch.Tensor:
         return torch.arange(budget)
 
 

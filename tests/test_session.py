@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sirllm_agents import ContextOverflowError, Engine
-from sirllm_agents.policies import SirLLMPolicy
+from sirllm_agents.policies import CachedTokens, SirLLMPolicy
 
 QUESTIONS = ["Hi there!", "What is 2+2?", "Name a colour.", "Tell me a short joke.", "Thanks, bye!"]
 
@@ -112,7 +112,8 @@ def test_cache_bound_sinks_and_sirllm_kept_set_over_200_turns(converse, tiny_eng
 
 def test_policy_keeps_sinks_recent_and_top_scores():
     scores = torch.tensor([9.0, 9, 0, 5, 1, 7, 2, 0, 3, 0])
-    kept = SirLLMPolicy(start_size=2, recent_size=2).keep(scores, budget=6)
+    flags = torch.zeros(10, dtype=torch.bool)
+    kept = SirLLMPolicy(start_size=2, recent_size=2).keep(CachedTokens(scores, flags, flags, flags), budget=6)
     assert kept.tolist() == [0, 1, 3, 5, 8, 9]
 
 
@@ -314,3 +315,37 @@ def test_bad_session_settings_are_value_errors(tiny_engine, settings, error):
 def test_bad_generation_settings_are_value_errors(tiny_engine, settings, error):
     with pytest.raises(ValueError, match=error):
         tiny_engine.session().chat([{"role": "user", "content": "hi"}], **settings)
+
+
+def test_ingest_prefills_messages_without_a_reply_as_a_turn(tiny_engine):
+    session = tiny_engine.session(policy="full", decay=0.5)
+    messages = [{"role": "user", "content": "My code is 4821."}, {"role": "assistant", "content": "Noted."}]
+    turn = session.ingest(messages)
+    assert session.cache.token_ids.tolist() == rendered_ids(tiny_engine, messages)
+    assert turn.prefilled_tokens == len(session) == turn.input_tokens and turn.generated_tokens == 0
+    assert session.transcript.messages == messages and session.stats.turns == 1
+    scores = session.cache.scores.clone()
+    messages += [{"role": "user", "content": "And my name is Ada."}, {"role": "assistant", "content": "Hi Ada."}]
+    turn = session.ingest(messages)
+    assert turn.reused_tokens == len(scores) and turn.restarts == 0
+    assert torch.equal(session.cache.scores[: len(scores)], scores * 0.5)  # decayed once by the second turn
+    assert session.cache.token_ids.tolist() == rendered_ids(tiny_engine, messages)
+    # A reply after ingested messages equals one from a session that was never fed piecewise.
+    question = messages + [{"role": "user", "content": "What is my code?"}]
+    reply = session.chat(question, max_new_tokens=8)
+    assert reply.stats.prefilled_tokens < 20
+    assert reply.token_ids == tiny_engine.session(policy="full").chat(question, max_new_tokens=8).token_ids
+
+
+def test_a_fork_continues_like_the_original_and_never_changes_it(converse, tiny_engine):
+    session = tiny_engine.session(cache_size=64, policy="sirllm")
+    messages, _ = converse(session, QUESTIONS[:3])
+    fork = session.fork()
+    assert fork.session_id != session.session_id and len(fork) == len(session)
+    before = (session.cache.token_ids.clone(), session.cache.scores.clone(), session.transcript.length)
+    question = messages + [{"role": "user", "content": "One more?"}]
+    forked_reply = fork.chat(question, max_new_tokens=10)
+    assert (session.cache.token_ids.tolist(), session.transcript.length) == (before[0].tolist(), before[2])
+    assert torch.equal(session.cache.scores, before[1])
+    assert session.chat(question, max_new_tokens=10).token_ids == forked_reply.token_ids
+    assert [len(layer.keys[0, 0]) for layer in fork.cache.kv.layers] == [len(fork)] * 2

@@ -1,17 +1,27 @@
-"""Eviction policies: each a small dataclass with one ``keep(scores, budget)`` method."""
+"""Eviction policies: each a small dataclass with one ``keep(tokens, budget)`` method."""
 
 from __future__ import annotations
 
-from .base import Policy
+from .base import CachedTokens, Policy
 from .full import ContextOverflowError, FullPolicy
+from .sentences import SentencesPolicy
 from .sirllm import SirLLMPolicy
 from .streaming import StreamingPolicy
+from .structure import StructurePolicy
+from .words import WordsPolicy
 
-POLICIES: dict[str, type] = {"sirllm": SirLLMPolicy, "streaming": StreamingPolicy, "full": FullPolicy}
+POLICIES: dict[str, type] = {
+    "sirllm": SirLLMPolicy,
+    "streaming": StreamingPolicy,
+    "full": FullPolicy,
+    "words": WordsPolicy,
+    "sentences": SentencesPolicy,
+    "structure": StructurePolicy,
+}
 
 
 def make_policy(name: str, start_size: int, recent_size: int) -> Policy:
-    """Build a policy by name (``sirllm``, ``streaming`` or ``full``)."""
+    """Build a policy by name (see ``POLICIES``)."""
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}: expected one of {', '.join(POLICIES)}")
     if name == "full":
@@ -19,4 +29,16 @@ def make_policy(name: str, start_size: int, recent_size: int) -> Policy:
     return POLICIES[name](start_size=start_size, recent_size=recent_size)
 
 
-__all__ = ["POLICIES", "ContextOverflowError", "FullPolicy", "Policy", "SirLLMPolicy", "StreamingPolicy", "make_policy"]
+__all__ = [
+    "POLICIES",
+    "CachedTokens",
+    "ContextOverflowError",
+    "FullPolicy",
+    "Policy",
+    "SentencesPolicy",
+    "SirLLMPolicy",
+    "StreamingPolicy",
+    "StructurePolicy",
+    "WordsPolicy",
+    "make_policy",
+]

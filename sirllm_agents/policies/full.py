@@ -4,6 +4,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .base import CachedTokens
+
 
 class ContextOverflowError(ValueError):
     """A cache that never evicts was asked to hold more tokens than its bound."""
@@ -17,9 +19,9 @@ class FullPolicy:
     recent_size: int = 0
     name: str = "full"
 
-    def keep(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
+    def keep(self, tokens: CachedTokens, budget: int) -> torch.Tensor:
         raise ContextOverflowError(
-            f"policy 'full' never evicts, but this input fits only if {scores.numel() - budget} of the "
-            f"{scores.numel()} cached tokens go (the cache is bounded by the model's maximum length); use policy "
+            f"policy 'full' never evicts, but this input fits only if {len(tokens) - budget} of the "
+            f"{len(tokens)} cached tokens go (the cache is bounded by the model's maximum length); use policy "
             "'sirllm' or 'streaming' for conversations of any length"
         )

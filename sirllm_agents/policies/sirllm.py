@@ -4,6 +4,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .base import CachedTokens, keep_top
+
 
 @dataclass
 class SirLLMPolicy:
@@ -14,11 +16,5 @@ class SirLLMPolicy:
     recent_size: int = 0
     name: str = "sirllm"
 
-    def keep(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
-        n = scores.numel()
-        middle_end = n - self.recent_size
-        k = budget - self.start_size - self.recent_size
-        top = scores[self.start_size : middle_end].topk(k).indices + self.start_size
-        sinks = torch.arange(self.start_size, device=scores.device)
-        recent = torch.arange(middle_end, n, device=scores.device)
-        return torch.cat((sinks, top.sort().values, recent))
+    def keep(self, tokens: CachedTokens, budget: int) -> torch.Tensor:
+        return keep_top(tokens.scores, budget, self.start_size, self.recent_size)

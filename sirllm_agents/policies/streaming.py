@@ -4,6 +4,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .base import CachedTokens
+
 
 @dataclass
 class StreamingPolicy:
@@ -13,8 +15,6 @@ class StreamingPolicy:
     recent_size: int = 0
     name: str = "streaming"
 
-    def keep(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
-        n = scores.numel()
-        sinks = torch.arange(self.start_size, device=scores.device)
-        recent = torch.arange(n - (budget - self.start_size), n, device=scores.device)
-        return torch.cat((sinks, recent))
+    def keep(self, tokens: CachedTokens, budget: int) -> torch.Tensor:
+        n = len(tokens)
+        return torch.cat((torch.arange(self.start_size), torch.arange(n - (budget - self.start_size), n)))
