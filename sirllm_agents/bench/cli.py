@@ -30,6 +30,19 @@ def add_parser(commands) -> None:
                        help="which option log-likelihood picks the reply appended to the conversation")
         p.add_argument("--model", default=None, help="model folder, hub id or .gguf file (default: embedded SmolLM2)")
         _common(p)
+    recall = tasks.add_parser("recall", help="the project's recall suite: generated conversations, cloze and generation")
+    recall.add_argument("--conversations", type=int, default=100, help="conversations per length")
+    recall.add_argument("--length", type=_numbers(int), default=[1000], help="tokens per conversation (comma list)")
+    recall.add_argument("--budget", type=_numbers(float), default=[0.125, 0.25, 0.5, 1.0],
+                        help="cache size as a share of the conversation (comma list)")
+    recall.add_argument("--policies", default="full,streaming,sirllm,truncate")
+    recall.add_argument("--decay", type=_numbers(float), default=[1.0], help="comma list (entropy policies)")
+    recall.add_argument("--recent", type=_numbers(float), default=[0.0],
+                        help="share of the cache kept for the newest tokens (comma list; entropy policies)")
+    recall.add_argument("--facts", type=int, default=3, help="facts per conversation (the first is later updated)")
+    recall.add_argument("--seed", type=int, default=0, help="the first conversation's seed")
+    recall.add_argument("--model", default=None, help="model folder, hub id or .gguf file (default: embedded SmolLM2)")
+    _common(recall)
     loop = tasks.add_parser("agent-loop", help="per-step latency and memory of SirLLM against stateless and llama.cpp")
     loop.add_argument("--steps", type=int, default=100)
     loop.add_argument("--peers", default="sirllm,stateless,llamacpp")
@@ -64,6 +77,11 @@ def main(args: argparse.Namespace) -> None:
 
         results = agent_loop.run(args.peers.split(","), args.steps, args.cache_size, threads, args.time_limit)
         plot = plots.agent_loop_plot
+    elif args.task == "recall":
+        from . import plots
+
+        results = _recall(args, threads)
+        plot = plots.recall_plot
     else:
         from . import plots
 
@@ -119,3 +137,40 @@ def _memory(args: argparse.Namespace, threads: int) -> dict:
                                     lambda: progress.advance(bar)))
     return {"task": args.task, "model": engine.model_name, "data": str(args.data), "limit": args.limit,
             "episodes": len(episodes), "scoring": args.score, "threads": threads, "runs": runs}
+
+
+def _recall(args: argparse.Namespace, threads: int) -> dict:
+    from rich.progress import Progress
+
+    from ..engine import Engine
+    from ..policies import POLICIES
+    from .recall import Setting, run_setting
+    from .recall_data import generate
+
+    policies = args.policies.split(",")
+    unknown = set(policies) - set(POLICIES) - {"truncate"}
+    if unknown:
+        raise SystemExit(f"unknown policies {sorted(unknown)}: expected some of {', '.join([*POLICIES, 'truncate'])}")
+    settings = []
+    for policy in policies:
+        if policy == "full":
+            settings.append(Setting("full", 1.0))
+            continue
+        entropy = policy not in ("streaming", "truncate")
+        settings += [Setting(policy, budget, decay, recent) for budget in args.budget
+                     for decay in (args.decay if entropy else [1.0]) for recent in (args.recent if entropy else [0.0])]
+    engine = Engine(args.model)
+    count = lambda text: len(engine.encode(text))  # noqa: E731
+    runs = []
+    with Progress() as progress:
+        for length in args.length:
+            seeds = range(args.seed, args.seed + args.conversations)
+            conversations = [generate(seed, length, count, facts=args.facts) for seed in seeds]
+            for setting in settings:
+                label = f"recall {length} tok {setting.policy} budget={setting.budget} decay={setting.decay}"
+                bar = progress.add_task(label + (f" recent={setting.recent}" if setting.recent else ""),
+                                        total=len(conversations))
+                run = run_setting(engine, conversations, setting, lambda: progress.advance(bar))
+                runs.append({"length": length, **run})
+    return {"task": "recall", "model": engine.model_name, "conversations": args.conversations, "seed": args.seed,
+            "facts": args.facts, "lengths": args.length, "threads": threads, "runs": runs}

@@ -91,3 +91,58 @@ def agent_loop_plot(results: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _setting_label(run: dict) -> str:
+    label = run["policy"]
+    if run["policy"] not in ("full", "streaming", "truncate"):
+        label += f" decay={run['decay']}" + (f" recent={run['recent']}" if run.get("recent") else "")
+    return label
+
+
+def recall_plot(results: dict, path: Path) -> None:
+    """The recall suite: cloze and generated recall and the value's tokens kept, against the cache budget (a share of
+    the conversation), one line per setting at the first length; with several lengths, a last panel of cloze recall
+    against the length at the budget closest to 1/4."""
+    plt = _pyplot()
+    lengths = results["lengths"]
+    panels = [("cloze", "cloze recall (best per token)"), ("generated", "generated recall (value in the reply)"),
+              ("kept", "share of the value's tokens kept")]
+    fig, axes = plt.subplots(1, len(panels) + (len(lengths) > 1), figsize=(5 * (len(panels) + (len(lengths) > 1)), 4.5))
+    first = [run for run in results["runs"] if run["length"] == lengths[0]]
+    for ax, (field, title) in zip(axes, panels):
+        lines: dict[str, list[tuple[float, float]]] = {}
+        for run in first:
+            value = run["summary"].get("all", {}).get(field)
+            if value is None:
+                continue
+            if run["policy"] == "full":
+                ax.axhline(value, color="black", linestyle="--", label="full (no eviction)")
+            else:
+                lines.setdefault(_setting_label(run), []).append((run["budget"], value))
+        for label, points in sorted(lines.items()):
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        ax.set(xlabel="cache budget (share of the conversation)", title=title, ylim=(0, 1.02))
+        ax.set_xscale("log", base=2)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel(f"{results['conversations']} conversations of ~{lengths[0]} tokens, {results['model']}")
+    if len(lengths) > 1:
+        budgets = sorted({run["budget"] for run in results["runs"] if run["policy"] != "full"})
+        quarter = min(budgets, key=lambda b: abs(b - 0.25)) if budgets else 1.0
+        lines = {}
+        for run in results["runs"]:
+            if run["policy"] == "full" or run["budget"] == quarter:
+                value = run["summary"].get("all", {}).get("cloze")
+                if value is not None:
+                    lines.setdefault(_setting_label(run), []).append((run["length"], value))
+        ax = axes[-1]
+        for label, points in sorted(lines.items()):
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        ax.set(xlabel="conversation length (tokens)", title=f"cloze recall at budget {quarter}", ylim=(0, 1.02))
+        ax.set_xscale("log", base=2)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,4 +1,4 @@
-"""The recall suite: does a fact stated early survive a bounded cache, in what the model can rank and what it says?
+"""The recall suite: does a fact stated early survive a bounded cache, in what the model ranks and what it says?
 
 Each generated conversation (:mod:`.recall_data`) is fed to one session an exchange at a time, as an agent framework
 would (:meth:`Session.ingest`, so decay applies per turn). At the end each fact is asked for on its own fork of the
@@ -6,12 +6,14 @@ session, so questions never see each other, and scored two ways:
 
 * cloze: the question without options; each candidate value is scored as the assistant's reply
   (:meth:`Session.score`) and the best per token wins (per character recorded too);
-* generation: the model's greedy reply to the question, right when it contains the value (and, for an updated fact,
-  not the value it replaced).
+* generation: the model's greedy reply, right when it names the value (and, for an updated fact, not the value it
+  replaced). A reply is well-formed when it is on the question's topic (a word of the question or a candidate
+  value) and copies no run of six words from a distractor turn: the failure where a model imitates the scattered
+  fragments a cache kept instead of answering.
 
 The cache budget is a share of the conversation's tokens. ``truncate`` keeps the newest whole exchanges that fit
-the budget, as ``trim_messages`` does; ``full`` never evicts (``None`` where the conversation passes the model's
-length).
+the budget, as ``trim_messages`` does; ``full`` never evicts (a conversation past the model's length is recorded as
+overflowed).
 """
 
 from __future__ import annotations
@@ -27,124 +29,125 @@ from .recall_data import Conversation, Fact
 
 START_SIZE = 4
 MIN_CACHE = 64
-ANSWER_TOKENS = 24  # generated per question
+ANSWER_TOKENS = 24  # generated per question, up to the end of its first line
+QUESTION_ROOM = 32  # tokens a question and its generation prompt may take, for truncate's trimming
+COPIED_WORDS = 6  # a reply repeating this many words of a distractor turn in a row imitates it
+STOPWORDS = {"what", "when", "which", "where", "does", "will", "held", "called", "name", "waiting"}
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One column of the suite: a policy, its budget as a share of the conversation, and SirLLM's decay."""
+    """One column of the suite: a policy, its budget as a share of the conversation's tokens, SirLLM's decay, and
+    the share of the cache kept for the newest tokens (``recent_size``)."""
 
     policy: str
-    budget: float  # cache size / conversation tokens (1.0 for "full")
+    budget: float
     decay: float = 1.0
+    recent: float = 0.0
 
 
 def conversation_tokens(engine: Engine, conversation: Conversation) -> int:
     return len(engine.encode(engine.template.render(list(conversation.messages), add_generation_prompt=False)))
 
 
-def cache_size(setting: Setting, tokens: int) -> int:
-    return max(MIN_CACHE, round(setting.budget * tokens))
-
-
 def run_conversation(engine: Engine, conversation: Conversation, setting: Setting) -> list[dict]:
     """Feed ``conversation`` under ``setting`` and ask for each fact; one record per fact."""
     tokens = conversation_tokens(engine, conversation)
-    size = cache_size(setting, tokens)
+    size = max(MIN_CACHE, round(setting.budget * tokens))
+    base = {"conversation": conversation.name, "tokens": tokens, "cache_size": size}
     messages = list(conversation.messages)
-    if setting.policy == "truncate":
-        session = None
-    else:
-        if setting.policy == "full":
-            if tokens + 64 > engine.max_length:  # the question and the reply must fit too
-                return [_record(conversation, fact, tokens, None, setting) for fact in conversation.facts]
-            session = engine.session(policy="full")
-        else:
-            session = engine.session(cache_size=size, start_size=START_SIZE, decay=setting.decay,
-                                     policy=setting.policy)
+    session = None
+    if setting.policy == "full":
+        if tokens + QUESTION_ROOM + ANSWER_TOKENS > engine.max_length:
+            return [base | _fact_fields(conversation, fact) | {"overflowed": True} for fact in conversation.facts]
+        session = engine.session(policy="full")
+    elif setting.policy != "truncate":
+        session = engine.session(cache_size=size, start_size=START_SIZE, recent_size=round(setting.recent * size),
+                                 decay=setting.decay, policy=setting.policy)
+    if session is not None:
         for end in range(2, len(messages) + 1, 2):
             session.ingest(messages[:end])
+    fragments = _distractor_runs(conversation)
     records = []
     for fact in conversation.facts:
         if session is None:
-            asked, kept = truncated(engine, messages, size - ANSWER_TOKENS), None
+            asked = truncated(engine, messages, size - QUESTION_ROOM - ANSWER_TOKENS)
             fork = engine.session(policy="full")
         else:
             asked, fork = messages, session.fork()
         question = asked + [{"role": "user", "content": fact.question}]
         logprobs = fork.score(question, list(fact.candidates))
-        reply = fork.chat(question, max_new_tokens=ANSWER_TOKENS)
-        if session is not None:
-            kept = {
-                "value": share_in_cache(fork, fact.message, fact.value),
-                "previous": None if fact.previous is None else share_in_cache(fork, fact.previous_message, fact.previous),
-            }
-        answer = {
-            "logprobs": logprobs,
-            "reply": reply.text,
-            "kept": kept,
+        reply = fork.chat(question, max_new_tokens=ANSWER_TOKENS, stop="\n").text
+        per_token = [lp / len(engine.encode(c)) for lp, c in zip(logprobs, fact.candidates)]
+        per_char = [lp / len(c) for lp, c in zip(logprobs, fact.candidates)]
+        pick = fact.candidates[_argmax(per_token)]
+        records.append(base | _fact_fields(conversation, fact) | {
+            "overflowed": False,
             "messages_kept": len(asked),
-        }
-        records.append(_record(conversation, fact, tokens, answer, setting, size, engine))
+            "cloze": pick == fact.value,
+            "cloze_char": _argmax(per_char) == fact.answer,
+            "picked_previous": pick == fact.previous,
+            "generated": names(reply, fact.value) and not (fact.previous and names(reply, fact.previous)),
+            "generated_previous": bool(fact.previous) and names(reply, fact.previous),
+            "well_formed": well_formed(reply, fact, fragments),
+            "reply": reply,
+            "kept": None if session is None else share_in_cache(fork, fact.message, fact.value),
+            "kept_previous": None if session is None or fact.previous is None
+            else share_in_cache(fork, fact.previous_message, fact.previous),
+        })
     return records
 
 
-def _record(conversation: Conversation, fact: Fact, tokens: int, answer: dict | None, setting: Setting,
-            size: int | None = None, engine: Engine | None = None) -> dict:
-    record = {
-        "conversation": conversation.name,
-        "tokens": tokens,
-        "cache_size": size,
+def _fact_fields(conversation: Conversation, fact: Fact) -> dict:
+    return {
         "kind": fact.kind,
         "updated": fact.previous is not None,
         "depth": fact.message / len(conversation.messages),  # where the (newest) statement sits, as a share
         "value": fact.value,
-        "overflowed": answer is None,
+        "question": fact.question,
     }
-    if answer is None:
-        return record
-    logprobs = answer["logprobs"]
-    ntokens = [len(_reply_ids(engine, c)) for c in fact.candidates]
-    per_token = [lp / n for lp, n in zip(logprobs, ntokens)]
-    per_char = [lp / len(c) for lp, c in zip(logprobs, fact.candidates)]
-    reply = answer["reply"]
-    record.update(
-        cloze=_argmax(per_token) == fact.answer,
-        cloze_char=_argmax(per_char) == fact.answer,
-        picked_previous=fact.previous is not None and fact.candidates[_argmax(per_token)] == fact.previous,
-        generated=contains(reply, fact.value) and not (fact.previous and contains(reply, fact.previous)),
-        generated_previous=bool(fact.previous) and contains(reply, fact.previous),
-        reply=reply,
-        kept=answer["kept"],
-        messages_kept=answer["messages_kept"],
-    )
-    return record
-
-
-def _reply_ids(engine: Engine, text: str) -> list[int]:
-    return engine.encode(text)
 
 
 def _argmax(values: list[float]) -> int:
     return max(range(len(values)), key=values.__getitem__)
 
 
-def contains(reply: str, value: str) -> bool:
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z]+|\d+", text.lower())
+
+
+def names(reply: str, value: str) -> bool:
     """Whether ``reply`` names ``value``, ignoring case, punctuation and spacing (``copper76`` in "Copper-76.")."""
+    return f" {' '.join(_words(value))} " in f" {' '.join(_words(reply))} "
 
-    def words(text: str) -> str:
-        return " " + " ".join(re.findall(r"[a-z]+|\d+", text.lower())) + " "
 
-    return words(value) in words(reply)
+def _distractor_runs(conversation: Conversation) -> set[tuple[str, ...]]:
+    """Every run of ``COPIED_WORDS`` words in the conversation's messages that state no fact."""
+    stating = {f.message for f in conversation.facts} | {f.previous_message for f in conversation.facts}
+    runs = set()
+    for i, message in enumerate(conversation.messages):
+        if i not in stating:
+            words = _words(message["content"])
+            runs.update(tuple(words[j : j + COPIED_WORDS]) for j in range(len(words) - COPIED_WORDS + 1))
+    return runs
+
+
+def well_formed(reply: str, fact: Fact, fragments: set[tuple[str, ...]]) -> bool:
+    """An answer to the question: on its topic, and no copy of a distractor turn (see the module docstring)."""
+    words = _words(reply)
+    if any(tuple(words[j : j + COPIED_WORDS]) in fragments for j in range(len(words) - COPIED_WORDS + 1)):
+        return False
+    topic = {w for w in _words(fact.question) if len(w) > 3 and w not in STOPWORDS}
+    return bool(topic & set(words)) or any(names(reply, value) for value in fact.candidates)
 
 
 def truncated(engine: Engine, messages: list[dict], budget: int) -> list[dict]:
-    """The newest whole exchanges (user then assistant) whose rendering, with a question of up to 32 tokens, fits
-    ``budget`` tokens: what ``trim_messages`` does to an agent's history."""
+    """The newest whole exchanges (user then assistant) whose rendering fits ``budget`` tokens: what
+    ``trim_messages`` does to an agent's history. Empty when not even the last exchange fits."""
     start = 0
     while start < len(messages):
         text = engine.template.render(messages[start:], add_generation_prompt=False)
-        if len(engine.encode(text)) + 32 <= budget:
+        if len(engine.encode(text)) <= budget:
             break
         start += 2
     return messages[start:]
@@ -166,11 +169,35 @@ def share_in_cache(session: Session, message: int, value: str) -> float:
     return sum(kept) / len(kept)
 
 
+def summarize(records: list[dict]) -> dict:
+    """Shares over the facts that fit (``full`` may overflow): cloze and generated recall, well-formed replies and
+    the value's tokens kept, for all facts, for facts never updated, and for updated ones (with how often the value
+    they replaced won instead)."""
+    answered = [r for r in records if not r["overflowed"]]
+    result = {"facts": len(records), "overflowed": len(records) - len(answered)}
+    for group, rows in (("all", answered), ("plain", [r for r in answered if not r["updated"]]),
+                        ("updated", [r for r in answered if r["updated"]])):
+        if not rows:
+            continue
+        fields = ["cloze", "cloze_char", "generated", "well_formed"]
+        if group == "updated":
+            fields += ["picked_previous", "generated_previous"]
+        result[group] = {f: sum(r[f] for r in rows) / len(rows) for f in fields} | {"facts": len(rows)}
+        kept = [r["kept"] for r in rows if r["kept"] is not None]
+        if kept:
+            result[group]["kept"] = sum(kept) / len(kept)
+    return result
+
+
 def run_setting(engine: Engine, conversations: list[Conversation], setting: Setting,
                 advance: Callable[[], None]) -> dict:
+    """Every conversation under ``setting``: the setting, the summary, a few sample replies and every record."""
     start = time.perf_counter()
     records = []
     for conversation in conversations:
         records += run_conversation(engine, conversation, setting)
         advance()
-    return {**asdict(setting), "records": records, "seconds": round(time.perf_counter() - start, 2)}
+    samples = [{"question": r["question"], "value": r["value"], "reply": r["reply"]}
+               for r in records if not r["overflowed"]][:4]
+    return {**asdict(setting), "summary": summarize(records), "samples": samples, "records": records,
+            "seconds": round(time.perf_counter() - start, 2)}

@@ -72,11 +72,35 @@ def _agent_table(results: dict) -> list[str]:
     return lines
 
 
+def _recall_table(results: dict) -> list[str]:
+    lines = [f"### recall suite: {results['conversations']} conversations per length, {results['facts']} facts each "
+             f"(one updated), {results['model']}", "",
+             "| length | policy | budget | decay | recent | cloze | cloze (per char) | generated | well-formed | "
+             "value kept | updated: cloze | updated: generated | updated: old value said | seconds |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for run in results["runs"]:
+        summary = run["summary"]
+        if "all" not in summary:
+            lines.append(f"| {run['length']} | {run['policy']} | {run['budget']} | | | overflowed: the conversation "
+                         "passes the model's length | | | | | | | | |")
+            continue
+        a, u = summary["all"], summary.get("updated", {})
+        kept = _pct(a["kept"]) if "kept" in a else "-"
+        updated = [_pct(u[f]) if f in u else "-" for f in ("cloze", "generated", "generated_previous")]
+        lines.append(f"| {run['length']} | {run['policy']} | {run['budget']} | {run['decay']} | {run['recent']} | "
+                     f"{_pct(a['cloze'])} | {_pct(a['cloze_char'])} | {_pct(a['generated'])} | "
+                     f"{_pct(a['well_formed'])} | {kept} | {' | '.join(updated)} | {run['seconds']:.0f} |")
+    lines += ["", "Budget: the cache size as a share of the conversation's tokens. Recent: the share of the cache kept "
+              "for the newest tokens. Value kept: the share of the fact's value tokens still cached at the question."]
+    return lines
+
+
 def report(folder: str | Path) -> str:
     """Markdown for every ``*.json`` result in ``folder``, by task, oldest first."""
     sections = []
     for path in sorted(Path(folder).glob("*.json")):  # names are TASK-TIMESTAMP
         results = json.loads(path.read_text())
-        table = _agent_table(results) if results["task"] == "agent-loop" else _memory_table(results)
+        tables = {"agent-loop": _agent_table, "recall": _recall_table}
+        table = tables.get(results["task"], _memory_table)(results)
         sections.append("\n".join(table + ["", f"(from `{path.name}`)"]))
     return "\n\n".join(sections) + "\n"

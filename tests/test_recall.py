@@ -1,0 +1,122 @@
+"""The recall suite: generated conversations, its scoring helpers, each policy on a tiny model, the report and plot."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from sirllm_agents.bench import recall, recall_data
+from sirllm_agents.bench.plots import recall_plot
+from sirllm_agents.bench.report import report
+from sirllm_agents.cli import main as cli
+
+
+def count_words(text: str) -> int:
+    return len(text.split())
+
+
+def test_conversations_are_seeded_and_state_every_fact_with_its_update():
+    first = recall_data.generate(7, 600, count_words)
+    assert first == recall_data.generate(7, 600, count_words)
+    assert first != recall_data.generate(8, 600, count_words)
+    messages = first.messages
+    assert [m["role"] for m in messages] == ["user", "assistant"] * (len(messages) // 2)
+    assert sum(count_words(m["content"]) + 5 for m in messages) >= 600
+    assert len({fact.kind for fact in first.facts}) == len(first.facts) == 3
+    updated = [fact for fact in first.facts if fact.previous is not None]
+    assert len(updated) == 1 and updated[0] is first.facts[0]
+    for fact in first.facts:
+        assert fact.candidates[fact.answer] == fact.value and len(set(fact.candidates)) == 5
+        assert fact.value in messages[fact.message]["content"] and messages[fact.message]["role"] == "user"
+        # No distractor names a candidate value.
+        stating = {fact.message, fact.previous_message}
+        for i, message in enumerate(messages):
+            if i not in stating and message["role"] == "user":
+                assert not any(recall.names(message["content"], value) for value in fact.candidates), (i, message)
+    old = updated[0]
+    assert old.previous in old.candidates and old.previous in messages[old.previous_message]["content"]
+    assert old.previous_message < old.message and old.message / len(messages) > 0.6
+
+
+def test_a_reply_names_a_value_ignoring_case_and_punctuation():
+    assert recall.names("The wifi password is Copper-76.", "copper76")
+    assert recall.names("the password is COPPER76!", "copper76")
+    assert recall.names("It is on March 14.", "March 14") and not recall.names("It is on March 144.", "March 14")
+
+
+def test_well_formed_means_on_topic_and_no_copied_distractor():
+    fact = recall_data.Fact("code", "What is my locker code?", "4821", ("4821", "1234"), 0, 0)
+    runs = {("service", "auth", "status", "ok", "duration", "5")}
+    assert recall.well_formed("Your locker code is 1234.", fact, runs)  # wrong, but an answer
+    assert recall.well_formed("It is 4821.", fact, runs)
+    assert not recall.well_formed("The weather is sunny today.", fact, runs)
+    assert not recall.well_formed("Locker: service=auth status=ok duration=5s", fact, runs)
+    assert not recall.well_formed("", fact, runs)
+
+
+@pytest.mark.parametrize("policy", ["full", "streaming", "sirllm", "sentences", "truncate"])
+def test_each_policy_answers_every_fact_with_sane_records(tiny_engine, policy):
+    conversation = recall_data.generate(3, 500, lambda text: len(tiny_engine.encode(text)))
+    tokens = recall.conversation_tokens(tiny_engine, conversation)
+    records = recall.run_conversation(tiny_engine, conversation, recall.Setting(policy, 0.25, recent=0.125))
+    assert len(records) == 3 and all(r["tokens"] == tokens and not r["overflowed"] for r in records)
+    assert all(r["cache_size"] == max(recall.MIN_CACHE, round(0.25 * tokens)) for r in records)
+    for r in records:
+        assert isinstance(r["cloze"], bool) and isinstance(r["generated"], bool) and "\n" not in r["reply"]
+    kept = [r["kept"] for r in records]
+    if policy == "full":
+        assert kept == [1.0, 1.0, 1.0] and records[0]["kept_previous"] == 1.0
+    elif policy == "truncate":
+        assert kept == [None] * 3 and all(r["messages_kept"] < len(conversation.messages) for r in records)
+    elif policy == "streaming":
+        assert records[1]["kept"] == 0.0  # stated at the start of the conversation, long out of the window
+    else:
+        assert all(0.0 <= k <= 1.0 for k in kept)
+    summary = recall.summarize(records)
+    assert summary["facts"] == 3 and summary["updated"]["facts"] == 1 and summary["plain"]["facts"] == 2
+
+
+def test_full_overflows_past_the_model_length_and_says_so(tiny_engine, monkeypatch):
+    conversation = recall_data.generate(3, 400, lambda text: len(tiny_engine.encode(text)))
+    monkeypatch.setattr(tiny_engine, "max_length", 200)
+    records = recall.run_conversation(tiny_engine, conversation, recall.Setting("full", 1.0))
+    assert all(r["overflowed"] for r in records)
+    assert recall.summarize(records) == {"facts": 3, "overflowed": 3}
+
+
+def test_recall_report_and_plot(tmp_path):
+    def run(policy, budget, length, cloze, generated=0.5):
+        summary = {"facts": 6, "overflowed": 0,
+                   "all": {"cloze": cloze, "cloze_char": cloze, "generated": generated, "well_formed": 1.0, "kept": 0.5},
+                   "updated": {"cloze": 0.5, "generated": 0.0, "generated_previous": 1.0, "facts": 2}}
+        return {"length": length, "policy": policy, "budget": budget, "decay": 1.0, "recent": 0.0,
+                "summary": summary, "samples": [], "records": [], "seconds": 3.0}
+
+    runs = [run("full", 1.0, 1000, 0.9), run("sirllm", 0.25, 1000, 0.75), run("sirllm", 0.5, 1000, 0.8),
+            run("streaming", 0.25, 1000, 0.25), run("sirllm", 0.25, 2000, 0.7),
+            {**run("full", 1.0, 2000, 0), "summary": {"facts": 6, "overflowed": 6}}]
+    results = {"task": "recall", "model": "tiny", "conversations": 2, "seed": 0, "facts": 3, "lengths": [1000, 2000],
+               "threads": 1, "runs": runs}
+    (tmp_path / "recall-20261123-000000.json").write_text(json.dumps(results))
+    table = report(tmp_path)
+    assert "| 1000 | sirllm | 0.25 | 1.0 | 0.0 | 75.0 | 75.0 | 50.0 | 100.0 | 50.0 | 50.0 | 0.0 | 100.0 | 3 |" in table
+    assert re.search(r"\| 2000 \| full \| 1.0 \| +\| +\| overflowed", table)
+    recall_plot(results, tmp_path / "recall.png")
+    from matplotlib.image import imread
+
+    assert imread(tmp_path / "recall.png").shape[:2] == (540, 2400)  # three panels and the length panel
+
+
+@pytest.mark.slow
+def test_cli_runs_the_suite_on_the_embedded_model(tmp_path):
+    out = tmp_path / "results"
+    cli(["bench", "recall", "--conversations", "1", "--length", "300", "--budget", "0.5", "--policies",
+         "full,sirllm,truncate", "--threads", "1", "--out", str(out)])
+    [result] = out.glob("recall-*.json")
+    assert result.with_suffix(".png").stat().st_size > 1000
+    results = json.loads(result.read_text())
+    assert [(r["policy"], r["budget"]) for r in results["runs"]] == [("full", 1.0), ("sirllm", 0.5), ("truncate", 0.5)]
+    assert all(len(r["records"]) == 3 for r in results["runs"])
+    assert "| 300 | sirllm | 0.5 |" in report(out)
