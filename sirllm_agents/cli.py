@@ -11,9 +11,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="sirllm-agents", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="a 60+ turn conversation on a small cache, SirLLM against StreamingLLM")
-    demo.add_argument("--turns", type=int, default=62)
-    demo.add_argument("--cache-size", type=int, default=256)
+    demo = commands.add_parser("demo", help="a fact, a long conversation on a small cache, and the question: "
+                               "what each policy still knows")
+    demo.add_argument("--seed", type=int, default=0, help="which generated conversation")
+    demo.add_argument("--length", type=int, default=1200, help="the conversation's tokens")
+    demo.add_argument("--budget", type=float, default=0.25, help="cache size as a share of the conversation")
     demo.add_argument("--model", default=None, help="model folder, hub id or .gguf file (default: embedded SmolLM2)")
     bench_cli.add_parser(commands)
 
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "demo":
         from .demo import main as demo_main
 
-        demo_main(turns=args.turns, cache_size=args.cache_size, model=args.model)
+        demo_main(seed=args.seed, length=args.length, budget=args.budget, model=args.model)
     elif args.command == "bench":
         bench_cli.main(args)
     elif args.command == "chat":

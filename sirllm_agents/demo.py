@@ -1,59 +1,89 @@
-"""The main job: a long scripted conversation on a small cache, under SirLLM and under StreamingLLM.
+"""The main job: does the model still know a fact after its cache has evicted most of the conversation?
 
-A fact is given at turn 1, sixty filler turns push it far past the cache budget, and the last turn asks for it. Per
-turn it prints what was prefilled, reused and evicted and the cache length; at the end, each policy's answer and
-whether the fact's tokens are still in the cache.
+One scripted conversation from the recall suite: a fact first, then exchanges that state nothing to remember
+(questions with their answers, tool outputs, chit-chat), fed to one session per policy an exchange at a time on a
+cache of a quarter of the conversation's tokens; then the question. Per policy: what each turn prefilled and evicted,
+the model's reply, where the true value ranks by likelihood among five candidates, and which of the value's tokens
+the cache still holds.
 """
 
 from __future__ import annotations
 
 from rich.console import Console
+from rich.table import Table
 
+from .bench.recall import names, value_tokens
+from .bench.recall_data import Conversation, generate
 from .engine import Engine
+from .session import Session
 
-FACT = "Remember this: my locker code is 4821."
-QUESTION = "What is my locker code?"
-FILLER = [
-    "Name a fruit that is red.",
-    "What colour is the sky on a clear day?",
-    "Give me one word that rhymes with cat.",
-    "How many legs does a spider have?",
-    "What do bees make?",
-    "Name a planet in our solar system.",
-    "What is the opposite of hot?",
-    "Which animal says moo?",
-    "What do you call frozen water?",
-    "Name a musical instrument with strings.",
-]
+# Fact kinds the embedded 135M model recalls in its replies with no eviction (see the README for the rate).
+KINDS = ("code", "name")
+POLICIES = ("full", "streaming", "sirllm", "sentences")
+START_SIZE = 4
 
 
-def run_policy(engine: Engine, policy: str, turns: int, cache_size: int, console: Console) -> tuple[str, bool]:
-    session = engine.session(cache_size=cache_size, policy=policy)
-    console.rule(f"policy={policy}  cache_size={cache_size}")
-    console.print(f"{'turn':>4} {'prefilled':>9} {'reused':>6} {'evicted':>7} {'cache':>5}  reply")
-    messages = []
-    prompts = [FACT] + [FILLER[i % len(FILLER)] for i in range(turns - 2)] + [QUESTION]
-    for number, prompt in enumerate(prompts, start=1):
-        messages.append({"role": "user", "content": prompt})
-        reply = session.chat(messages, max_new_tokens=24)
-        messages.append({"role": "assistant", "content": reply.text})
-        s = reply.stats
-        shown = reply.text.replace("\n", " ")
-        shown = shown[:40] + ("…" if len(shown) > 40 else "")
-        console.print(
-            f"{number:>4} {s.prefilled_tokens:>9} {s.reused_tokens:>6} {s.evicted_tokens:>7} {s.cache_len:>5}  {shown}",
-            markup=False,
-            highlight=False,
-        )
-    kept_text = engine.tokenizer.decode(session.cache.token_ids.tolist())
-    return messages[-1]["content"], "4821" in kept_text.replace(" ", "")
+def feed(session: Session, conversation: Conversation, on_turn) -> None:
+    messages = list(conversation.messages)
+    for end in range(2, len(messages) + 1, 2):
+        on_turn(end // 2, session.ingest(messages[:end]), len(session))
 
 
-def main(turns: int = 62, cache_size: int = 256, model: str | None = None) -> None:
-    console = Console()
+def main(seed: int = 0, length: int = 1200, budget: float = 0.25, model: str | None = None) -> None:
+    console = Console(highlight=False)
     with console.status("loading the model"):
         engine = Engine(model)
-    results = {policy: run_policy(engine, policy, turns, cache_size, console) for policy in ("sirllm", "streaming")}
-    console.rule("the question at the last turn: " + QUESTION)
-    for policy, (answer, kept) in results.items():
-        console.print(f"[bold]{policy:>9}[/]: {answer!r}   (the fact's digits still in the cache: {'yes' if kept else 'no'})")
+    conversation = generate(seed, length, lambda text: len(engine.encode(text)), facts=1, update=False, kinds=KINDS)
+    fact = conversation.facts[0]
+    tokens = len(engine.encode(engine.template.render(list(conversation.messages), add_generation_prompt=False)))
+    cache_size = round(budget * tokens)
+    console.rule(f"{engine.model_name}: a {tokens}-token conversation on a {cache_size}-token cache")
+    console.print(f"turn 1, user: [bold]{conversation.messages[0]['content']}[/]")
+    console.print(f"turns 2-{len(conversation.messages) // 2}: questions, tool outputs and chit-chat, none about it")
+    console.print(f"then the question: [bold]{fact.question}[/]  (true value {fact.value!r}; candidates "
+                  f"{', '.join(fact.candidates)})\n")
+
+    turns = Table(title="per turn: tokens prefilled (only the new exchange), and evicted / cached under each policy")
+    for column in ("turn", "prefilled", "reused", *POLICIES):
+        turns.add_column(column, justify="right")
+    rows: dict[int, list[str]] = {}
+    sessions = {}
+    for policy in POLICIES:
+        size = None if policy == "full" else cache_size
+        session = engine.session(cache_size=size, start_size=START_SIZE, policy=policy)
+
+        def on_turn(number, turn, cached, policy=policy):
+            row = rows.setdefault(number, [str(number), str(turn.prefilled_tokens), str(turn.reused_tokens)])
+            row.append(f"{turn.evicted_tokens} / {cached}")
+
+        with console.status(f"feeding the conversation under {policy}"):
+            feed(session, conversation, on_turn)
+        sessions[policy] = session
+    last = max(rows)
+    for number, row in rows.items():
+        if number == 1 or number % 5 == 0 or number == last:
+            turns.add_row(*row)
+    console.print(turns)
+
+    answers = Table(title=f"the question: {fact.question}")
+    for column in ("policy", "the model's reply", "true value by likelihood", "its tokens in the cache"):
+        answers.add_column(column)
+    question = list(conversation.messages) + [{"role": "user", "content": fact.question}]
+    for policy, session in sessions.items():
+        with console.status(f"asking under {policy}"):
+            scores = session.score(question, list(fact.candidates))
+            per_token = [score / len(engine.encode(c)) for score, c in zip(scores, fact.candidates)]
+            rank = 1 + sum(s > per_token[fact.answer] for s in per_token)
+            reply = session.chat(question, max_new_tokens=24, stop="\n").text
+        kept = value_tokens(session, fact.message, fact.value)
+        shown = "".join(f"[bold green]{text}[/]" if retained else f"[strike dim]{text}[/]" for text, retained in kept)
+        mark = "[green]✓[/]" if names(reply, fact.value) else "[red]✗[/]"
+        answers.add_row(
+            policy,
+            f"{mark} {reply}",
+            f"{'[green]' if rank == 1 else '[red]'}rank {rank} of {len(fact.candidates)}[/]",
+            f"{shown}  ({sum(r for _, r in kept)} of {len(kept)})",
+        )
+    console.print(answers)
+    console.print("Likelihood: each candidate scored as the whole reply, per token. In the cache column, kept tokens "
+                  "are green and evicted ones struck through.")

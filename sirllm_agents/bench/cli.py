@@ -7,6 +7,8 @@ import json
 import time
 from pathlib import Path
 
+from .recall_data import SUBJECTS
+
 MEMORY_TASKS = ("grocery", "dailydialog", "rps")
 
 
@@ -40,6 +42,8 @@ def add_parser(commands) -> None:
     recall.add_argument("--recent", type=_numbers(float), default=[0.0],
                         help="share of the cache kept for the newest tokens (comma list; entropy policies)")
     recall.add_argument("--facts", type=int, default=3, help="facts per conversation (the first is later updated)")
+    recall.add_argument("--no-update", action="store_true", help="state every fact once, never updated")
+    recall.add_argument("--kinds", default=",".join(SUBJECTS), help=f"fact kinds to draw from (of {', '.join(SUBJECTS)})")
     recall.add_argument("--seed", type=int, default=0, help="the first conversation's seed")
     recall.add_argument("--model", default=None, help="model folder, hub id or .gguf file (default: embedded SmolLM2)")
     _common(recall)
@@ -147,6 +151,9 @@ def _recall(args: argparse.Namespace, threads: int) -> dict:
     from .recall import Setting, run_setting
     from .recall_data import generate
 
+    kinds = args.kinds.split(",")
+    if set(kinds) - set(SUBJECTS) or len(kinds) < args.facts:
+        raise SystemExit(f"--kinds must name at least --facts ({args.facts}) of {', '.join(SUBJECTS)}, got {kinds}")
     policies = args.policies.split(",")
     unknown = set(policies) - set(POLICIES) - {"truncate"}
     if unknown:
@@ -165,7 +172,8 @@ def _recall(args: argparse.Namespace, threads: int) -> dict:
     with Progress() as progress:
         for length in args.length:
             seeds = range(args.seed, args.seed + args.conversations)
-            conversations = [generate(seed, length, count, facts=args.facts) for seed in seeds]
+            conversations = [generate(seed, length, count, facts=args.facts, update=not args.no_update, kinds=kinds)
+                             for seed in seeds]
             for setting in settings:
                 label = f"recall {length} tok {setting.policy} budget={setting.budget} decay={setting.decay}"
                 bar = progress.add_task(label + (f" recent={setting.recent}" if setting.recent else ""),
@@ -173,4 +181,5 @@ def _recall(args: argparse.Namespace, threads: int) -> dict:
                 run = run_setting(engine, conversations, setting, lambda: progress.advance(bar))
                 runs.append({"length": length, **run})
     return {"task": "recall", "model": engine.model_name, "conversations": args.conversations, "seed": args.seed,
-            "facts": args.facts, "lengths": args.length, "threads": threads, "runs": runs}
+            "facts": args.facts, "updates": not args.no_update, "kinds": kinds, "lengths": args.length,
+            "threads": threads, "runs": runs}

@@ -153,19 +153,25 @@ def truncated(engine: Engine, messages: list[dict], budget: int) -> list[dict]:
     return messages[start:]
 
 
-def share_in_cache(session: Session, message: int, value: str) -> float:
-    """The share of ``value``'s tokens, where message ``message`` states it, that the cache still holds."""
+def value_tokens(session: Session, message: int, value: str) -> list[tuple[str, bool]]:
+    """The tokens of ``value`` where message ``message`` states it, each with whether the cache still holds it."""
     begin, end = session.transcript.spans[message]
     tokens = session.memory().conversation[begin:end]
     text = "".join(token.text for token in tokens)
     start = text.rfind(value)
     if start < 0:
         raise ValueError(f"message {message} does not state {value!r}")
-    stop, offset, kept = start + len(value), 0, []
+    stop, offset, pieces = start + len(value), 0, []
     for token in tokens:
         if offset < stop and offset + len(token.text) > start:
-            kept.append(token.retained)
+            pieces.append((token.text, token.retained))
         offset += len(token.text)
+    return pieces
+
+
+def share_in_cache(session: Session, message: int, value: str) -> float:
+    """The share of ``value``'s tokens, where message ``message`` states it, that the cache still holds."""
+    kept = [retained for _, retained in value_tokens(session, message, value)]
     return sum(kept) / len(kept)
 
 

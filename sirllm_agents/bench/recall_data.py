@@ -9,7 +9,7 @@ each fact is asked for; the newest value is the answer, and the value it replace
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 # Per kind: (statement, question) pairs, and how to draw a value. The subject of each pair is unique across kinds,
@@ -113,12 +113,13 @@ def generate(
     facts: int = 3,
     candidates: int = 5,
     update: bool = True,
+    kinds: Sequence[str] = tuple(SUBJECTS),
 ) -> Conversation:
     """A conversation of about ``length`` tokens (message texts as ``count_tokens`` counts them, plus a few per
-    message for the chat template). ``facts`` facts of different kinds are stated over the first half; with
+    message for the chat template). ``facts`` facts of different ``kinds`` are stated over the first half; with
     ``update``, the first of them gets a new value at about three quarters of the way."""
     rng = random.Random(seed)
-    kinds = rng.sample(list(SUBJECTS), facts)
+    kinds = rng.sample(list(kinds), facts)
     drawn = [_draw_fact(rng, kind, candidates) for kind in kinds]
     used = {v for _, _, values in drawn for v in values}
     # Where each statement goes, as a share of the conversation's tokens.

@@ -73,8 +73,10 @@ def _agent_table(results: dict) -> list[str]:
 
 
 def _recall_table(results: dict) -> list[str]:
-    lines = [f"### recall suite: {results['conversations']} conversations per length, {results['facts']} facts each "
-             f"(one updated), {results['model']}", "",
+    updated = " (one updated)" if results.get("updates", True) else ""
+    kinds = f", kinds {', '.join(results['kinds'])}" if "kinds" in results else ""
+    lines = [f"### recall suite: {results['conversations']} conversations per length, {results['facts']} facts "
+             f"each{updated}{kinds}, {results['model']}", "",
              "| length | policy | budget | decay | recent | cloze | cloze (per char) | generated | well-formed | "
              "value kept | updated: cloze | updated: generated | updated: old value said | seconds |",
              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
