@@ -1,31 +1,40 @@
 """sirllm-agents: a local-LLM chat session whose KV cache lives across agent steps, bounded by SirLLM eviction."""
 
-from .engine import SESSION_SETTINGS, Engine
+from .config import SessionConfig
+from .engine import Engine
 from .generation import GenerationConfig
 from .loading import ModelLoadError
 from .memory import Memory, MemoryToken, TurnMemory
+from .model import Model
 from .persistence import SessionFileError
 from .policies import ContextOverflowError, FullPolicy, Policy, SirLLMPolicy, StreamingPolicy
-from .rope import UnsupportedModelError
-from .session import Reply, ReplyStream, Session, SessionStats, TurnStats
+from .replies import Reply, ReplyStream, TextDelta, ToolCallDelta
+from .runners.rope import UnsupportedModelError
+from .session import AsyncReplyStream, Session, SessionStats, TurnStats
+from .tools import ToolCall
 
 __all__ = [
-    "SESSION_SETTINGS",
+    "AsyncReplyStream",
     "ContextOverflowError",
     "Engine",
     "FullPolicy",
     "GenerationConfig",
     "Memory",
     "MemoryToken",
+    "Model",
     "ModelLoadError",
     "Policy",
     "Reply",
     "ReplyStream",
     "Session",
+    "SessionConfig",
     "SessionFileError",
     "SessionStats",
     "SirLLMPolicy",
     "StreamingPolicy",
+    "TextDelta",
+    "ToolCall",
+    "ToolCallDelta",
     "TurnMemory",
     "TurnStats",
     "UnsupportedModelError",

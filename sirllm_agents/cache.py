@@ -1,39 +1,40 @@
-"""The bounded KV cache: per-layer keys and values plus what SirLLM needs to know about each cached token.
+"""The bounded cache: what SirLLM records of each cached token, the budget, and eviction.
 
-Knows nothing of chat. The model appends keys and values through ``kv`` (a transformers ``DynamicCache``) during its
-forward; the caller then records the tokens with ``append``. The token records are the source of truth: a forward
-interrupted halfway leaves some layers longer than the records, and ``truncate`` cuts every layer back to them.
+Knows nothing of chat, nor of how keys and values are stored: a :class:`~sirllm_agents.runners.ModelRunner` holds
+those. The token records here are the source of truth: a forward broken midway is cut back to them by ``truncate``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
-from transformers import DynamicCache
 
 from .policies import CachedTokens, Policy
-from .rope import KeyRotator
+from .runners import ModelRunner
 from .token_shapes import TokenShapes
+
+_RECORDS = ("token_ids", "scores", "positions", "turns", "template")
 
 
 class SirLLMCache:
-    """At most ``cache_size`` tokens; when full, ``policy`` chooses who stays and kept keys are re-rotated.
+    """At most ``cache_size`` tokens; when full, ``policy`` chooses who stays and the runner moves them.
 
     Per cached token it records the token id, its score (token entropy, decayed each turn), its position in the
     whole conversation (``positions``, never reset by eviction), the turn it came from, and whether the chat template
     wrote it (``template``).
     """
 
-    def __init__(self, rotator: KeyRotator, policy: Policy, cache_size: int, shapes: TokenShapes):
-        self.rotator = rotator
+    def __init__(self, runner: ModelRunner, policy: Policy, cache_size: int, shapes: TokenShapes):
+        self.runner = runner
         self.policy = policy
         self.cache_size = cache_size
         self.shapes = shapes
-        self.kv = DynamicCache()
         self.token_ids = torch.empty(0, dtype=torch.long)
         self.scores = torch.empty(0, dtype=torch.float32)
         self.positions = torch.empty(0, dtype=torch.long)
         self.turns = torch.empty(0, dtype=torch.long)
-        self.template = torch.empty(0, dtype=torch.bool)  # written by the chat template, not a message's text
+        self.template = torch.empty(0, dtype=torch.bool)
         # Every token ingested, by conversation position, evicted or not (rolled-back ones are cut off): what the
         # memory view shows greyed out, and how evictions are counted per turn. Four bytes a token each.
         self.history_ids = torch.empty(0, dtype=torch.int32)
@@ -41,6 +42,11 @@ class SirLLMCache:
 
     def __len__(self) -> int:
         return self.token_ids.numel()
+
+    @property
+    def logits(self) -> torch.Tensor | None:
+        """The model's output after the newest cached token (None after a rollback)."""
+        return self.runner.logits
 
     @property
     def max_chunk(self) -> int:
@@ -56,68 +62,88 @@ class SirLLMCache:
             return 0
         budget = self.cache_size - min(n + slack, self.max_chunk)
         word_start, sentence_end = self.shapes.of(self.token_ids)
-        tokens = CachedTokens(self.scores, self.template, word_start, sentence_end)
-        return self._retain(self.policy.keep(tokens, budget).to(torch.long))
-
-    def _retain(self, keep: torch.Tensor) -> int:
+        keep = self.policy.keep(CachedTokens(self.scores, self.template, word_start, sentence_end), budget)
+        keep = keep.to(torch.long)
+        self.runner.retain(keep)
         evicted = len(self) - keep.numel()
-        delta = torch.arange(keep.numel()) - keep
-        moved = delta != 0
-        new_layers = []
-        for i, layer in enumerate(self.kv.layers):
-            idx = keep.to(layer.keys.device)
-            keys, values = layer.keys[:, :, idx], layer.values[:, :, idx]
-            if moved.any():
-                keys[:, :, moved] = self.rotator.rotate(keys[:, :, moved], delta[moved], layer=i)
-            new_layers.append((keys, values))
-        # Swap all layers only once every new tensor exists, so an interrupt cannot leave the layers disagreeing.
-        for layer, (keys, values) in zip(self.kv.layers, new_layers):
-            layer.keys, layer.values = keys, values
-        self.token_ids, self.scores = self.token_ids[keep], self.scores[keep]
-        self.positions, self.turns, self.template = self.positions[keep], self.turns[keep], self.template[keep]
+        for name in _RECORDS:
+            setattr(self, name, getattr(self, name)[keep])
         return evicted
 
-    def append(
-        self, token_ids: torch.Tensor, scores: torch.Tensor, positions: torch.Tensor, turn: int, template: torch.Tensor
+    def ingest(self, ids: Sequence[int], positions: Sequence[int], turn: int, template: Sequence[bool]) -> None:
+        """Run ``ids`` through the model into the cache and record them, each scored by its surprisal."""
+        scores = self.runner.ingest(ids)
+        self._record(torch.tensor(list(ids)), scores, torch.tensor(list(positions)), turn, torch.tensor(list(template)))
+
+    def refeed_newest(self, ids: Sequence[int], positions: Sequence[int], turn: int, template: Sequence[bool]) -> None:
+        """Like :meth:`ingest` after a rollback, when the logits after the newest cached token are gone: that token
+        is fed again first (keeping its score, record and place in the history) so its logits score ``ids[0]``. When
+        eviction took the conversation's last token, the newest cached one stands in for it."""
+        kept = {name: getattr(self, name)[-1:] for name in _RECORDS}
+        self._keep_oldest(len(self) - 1)
+        scores = self.runner.ingest([int(kept["token_ids"][0]), *ids])
+        scores[0] = kept["scores"][0]
+        self._record(
+            torch.cat((kept["token_ids"], torch.tensor(list(ids), dtype=torch.long))),
+            scores,
+            torch.cat((kept["positions"], torch.tensor(list(positions), dtype=torch.long))),
+            turn,
+            torch.cat((kept["template"], torch.tensor(list(template), dtype=torch.bool))),
+            kept_turn=int(kept["turns"][0]),
+        )
+
+    def _record(
+        self,
+        token_ids: torch.Tensor,
+        scores: torch.Tensor,
+        positions: torch.Tensor,
+        turn: int,
+        template: torch.Tensor,
+        kept_turn: int | None = None,
     ) -> None:
-        """Record tokens whose keys and values the model has just appended to ``kv``."""
-        self.token_ids = torch.cat((self.token_ids, token_ids.cpu()))
-        self.scores = torch.cat((self.scores, scores.detach().float().cpu()))
-        self.positions = torch.cat((self.positions, positions.cpu()))
-        self.turns = torch.cat((self.turns, torch.full((token_ids.numel(),), turn, dtype=torch.long)))
-        self.template = torch.cat((self.template, template.to(torch.bool).cpu()))
-        # A token fed again (see `drop_newest`) is in the history already; only positions past its end extend it.
-        new = positions.cpu() >= len(self.history_ids)
-        self.history_ids = torch.cat((self.history_ids, token_ids.cpu()[new].to(torch.int32)))
+        turns = torch.full((token_ids.numel(),), turn, dtype=torch.long)
+        if kept_turn is not None:
+            turns[0] = kept_turn
+        self.token_ids = torch.cat((self.token_ids, token_ids.to(torch.long)))
+        self.scores = torch.cat((self.scores, scores.float()))
+        self.positions = torch.cat((self.positions, positions))
+        self.turns = torch.cat((self.turns, turns))
+        self.template = torch.cat((self.template, template.to(torch.bool)))
+        # A token fed again is in the history already; only positions past its end extend it.
+        new = positions >= len(self.history_ids)
+        self.history_ids = torch.cat((self.history_ids, token_ids[new].to(torch.int32)))
         self.history_turns = torch.cat((self.history_turns, torch.full((int(new.sum()),), turn, dtype=torch.int32)))
 
     def truncate(self, position: int) -> None:
-        """Drop every token from conversation position ``position`` on (they are the newest), and any keys and
-        values a broken forward appended without a record."""
+        """Drop every token from conversation position ``position`` on (they are the newest), and any state a broken
+        forward left in the runner without a record."""
         self._keep_oldest(int((self.positions < position).sum()))
         self.history_ids, self.history_turns = self.history_ids[:position], self.history_turns[:position]
 
-    def drop_newest(self) -> None:
-        """Drop the newest cached token's keys, values and record, to feed it again; the history keeps it."""
-        self._keep_oldest(len(self) - 1)
-
     def _keep_oldest(self, n: int) -> None:
-        for layer in self.kv.layers:
-            if layer.keys is not None and layer.keys.numel():
-                layer.keys, layer.values = layer.keys[:, :, :n], layer.values[:, :, :n]
-        self.token_ids, self.scores = self.token_ids[:n], self.scores[:n]
-        self.positions, self.turns, self.template = self.positions[:n], self.turns[:n], self.template[:n]
-
-    def copy(self) -> SirLLMCache:
-        """A copy sharing no tensor with this cache (the rotator, policy and shapes, which never change, are shared)."""
-        twin = SirLLMCache(self.rotator, self.policy, self.cache_size, self.shapes)
-        for i, layer in enumerate(self.kv.layers):
-            if layer.keys is not None and layer.keys.numel():
-                twin.kv.update(layer.keys.clone(), layer.values.clone(), i)
-        for name in ("token_ids", "scores", "positions", "turns", "template", "history_ids", "history_turns"):
-            setattr(twin, name, getattr(self, name).clone())
-        return twin
+        self.runner.truncate(n)
+        for name in _RECORDS:
+            setattr(self, name, getattr(self, name)[:n])
 
     def decay(self, ratio: float) -> None:
         """Multiply every stored score by ``ratio`` (SirLLM's per-turn decay, so old key tokens can fade)."""
         self.scores *= ratio
+
+    def copy(self) -> SirLLMCache:
+        """A copy sharing no state with this cache (the policy and shapes, which never change, are shared)."""
+        twin = SirLLMCache(self.runner.copy(), self.policy, self.cache_size, self.shapes)
+        for name in (*_RECORDS, "history_ids", "history_turns"):
+            setattr(twin, name, getattr(self, name).clone())
+        return twin
+
+    def records(self) -> dict[str, torch.Tensor]:
+        """The per-token records as named tensors (for a session file)."""
+        return {f"cache.{name}": getattr(self, name) for name in _RECORDS} | {
+            "history.ids": self.history_ids,
+            "history.turns": self.history_turns,
+        }
+
+    def load_records(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name in _RECORDS:
+            setattr(self, name, tensors[f"cache.{name}"])
+        self.history_ids, self.history_turns = tensors["history.ids"], tensors["history.turns"]

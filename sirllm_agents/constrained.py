@@ -15,30 +15,23 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
-import weakref
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import llguidance
-import llguidance.hf
 import llguidance.torch
 import torch
 
 from .tools import TOOL_CALL_END, TOOL_CALL_START, normalize_tools
 
 if TYPE_CHECKING:
-    from .engine import Engine
     from .generation import TokenConstraint
+    from .model import Model
 
 logger = logging.getLogger(__name__)
 
 # Compact JSON with json.dumps separators; unknown keywords and formats are ignored rather than rejected.
 JSON_FORMAT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": True}
-REQUIRED_CHOICES = ("any", "required")
-
-_tokenizers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_tokenizers_lock = threading.Lock()
 
 
 class GrammarConstraint:
@@ -47,8 +40,8 @@ class GrammarConstraint:
     One instance serves one reply. Once the grammar is complete only the end-of-turn tokens stay allowed, and
     ``is_finished()`` tells the decode loop to stop."""
 
-    def __init__(self, engine: Engine, grammar: str):
-        tokenizer = _llguidance_tokenizer(engine)
+    def __init__(self, model: Model, grammar: str):
+        tokenizer = model.grammar_tokenizer
         self._matcher = llguidance.LLMatcher(tokenizer, grammar)
         if self._matcher.is_error():
             raise ValueError(f"the grammar was rejected: {self._matcher.get_error()}")
@@ -68,7 +61,7 @@ class GrammarConstraint:
         return self._matcher.is_stopped() or self._matcher.is_error()
 
 
-def json_schema_constraint(engine: Engine, schema: Mapping[str, Any]) -> TokenConstraint:
+def json_schema_constraint(model: Model, schema: Mapping[str, Any]) -> TokenConstraint:
     """Decode exactly one JSON value valid under ``schema``.
 
     Objects that do not say otherwise get ``additionalProperties: false``: a small model is kept to the declared
@@ -77,35 +70,35 @@ def json_schema_constraint(engine: Engine, schema: Mapping[str, Any]) -> TokenCo
     error = llguidance.LLMatcher.validate_grammar(grammar)
     if error:
         raise ValueError(f"this JSON schema cannot be enforced: {error}")
-    return GrammarConstraint(engine, grammar)
+    return GrammarConstraint(model, grammar)
 
 
-def json_object_constraint(engine: Engine) -> TokenConstraint:
+def json_object_constraint(model: Model) -> TokenConstraint:
     """Decode exactly one JSON object (JSON mode: any keys, any values)."""
     grammar = llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_FORMAT)
-    return GrammarConstraint(engine, grammar)
+    return GrammarConstraint(model, grammar)
 
 
 def tool_call_constraint(
-    engine: Engine, tools: Sequence[Mapping[str, Any]], tool_choice: str = "any"
+    model: Model, tools: Sequence[Mapping[str, Any]], tool_choice: str = "required"
 ) -> TokenConstraint:
     """Decode exactly one tool call, ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``, with the
     arguments valid under the tool's parameter schema.
 
-    ``tool_choice`` is ``"any"`` or ``"required"`` (any of ``tools``) or the name of the tool to call."""
+    ``tool_choice`` is ``"required"`` (any of ``tools``) or the name of the tool to call."""
     specs = [t["function"] for t in normalize_tools(tools)]
-    if tool_choice not in REQUIRED_CHOICES:
+    if tool_choice not in ("any", "required"):
         specs = [s for s in specs if s["name"] == tool_choice]
         if not specs:
             names = ", ".join(repr(t["function"]["name"]) for t in normalize_tools(tools))
-            raise ValueError(f"tool_choice {tool_choice!r} is not one of the tools ({names}), 'any' or 'required'")
+            raise ValueError(f"tool_choice {tool_choice!r} is not one of the tools ({names}) or 'required'")
     calls = [_call_schema(spec) for spec in specs]
     schema = {"anyOf": calls, "x-guidance": JSON_FORMAT} if len(calls) > 1 else {**calls[0], "x-guidance": JSON_FORMAT}
     grammar = (
         f"start: {json.dumps(TOOL_CALL_START + chr(10))} call {json.dumps(chr(10) + TOOL_CALL_END)}\n"
         f"call: %json {json.dumps(schema)}\n"
     )
-    return GrammarConstraint(engine, llguidance.grammar_from("lark", grammar))
+    return GrammarConstraint(model, llguidance.grammar_from("lark", grammar))
 
 
 def _call_schema(spec: Mapping[str, Any]) -> dict:
@@ -137,15 +130,3 @@ def _closed(schema: Mapping[str, Any]) -> dict:
         return node
 
     return close(dict(schema))
-
-
-def _llguidance_tokenizer(engine: Engine) -> llguidance.LLTokenizer:
-    """The engine's tokenizer as llguidance sees it (built once per engine; about a second for 49k tokens)."""
-    with _tokenizers_lock:
-        if engine not in _tokenizers:
-            config = engine.model.config.get_text_config(decoder=True)
-            vocab = max(len(engine.tokenizer), getattr(config, "vocab_size", 0) or 0)
-            _tokenizers[engine] = llguidance.hf.from_tokenizer(
-                engine.tokenizer, n_vocab=vocab, eos_token=sorted(engine.stop_token_ids)
-            )
-        return _tokenizers[engine]

@@ -1,16 +1,20 @@
-"""Decoding pieces: sampling settings, choosing the next token, and turning tokens into reply text.
+"""Decoding: sampling settings, choosing the next token, turning tokens into reply text, and the decode loop.
 
-The decode loop itself lives in the session (it must ingest each token into the evicting cache); this module holds
-the parts that know nothing about the cache.
+The loop knows nothing of the cache: the session hands it a function that feeds a sampled token into its evicting
+cache and returns the logits that score the next one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from tokenizers.decoders import DecodeStream
+
+if TYPE_CHECKING:
+    from .model import Model
 
 
 @dataclass
@@ -126,3 +130,44 @@ class ReplyText:
         piece = self.text[self.shown : end] if end > self.shown else ""
         self.shown = max(self.shown, end)
         return piece
+
+
+class Decoding:
+    """One reply's decode loop: sample (under ``constraint``, if any), stop on an end-of-turn token, a stop string,
+    a finished grammar or ``max_new_tokens``, else feed the token and go on. Iterating yields the reply's text as it
+    grows (see :class:`ReplyText`); afterwards ``text``, ``finish_reason`` and ``token_ids`` hold the result."""
+
+    def __init__(
+        self,
+        model: Model,
+        logits: torch.Tensor,
+        feed: Callable[[int], torch.Tensor],
+        config: GenerationConfig,
+        constraint: TokenConstraint | None,
+    ):
+        self.model, self.logits, self.feed, self.config, self.constraint = model, logits, feed, config, constraint
+        self.text = ""
+        self.finish_reason = "length"
+        self.token_ids: list[int] = []
+
+    def __iter__(self) -> Iterator[str]:
+        sampler = Sampler(self.config, self.logits.device)
+        text = ReplyText(self.model.tokenizer, self.config.stop)
+        constraint, logits = self.constraint, self.logits
+        for _ in range(self.config.max_new_tokens):
+            token = sampler(logits if constraint is None else constraint.mask(logits))
+            if constraint is not None:
+                constraint.accept(token)
+            if token in self.model.stop_token_ids:
+                self.finish_reason = "stop"
+                break
+            self.token_ids.append(token)
+            logits = self.feed(token)
+            if piece := text.push(token):
+                yield piece
+            if text.stopped or (constraint is not None and constraint.is_finished()):
+                self.finish_reason = "stop"
+                break
+        if piece := text.finish():
+            yield piece
+        self.text = text.text

@@ -101,7 +101,7 @@ def session_memory(session: Session) -> Memory:
     return Memory.build(
         history_ids=history_ids,
         history_turns=cache.history_turns.tolist(),
-        pieces=token_pieces(session.engine.tokenizer, history_ids),
+        pieces=token_pieces(session.model.tokenizer, history_ids),
         cache_positions=cache.positions.tolist(),
         cache_scores=cache.scores.tolist(),
         cache_lengths=[turn.cache_len for turn in session.turn_log],

@@ -14,8 +14,6 @@ import json
 import os
 import struct
 import tempfile
-import weakref
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,15 +23,12 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from .memory import Memory, token_pieces
-from .policies import POLICIES, make_policy
-from .session import Session, SessionStats, TurnStats
-from .transcript import Transcript
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    from .model import Model
 
 FORMAT = "sirllm-agents-session"
-VERSION = 1
+VERSION = 2  # 2: runner state under "runner.", per-token template marks, the backend in the model identity
 _HEADER_LIMIT = 100_000_000  # safetensors' own bound on the JSON header
 
 
@@ -41,55 +36,13 @@ class SessionFileError(ValueError):
     """A session file that cannot be loaded: missing, truncated, corrupted, or written by another model or dtype."""
 
 
-def save_session(session: Session, path: str | os.PathLike) -> None:
-    """Write ``session`` to ``path`` atomically (see the module docstring). Call with the session's lock held."""
-    if session.policy.name not in POLICIES:
-        raise ValueError(f"policy {session.policy.name!r} is not a built-in policy and cannot be saved")
-    cache = session.cache
-    tensors: dict[str, torch.Tensor] = {
-        "cache.token_ids": cache.token_ids,
-        "cache.scores": cache.scores,
-        "cache.positions": cache.positions,
-        "cache.turns": cache.turns,
-        "cache.template": cache.template,
-        "history.ids": cache.history_ids,
-        "history.turns": cache.history_turns,
-    }
-    pieces = token_pieces(session.engine.tokenizer, cache.history_ids.tolist())
-    tensors["history.piece_ends"] = torch.tensor([len(p) for p in pieces], dtype=torch.int64).cumsum(0)
-    layers = [layer for layer in cache.kv.layers if layer.keys is not None and layer.keys.numel()] if len(cache) else []
-    for i, layer in enumerate(layers):
-        tensors[f"kv.{i}.keys"], tensors[f"kv.{i}.values"] = layer.keys, layer.values
-    if session._logits is not None:
-        tensors["logits"] = session._logits
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    transcript = session.transcript
-    document = {
-        "format": FORMAT,
-        "version": VERSION,
-        "model": model_identity(session.engine),
-        "session_id": session.session_id,
-        "settings": {
-            "cache_size": session.cache_size,
-            "policy": session.policy.name,
-            "start_size": session.policy.start_size,
-            "recent_size": session.policy.recent_size,
-            "decay": session.decay,
-            "prefill_chunk": session.prefill_chunk,
-        },
-        "transcript": {
-            "messages": transcript.messages,
-            "tools": transcript.tools,
-            "text": transcript.text,
-            "length": transcript.length,
-            "spans": transcript.spans,
-        },
-        "position": session._position,
-        "kv_layers": len(layers),
-        "stats": asdict(session.stats),
-        "turn_log": [asdict(turn) for turn in session.turn_log],
-        "decoded": "".join(pieces),
-    }
+def write_session(
+    path: str | os.PathLike, model: Model, document: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> None:
+    """Write a session's state (``Session.state()``) to ``path`` atomically (see the module docstring)."""
+    pieces = token_pieces(model.tokenizer, tensors["history.ids"].tolist())
+    tensors = tensors | {"history.piece_ends": torch.tensor([len(p) for p in pieces], dtype=torch.int64).cumsum(0)}
+    document = {"format": FORMAT, "version": VERSION, "model": model.identity, **document, "decoded": "".join(pieces)}
     try:
         text = json.dumps(document, ensure_ascii=False)
     except (TypeError, ValueError) as error:
@@ -98,37 +51,12 @@ def save_session(session: Session, path: str | os.PathLike) -> None:
     _write_atomically(Path(path), data)
 
 
-def load_session(engine: Engine, path: str | os.PathLike, session_id: str | None = None) -> Session:
-    """A new session on ``engine`` holding what ``path`` holds; raises :class:`SessionFileError` (nothing changed)
-    when the file cannot be used."""
+def read_session(path: str | os.PathLike, model: Model) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The state saved in ``path`` (for ``Session.from_state``), checked to belong to ``model``; raises
+    :class:`SessionFileError` when the file cannot be used."""
     document, tensors = _read(path)
-    _check_model(document, engine, path)
-    settings = document["settings"]
-    session = Session(
-        engine,
-        cache_size=settings["cache_size"],
-        policy=make_policy(settings["policy"], settings["start_size"], settings["recent_size"]),
-        decay=settings["decay"],
-        prefill_chunk=settings["prefill_chunk"],
-        session_id=session_id or document["session_id"],
-    )
-    cache = session.cache
-    device = engine.device
-    for i in range(document["kv_layers"]):
-        cache.kv.update(tensors[f"kv.{i}.keys"].to(device), tensors[f"kv.{i}.values"].to(device), i)
-    cache.token_ids, cache.scores = tensors["cache.token_ids"], tensors["cache.scores"]
-    cache.positions, cache.turns = tensors["cache.positions"], tensors["cache.turns"]
-    # Files written before template marks were recorded mark no token.
-    cache.template = tensors.get("cache.template", torch.zeros(len(cache.token_ids), dtype=torch.bool))
-    cache.history_ids, cache.history_turns = tensors["history.ids"], tensors["history.turns"]
-    if "logits" in tensors:
-        session._logits = tensors["logits"].to(device)
-    session._position = document["position"]
-    t = document["transcript"]
-    session.transcript = Transcript(t["messages"], t["tools"], t["text"], t["length"], [tuple(s) for s in t["spans"]])
-    session.stats = SessionStats(**document["stats"])
-    session.turn_log = [TurnStats(**turn) for turn in document["turn_log"]]
-    return session
+    _check_model(document, model, path)
+    return document, tensors
 
 
 def read_memory(path: str | os.PathLike) -> tuple[Memory, dict[str, Any]]:
@@ -152,36 +80,14 @@ def read_memory(path: str | os.PathLike) -> tuple[Memory, dict[str, Any]]:
 
 # -- identity -------------------------------------------------------------------------------------------------------
 
-_identities: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-
-def model_identity(engine: Engine) -> dict[str, Any]:
-    """What a KV cache is only valid for: the architecture, dtype, weights and tokenizer (fingerprinted once per
-    engine from a sample of every parameter and the tokenizer's vocabulary and chat template)."""
-    if engine not in _identities:
-        config = engine.model.config.get_text_config(decoder=True)
-        digest = hashlib.sha256()
-        with torch.no_grad():
-            for name, parameter in engine.model.named_parameters():
-                flat = parameter.detach().reshape(-1)
-                sample = torch.cat((flat[:64], flat[-64:])).float().cpu()
-                digest.update(f"{name}{tuple(parameter.shape)}{parameter.dtype}".encode())
-                digest.update(sample.numpy().tobytes())
-        tokenizer = engine.tokenizer
-        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-        digest.update(str(engine.template.template or tokenizer.chat_template).encode())
-        _identities[engine] = {
-            "name": engine.model_name,
-            "model_type": config.model_type,
-            "layers": config.num_hidden_layers,
-            "dtype": str(engine.model.dtype).removeprefix("torch."),
-            "fingerprint": digest.hexdigest(),
-        }
-    return _identities[engine]
-
-
-def _check_model(document: dict[str, Any], engine: Engine, path) -> None:
-    saved, here = document["model"], model_identity(engine)
+def _check_model(document: dict[str, Any], model: Model, path) -> None:
+    saved, here = document["model"], model.identity
+    if saved.get("backend") != here["backend"]:
+        raise SessionFileError(
+            f"{path}: the session was saved from the {saved.get('backend')} backend; this engine runs "
+            f"{here['backend']} (their cached states differ)"
+        )
     if saved["dtype"] != here["dtype"]:
         raise SessionFileError(
             f"{path}: the session was saved from a {saved['dtype']} model; this engine runs {here['dtype']} "

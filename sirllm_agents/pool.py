@@ -26,12 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .persistence import SessionFileError, load_session, save_session
+from .config import SessionConfig
+from .persistence import SessionFileError
 from .session import Session
-from .transcript import Message, normalize_messages
+from .tools import normalize_tools
+from .transcript import Message, normalize_messages, starts_with
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    from .model import Model
 
 log = logging.getLogger(__name__)
 
@@ -46,26 +48,25 @@ class _Spilled:
 
 
 class SessionPool:
-    """Sessions of one engine, by id. Use it through ``Engine.chat`` / ``Engine.stream`` / ``Engine.route``."""
+    """Sessions on one model, by id. Use it through ``Engine.chat`` / ``Engine.stream`` / ``Engine.route``."""
 
     def __init__(
         self,
-        engine: Engine,
+        model: Model,
         *,
         max_live_sessions: int,
         max_spilled_sessions: int,
         spill_dir: str | os.PathLike | None,
-        session_options: Mapping[str, Any],
+        config: SessionConfig,
     ):
         if not isinstance(max_live_sessions, int) or max_live_sessions < 1:
             raise ValueError(f"max_live_sessions must be a positive integer, got {max_live_sessions!r}")
         if not isinstance(max_spilled_sessions, int) or max_spilled_sessions < 0:
             raise ValueError(f"max_spilled_sessions must be a non-negative integer, got {max_spilled_sessions!r}")
-        self.engine = engine
+        self.model = model
         self.max_live_sessions = max_live_sessions
         self.max_spilled_sessions = max_spilled_sessions
-        self.session_options = dict(session_options)
-        engine.session(**self.session_options)  # validate the options now rather than at the first call
+        self.config = config.sized(model.max_length)  # checked against the model now rather than at the first call
         self._spill_dir = Path(spill_dir) if spill_dir is not None else None
         self._live: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self._spilled: dict[str, _Spilled] = {}  # longest idle first
@@ -80,10 +81,10 @@ class SessionPool:
         messages: Sequence[Mapping[str, Any]],
         tools: list[dict] | None = None,
         session_id: str | None = None,
-        session_options: Mapping[str, Any] | None = None,
+        config: SessionConfig | None = None,
     ) -> Iterator[Session]:
         """The session for a call, pinned in memory until the block ends."""
-        session = self.route(messages, tools, session_id, session_options, pin=True)
+        session = self.route(messages, tools, session_id, config, pin=True)
         try:
             yield session
         finally:
@@ -98,24 +99,24 @@ class SessionPool:
         messages: Sequence[Mapping[str, Any]],
         tools: list[dict] | None = None,
         session_id: str | None = None,
-        session_options: Mapping[str, Any] | None = None,
+        config: SessionConfig | None = None,
         *,
         pin: bool = False,
     ) -> Session:
         """The session ``session_id`` names (created when new; ``messages`` are then not read), else the one whose
         transcript is the longest prefix of ``messages`` (rendered with the same ``tools``), else a new one. Spilled
-        sessions are read back. A session made here takes ``session_options`` (default: the pool's); one that exists
-        keeps its own settings."""
+        sessions are read back. A session made here takes ``config`` (default: the pool's); one that exists keeps
+        its own settings."""
         if session_id is not None and not (isinstance(session_id, str) and session_id):
             raise ValueError(f"session_id must be a non-empty string, got {session_id!r}")
         if session_id is None:
-            messages, tools = normalize_messages(messages), tools or None
+            messages, tools = normalize_messages(messages), normalize_tools(tools) if tools else None
         with self._lock:
             if session_id is None:
                 session_id = self._longest_prefix(messages, tools)
             session = self._live.get(session_id) if session_id is not None else None
             if session is None:
-                session = self._revive(session_id, session_options)
+                session = self._revive(session_id, config)
             self._live[session.session_id] = session
             self._live.move_to_end(session.session_id)
             if pin:
@@ -128,24 +129,23 @@ class SessionPool:
         candidates = [(sid, s.transcript.messages, s.transcript.tools) for sid, s in self._live.items()]
         candidates += [(sid, s.messages, s.tools) for sid, s in self._spilled.items()]
         for sid, known, known_tools in candidates:
-            if best_len < len(known) <= len(messages) and known_tools == tools and messages[: len(known)] == known:
+            if best_len < len(known) and known_tools == tools and starts_with(messages, known):
                 best, best_len = sid, len(known)
         return best
 
-    def _revive(self, session_id: str | None, session_options: Mapping[str, Any] | None) -> Session:
+    def _revive(self, session_id: str | None, config: SessionConfig | None) -> Session:
         """Read a spilled session back, or start a new one (also when its file cannot be read: the caller's messages
         hold the whole conversation, so a fresh session still gives the right reply, only slower)."""
         spilled = self._spilled.pop(session_id, None) if session_id is not None else None
         if spilled is not None:
             try:
-                session = load_session(self.engine, spilled.path, session_id=session_id)
+                session = Session.load(self.model, spilled.path, session_id)
             except SessionFileError as error:
                 log.warning("session %s could not be read back, starting it afresh: %s", session_id, error)
             else:
                 spilled.path.unlink(missing_ok=True)
                 return session
-        options = self.session_options if session_options is None else session_options
-        return self.engine.session(**options, session_id=session_id)
+        return Session(self.model, config or self.config, session_id)
 
     # -- memory bound ---------------------------------------------------------------------------------------------
 
@@ -155,21 +155,18 @@ class SessionPool:
         for session_id in list(self._live):
             if len(self._live) <= self.max_live_sessions:
                 return
-            session = self._live[session_id]
-            if self._pins[session_id] or not session._lock.acquire(blocking=False):
-                continue
-            try:
-                self._spill(session)
-            finally:
-                session._lock.release()
+            if not self._pins[session_id]:
+                self._spill(self._live[session_id])
 
     def _spill(self, session: Session) -> None:
+        """Write an idle session to disk and forget it here; a session in a call (not idle after all) stays."""
         if not session.transcript.messages:
             del self._live[session.session_id]  # nothing to keep: a new session is the same
             return
         path = self._folder() / (hashlib.sha256(session.session_id.encode()).hexdigest()[:32] + ".safetensors")
         try:
-            save_session(session, path)
+            if not session.save(path, wait=False):
+                return
         except (OSError, ValueError) as error:
             log.warning("session %s could not be spilled to %s, keeping it in memory: %s", session.session_id, path, error)
             return

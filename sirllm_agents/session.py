@@ -7,28 +7,32 @@ conversation (minus what was evicted).
 
 from __future__ import annotations
 
-import copy
+import asyncio
 import dataclasses
 import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import scoring
 from .cache import SirLLMCache
-from .generation import GenerationConfig, ReplyText, Sampler, TokenConstraint
-from .policies import Policy
+from .memory import Memory, session_memory
+from .persistence import read_session, write_session
+from .config import SessionConfig
+from .generation import Decoding, GenerationConfig, TokenConstraint
+from .replies import Event, Reply, ReplyStream, Request, ShownText, TextDelta, finish_reply, plan_request
 from .transcript import Message, Segment, Transcript, normalize_messages
 
-Marked = tuple[list[int], list[bool]]  # token ids, and per token whether the chat template wrote it
-
 if TYPE_CHECKING:
-    from .engine import Engine
-    from .memory import Memory
+    from .model import Model
+
+Marked = tuple[list[int], list[bool]]  # token ids, and per token whether the chat template wrote it
 
 
 @dataclass
@@ -59,127 +63,85 @@ class SessionStats(TurnStats):
         self.cache_len = turn.cache_len
 
 
-@dataclass
-class Reply:
-    text: str
-    finish_reason: str  # "stop" (end of turn or a stop string) or "length" (max_new_tokens reached)
-    token_ids: list[int]  # the tokens sampled for the reply, before any stop string was cut off
-    stats: TurnStats
-
-
-class ReplyStream:
-    """Iterates over the text pieces of a reply as they are decoded; ``reply`` is set once it is exhausted, and
-    ``session`` names the session the reply runs on (for ``Engine.stream``, once the first piece was asked for)."""
-
-    def __init__(self, pieces: Generator[str, None, Reply], session: Session | None = None):
-        self._pieces = pieces
-        self.session = session
-        self.reply: Reply | None = None
-
-    def __iter__(self) -> Iterator[str]:
-        return self
-
-    def __next__(self) -> str:
-        try:
-            return next(self._pieces)
-        except StopIteration as done:
-            self.reply = done.value
-            raise
-
-    def close(self) -> None:
-        """Abandon the reply: the session rolls it back (see ``Session.stream``)."""
-        self._pieces.close()
-
-
 class Session:
-    """One conversation on an :class:`Engine`, created by ``engine.session(...)``.
+    """One conversation on a :class:`~sirllm_agents.model.Model`, created by ``engine.session(...)``.
 
-    Calls on one session are serialized by a lock; a stream holds it from its first piece until it ends or is
+    Calls on one session are serialized by a lock; a stream holds it from its first event until it ends or is
     closed.
     """
 
-    def __init__(
-        self,
-        engine: Engine,
-        *,
-        cache_size: int,
-        policy: Policy,
-        decay: float,
-        prefill_chunk: int,
-        session_id: str | None = None,
-    ):
-        self.engine = engine
+    def __init__(self, model: Model, config: SessionConfig | None = None, session_id: str | None = None):
+        self.model = model
+        self.config = (config or SessionConfig()).sized(model.max_length)
         self.session_id = session_id or uuid.uuid4().hex
-        self.cache_size = cache_size
-        self.policy = policy
-        self.decay = decay
-        self.prefill_chunk = prefill_chunk
-        self.cache = SirLLMCache(engine.rotator, policy, cache_size, engine.token_shapes)
+        self.policy = self.config.make_policy()
+        self.cache = self._new_cache()
         self.transcript = Transcript()
         self.stats = SessionStats()
         self.turn_log: list[TurnStats] = []  # every call's figures, in order (the memory view charts them)
         # Called as progress(done, total) after each prefill chunk of a segment (a long message being ingested).
         self.progress: Callable[[int, int], None] | None = None
-        self._logits: torch.Tensor | None = None  # model output after the newest cached token; scores the next one
         self._position = 0  # tokens ingested over the whole conversation
         self._lock = threading.Lock()
         self._owner: int | None = None
 
-    def chat(
-        self,
-        messages: Sequence[Mapping[str, Any]],
-        *,
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: str | list[str] | None = None,
-        tools: list[dict] | None = None,
-        constraint: TokenConstraint | None = None,
-    ) -> Reply:
-        """Reply to ``messages``, the whole conversation so far (OpenAI-style dicts). Greedy unless ``temperature``.
+    @property
+    def cache_size(self) -> int:
+        return self.config.cache_size
 
-        ``tools`` (JSON-schema tool definitions) are rendered by the chat template; ``constraint`` restricts the
-        tokens decoded (grammar-constrained tool calls and structured output)."""
-        stream = self.stream(
-            messages,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            stop=stop,
-            tools=tools,
-            constraint=constraint,
-        )
-        for _ in stream:
-            pass
-        assert stream.reply is not None
-        return stream.reply
+    # -- the request ---------------------------------------------------------------------------------------------
+
+    def chat(self, messages: Sequence[Mapping[str, Any]], **options: Any) -> Reply:
+        """Reply to ``messages``, the whole conversation so far (OpenAI-style dicts). Takes the keywords of
+        :meth:`stream`."""
+        return self.stream(messages, **options).finish()
 
     def stream(
         self,
         messages: Sequence[Mapping[str, Any]],
         *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: Any = None,
+        response_format: Mapping[str, Any] | None = None,
         max_new_tokens: int = 256,
         temperature: float = 0.0,
         top_p: float = 1.0,
         top_k: int = 0,
         seed: int | None = None,
         stop: str | list[str] | None = None,
-        tools: list[dict] | None = None,
         constraint: TokenConstraint | None = None,
     ) -> ReplyStream:
-        """Like :meth:`chat`, yielding text pieces as they are decoded (never a broken UTF-8 character, never any
-        part of a stop string). The finished :class:`Reply` is ``stream.reply``.
+        """Reply to ``messages`` event by event: :class:`~sirllm_agents.replies.TextDelta` as the content is decoded
+        (never a broken UTF-8 character, never part of a stop string, never tool-call markup), then one
+        :class:`~sirllm_agents.replies.ToolCallDelta` per call. The finished :class:`Reply` is ``stream.reply``.
+        Greedy unless ``temperature``.
+
+        ``tools`` (OpenAI tool definitions) are rendered by the chat template, or described in the system message
+        when it ignores them. ``tool_choice``: ``"auto"`` (default), ``"none"`` (no call is read), ``"required"``
+        or a tool's name (exactly one call, grammar-constrained). ``response_format``: ``{"type": "json_schema",
+        ...}`` or ``{"type": "json_object"}`` (grammar-constrained JSON). ``constraint`` is a custom
+        :class:`~sirllm_agents.generation.TokenConstraint`.
 
         A stream abandoned midway (closed, garbage-collected, or broken by an exception) rolls the partial reply
         back: the session then holds the conversation up to and including ``messages``, as if no reply had been
         asked for, so the next call may either resend ``messages`` with a new message or retry them as they were.
         """
         config = GenerationConfig(max_new_tokens, temperature, top_p, top_k, seed, stop or [])
-        return ReplyStream(self._turn(normalize_messages(messages), config, tools or None, constraint), self)
+        request = plan_request(self.model, normalize_messages(messages), tools, tool_choice, response_format)
+        if constraint is not None:
+            if request.constraint is not None:
+                raise ValueError("pass constraint= or a required tool_choice / response_format, not both")
+            request.constraint = constraint
+        return ReplyStream(self._turn(request, config), self)
+
+    async def achat(self, messages: Sequence[Mapping[str, Any]], **options: Any) -> Reply:
+        """:meth:`chat` in a worker thread, so an event loop keeps serving other work meanwhile."""
+        return await asyncio.to_thread(self.chat, messages, **options)
+
+    def astream(self, messages: Sequence[Mapping[str, Any]], **options: Any) -> AsyncReplyStream:
+        """:meth:`stream` for an event loop: the reply is decoded in a thread of its own and its events handed over
+        as they come. Leaving the iteration early (``aclose``) stops decoding and rolls the partial reply back."""
+        return AsyncReplyStream(lambda: self.stream(messages, **options))
 
     def score(
         self, messages: Sequence[Mapping[str, Any]], options: Sequence[str], *, tools: list[dict] | None = None
@@ -197,27 +159,18 @@ class Session:
         messages = normalize_messages(messages)
         if isinstance(options, str) or not options or any(not isinstance(o, str) or not o for o in options):
             raise ValueError("options must be a non-empty list of non-empty strings")
+        request = plan_request(self.model, messages, tools, None, None)
         with self._locked():
             turn = TurnStats()
-            asked, _ = self._ask(messages, tools or None, turn, reserve=0)
-            try:
-                option_ids = self._reply_ids(asked, options)
-                longest = max(len(ids) for ids in option_ids)
-                if longest - 1 > self.cache.max_chunk:
-                    raise ValueError(
-                        f"an option of {longest} tokens does not fit a cache of {self.cache_size} tokens "
-                        f"(at most {self.cache.max_chunk + 1})"
-                    )
+            with self._rolling_back(turn):
+                asked, _ = self._ask(request, turn, reserve=0)
                 start = time.perf_counter()
-                turn.evicted_tokens += self.cache.make_room(longest - 1)
-                scores = [self._option_logprob(ids) for ids in option_ids]
+                option_ids = scoring.reply_ids(self.model, asked, options)
+                turn.evicted_tokens += scoring.make_room_for(self.cache, option_ids)
+                scores = [scoring.logprob(self.cache, ids, self._position) for ids in option_ids]
                 turn.decode_seconds += time.perf_counter() - start
                 self._rollback(asked)
-                self.cache.decay(self.decay)
-            except BaseException:
-                self._rollback(asked)
-                self._record(turn)
-                raise
+                self.cache.decay(self.config.decay)
             self._record(turn)
             return scores
 
@@ -227,55 +180,103 @@ class Session:
         yet is prefilled (a conversation that does not extend it restarts, as in :meth:`chat`); afterwards the
         session holds ``messages`` and the next call prefills only what follows them. Like a turn, the call
         multiplies the stored scores by ``decay`` once. Returns the call's figures."""
-        messages = normalize_messages(messages)
+        request = plan_request(self.model, normalize_messages(messages), tools, None, None)
         with self._locked():
             turn = TurnStats()
-            self._extend(messages, tools or None, turn, reserve=0)
+            with self._rolling_back(turn):
+                self._extend(request, turn, reserve=0)
             turn.input_tokens = self._position
-            self.cache.decay(self.decay)
+            self.cache.decay(self.config.decay)
             self._record(turn, completed=True)
             return turn
 
-    def fork(self, session_id: str | None = None) -> Session:
-        """An independent copy of this session (cache, transcript, settings and stats), e.g. to try several
-        continuations of one conversation; calls on either never change the other. Waits for a call in progress to
-        end."""
-        with self._locked():
-            twin = Session(
-                self.engine,
-                cache_size=self.cache_size,
-                policy=self.policy,
-                decay=self.decay,
-                prefill_chunk=self.prefill_chunk,
-                session_id=session_id,
-            )
-            twin.cache = self.cache.copy()
-            twin.transcript = copy.deepcopy(self.transcript)
-            twin.stats = dataclasses.replace(self.stats)
-            twin.turn_log = [dataclasses.replace(turn) for turn in self.turn_log]
-            twin._logits = None if self._logits is None else self._logits.clone()
-            twin._position = self._position
-            return twin
+    # -- the session as a whole ----------------------------------------------------------------------------------
 
     def reset(self) -> None:
         """Forget the conversation: empty cache and transcript (totals in ``stats`` are kept)."""
         with self._locked():
             self._reset()
 
-    def save(self, path: str | os.PathLike) -> None:
+    def fork(self, session_id: str | None = None) -> Session:
+        """An independent copy of this session (cache, transcript, settings and stats), e.g. to try several
+        continuations of one conversation; calls on either never change the other. Waits for a call in progress to
+        end."""
+        with self._locked():
+            twin = Session(self.model, self.config, session_id)
+            twin.cache = self.cache.copy()
+            twin.transcript = dataclasses.replace(self.transcript)
+            twin.stats = dataclasses.replace(self.stats)
+            twin.turn_log = [dataclasses.replace(turn) for turn in self.turn_log]
+            twin._position = self._position
+            return twin
+
+    def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """The whole session as JSON data and named tensors (what a session file holds, see
+        :mod:`sirllm_agents.persistence`). Waits for a call in progress to end."""
+        with self._locked():
+            return self._state()
+
+    def _state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        transcript = self.transcript
+        document = {
+            "session_id": self.session_id,
+            "settings": self.config.to_json(),
+            "transcript": {
+                "messages": transcript.messages,
+                "tools": transcript.tools,
+                "text": transcript.text,
+                "length": transcript.length,
+                "spans": transcript.spans,
+            },
+            "position": self._position,
+            "stats": dataclasses.asdict(self.stats),
+            "turn_log": [dataclasses.asdict(turn) for turn in self.turn_log],
+        }
+        tensors = self.cache.records() | {f"runner.{k}": v for k, v in self.cache.runner.state().items()}
+        return document, {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+
+    @classmethod
+    def from_state(
+        cls, model: Model, document: dict[str, Any], tensors: dict[str, torch.Tensor], session_id: str | None = None
+    ) -> Session:
+        """A session on ``model`` holding what :meth:`state` exported (``session_id`` replaces the saved id)."""
+        session = cls(model, SessionConfig(**document["settings"]), session_id or document["session_id"])
+        runner = {name.removeprefix("runner."): t for name, t in tensors.items() if name.startswith("runner.")}
+        session.cache.runner.load_state(runner)
+        session.cache.load_records(tensors)
+        session._position = document["position"]
+        t = document["transcript"]
+        session.transcript = Transcript(t["messages"], t["tools"], t["text"], t["length"], [tuple(s) for s in t["spans"]])
+        session.stats = SessionStats(**document["stats"])
+        session.turn_log = [TurnStats(**turn) for turn in document["turn_log"]]
+        return session
+
+    def save(self, path: str | os.PathLike, *, wait: bool = True) -> bool:
         """Write the session (KV cache, scores, transcript, settings, stats) to ``path``, atomically: a crash midway
         leaves any earlier file there intact. ``engine.load_session(path)`` resumes it, in this or another process,
-        with the same greedy replies. Waits for a call in progress to end."""
-        from .persistence import save_session
-
+        with the same greedy replies. Never pickled (see :mod:`sirllm_agents.persistence`). Waits for a call in
+        progress to end, or with ``wait=False`` writes nothing and returns False while one runs."""
+        if not wait:
+            if not self._lock.acquire(blocking=False):
+                return False
+            try:
+                write_session(path, self.model, *self._state())
+            finally:
+                self._lock.release()
+            return True
         with self._locked():
-            save_session(self, path)
+            write_session(path, self.model, *self._state())
+        return True
+
+    @classmethod
+    def load(cls, model: Model, path: str | os.PathLike, session_id: str | None = None) -> Session:
+        """The session saved at ``path`` (by :meth:`save`), on ``model``; raises ``SessionFileError`` (a
+        ``ValueError``) for a missing, truncated or corrupted file or one saved from another model or dtype."""
+        return cls.from_state(model, *read_session(path, model), session_id)
 
     def memory(self) -> Memory:
         """What the cache holds now: the retained tokens in cache order (text, decayed score, turn), every ingested
         token of the conversation with whether it was evicted, and per-turn counts (see :class:`Memory`)."""
-        from .memory import session_memory
-
         with self._locked():
             return session_memory(self)
 
@@ -284,61 +285,67 @@ class Session:
 
     # -- one call ------------------------------------------------------------------------------------------------
 
-    def _turn(
-        self,
-        messages: list[Message],
-        config: GenerationConfig,
-        tools: list[dict] | None,
-        constraint: TokenConstraint | None,
-    ) -> Generator[str, None, Reply]:
+    def _turn(self, request: Request, config: GenerationConfig) -> Generator[Event, None, Reply]:
         with self._locked():
             turn = TurnStats()
-            # Reserve room for a reply of up to a quarter of the cache before the turn is cached; a longer reply
-            # evicts while decoding.
-            reserve = min(config.max_new_tokens, self.cache_size // 4)
-            asked, prompt_ids = self._ask(messages, tools, turn, reserve)
-            try:
-                reply = yield from self._decode(config, constraint, turn)
+            shown = ShownText(request.stream_mode)
+            with self._rolling_back(turn):
+                # Reserve room for a reply of up to a quarter of the cache before the turn is cached; a longer reply
+                # evicts while decoding.
+                reserve = min(config.max_new_tokens, self.cache_size // 4)
+                asked, prompt_ids = self._ask(request, turn, reserve)
+                start = time.perf_counter()
+                decoding = Decoding(self.model, self.cache.logits, self._ingest_generated(turn), config, request.constraint)
+                for piece in decoding:
+                    if text := shown.push(piece):
+                        yield TextDelta(text)
+                turn.decode_seconds += time.perf_counter() - start
+                text, finish_reason, token_ids = decoding.text, decoding.finish_reason, decoding.token_ids
+                turn.generated_tokens = len(token_ids)
+                reply = finish_reply(request, text, finish_reason, token_ids, turn)
+                reply.session_id = self.session_id
                 self._close_turn(asked, prompt_ids, reply, turn)
-                self.cache.decay(self.decay)
-            except BaseException:
-                self._rollback(asked)
-                self._record(turn)
-                raise
+                self.cache.decay(self.config.decay)
             turn.cache_len = len(self.cache)
             self._record(turn, completed=True)
+            yield from shown.rest(reply)
             return reply
 
-    def _ask(
-        self, messages: list[Message], tools: list[dict] | None, turn: TurnStats, reserve: int
-    ) -> tuple[Transcript, list[int]]:
-        """Ingest ``messages`` and the generation prompt, restarting when they do not extend the transcript, and leave
-        the logits that score the reply's first token; ``reserve`` more slots are freed for what follows when the
-        turn fits the cache. Returns the transcript of the messages (the state to roll back to) and the prompt's
-        token ids. On failure the session is rolled back and the turn recorded."""
-        prompt_ids, prompt_marks = self._extend(messages, tools, turn, reserve)
-        asked = self.transcript
-        try:
-            start = time.perf_counter()
-            turn.prefilled_tokens += self._prefill(prompt_ids, turn, prompt_marks)
-            self._score_first_token()
-            turn.prefill_seconds += time.perf_counter() - start
-            turn.input_tokens = self._position
-        except BaseException:
-            self._rollback(asked)
-            self._record(turn)
-            raise
-        return asked, prompt_ids
+    def _ingest_generated(self, turn: TurnStats) -> Callable[[int], torch.Tensor]:
+        """How decoding feeds each sampled token: into the cache (evicting a few slots at once when it must, rather
+        than paying for an eviction on every token); returns the logits that score the next one."""
+        slack = max(1, min(64, self.cache_size // 16))
 
-    def _extend(self, messages: list[Message], tools: list[dict] | None, turn: TurnStats, reserve: int) -> Marked:
+        def ingest(token: int) -> torch.Tensor:
+            turn.evicted_tokens += self.cache.make_room(1, slack)
+            self._feed([token], [False])
+            return self.cache.logits
+
+        return ingest
+
+    def _ask(self, request: Request, turn: TurnStats, reserve: int) -> tuple[Transcript, list[int]]:
+        """Ingest the request's messages and the generation prompt, restarting when they do not extend the
+        transcript, and leave the logits that score the reply's first token; ``reserve`` more slots are freed for
+        what follows when the turn fits the cache. Returns the transcript of the messages (the state to roll back to)
+        and the prompt's token ids."""
+        prompt_ids, prompt_marks = self._extend(request, turn, reserve)
+        start = time.perf_counter()
+        turn.prefilled_tokens += self._prefill(prompt_ids, turn, prompt_marks)
+        self._score_first_token()
+        turn.prefill_seconds += time.perf_counter() - start
+        turn.input_tokens = self._position
+        return self.transcript, prompt_ids
+
+    def _extend(self, request: Request, turn: TurnStats, reserve: int) -> Marked:
         """Ingest the messages the transcript lacks (all of them after a restart) and return the token ids of the
-        generation prompt that would follow them, with their template marks (see ``Engine.encode_marked``). On
-        failure the session is rolled back and the turn recorded."""
-        segments = self.transcript.plan(messages, self.engine.template, tools)
+        generation prompt that would follow them, with their template marks (see ``Model.encode_marked``)."""
+        messages = self.transcript.recognise(request.messages)
+        template = self.model.template
+        segments = self.transcript.plan(messages, template, request.tools)
         if segments is None:
             self._reset()
             turn.restarts = 1
-            segments = self.transcript.plan(messages, self.engine.template, tools)
+            segments = self.transcript.plan(messages, template, request.tools)
             if segments is None:
                 raise ValueError(
                     "the chat template's generation prompt does not extend its own rendering of these messages, "
@@ -346,34 +353,28 @@ class Session:
                 )
         turn.reused_tokens = self.transcript.length
         encoded = [
-            self.engine.encode_marked(segment.text, [messages[i]["content"] for i in segment.messages])
+            self.model.encode_marked(segment.text, [messages[i]["content"] for i in segment.messages])
             for segment in segments
         ]
-        *message_ids, prompt_ids = encoded
         new_tokens = sum(len(ids) for ids, _ in encoded) + 1  # +1: after a rollback the newest cached token is fed again
         if new_tokens + reserve <= self.cache.max_chunk:
             # Make room for the whole turn before any of it is cached, as StreamingLLM and SirLLM do: the turn's
             # own tokens (low-entropy template tokens included) then never compete for a place while it is running.
             turn.evicted_tokens += self.cache.make_room(new_tokens + reserve)
-        try:
-            self._prefill_messages(messages, tools, segments[:-1], message_ids, turn)
-        except BaseException:
-            self._rollback(self.transcript)
-            self._record(turn)
-            raise
-        return prompt_ids
+        self._prefill_messages(messages, request.tools, segments[:-1], encoded[:-1], turn)
+        return encoded[-1]
 
     def _prefill_messages(
         self,
         messages: list[Message],
         tools: list[dict] | None,
         segments: list[Segment],
-        segment_ids: list[Marked],
+        encoded: list[Marked],
         turn: TurnStats,
     ) -> None:
         start = time.perf_counter()
         spans = list(self.transcript.spans)
-        for segment, (ids, marks) in zip(segments, segment_ids):
+        for segment, (ids, marks) in zip(segments, encoded):
             begin = self._position
             turn.prefilled_tokens += self._prefill(ids, turn, marks)
             spans.extend((begin, self._position) for _ in segment.messages)
@@ -381,57 +382,22 @@ class Session:
         self.transcript = Transcript(list(messages), tools, text, self._position, spans)
         turn.prefill_seconds += time.perf_counter() - start
 
-    def _decode(
-        self, config: GenerationConfig, constraint: TokenConstraint | None, turn: TurnStats
-    ) -> Generator[str, None, Reply]:
-        sampler = Sampler(config, self.engine.device)
-        text = ReplyText(self.engine.tokenizer, config.stop)
-        stop_ids = self.engine.stop_token_ids
-        # When decoding must evict, free a few slots at once instead of paying for an eviction on every token.
-        slack = max(1, min(64, self.cache_size // 16))
-        generated: list[int] = []
-        finish_reason = "length"
-        start = time.perf_counter()
-        for _ in range(config.max_new_tokens):
-            if constraint is None:
-                token = sampler(self._logits)
-            else:
-                token = sampler(constraint.mask(self._logits))
-                constraint.accept(token)
-            if token in stop_ids:
-                finish_reason = "stop"
-                break
-            generated.append(token)
-            turn.evicted_tokens += self.cache.make_room(1, slack)
-            self._forward([token], [self._position])
-            piece = text.push(token)
-            if piece:
-                yield piece
-            if text.stopped or (constraint is not None and constraint.is_finished()):
-                finish_reason = "stop"
-                break
-        piece = text.finish()
-        if piece:
-            yield piece
-        turn.generated_tokens = len(generated)
-        turn.decode_seconds += time.perf_counter() - start
-        return Reply(text.text, finish_reason, generated, turn)
-
     def _close_turn(self, asked: Transcript, prompt_ids: list[int], reply: Reply, turn: TurnStats) -> None:
-        """Make the cache hold exactly the template's rendering of the conversation with the reply in it.
+        """Make the cache hold exactly the template's rendering of the conversation with the reply in it, and the
+        transcript the reply as the caller will send it back (:meth:`Reply.as_message`).
 
         The sampled tokens may differ from that rendering: a stop string was cut off, the end-of-turn marker was
         not ingested, or the model spelled the text with other tokens. Keep the longest common start and prefill
         the rest of the rendering."""
         start = time.perf_counter()
-        messages = asked.messages + [{"role": "assistant", "content": reply.text}]
-        rendered = self.engine.template.render(messages, add_generation_prompt=False, tools=asked.tools)
+        messages = asked.messages + [reply.as_message()]
+        rendered = self.model.template.render(messages, add_generation_prompt=False, tools=asked.tools)
         if not rendered.startswith(asked.text):
             # The template rewrites earlier turns once a reply follows: fall back to the state before the reply;
             # the next call prefills the reply as a new message.
             self._rollback(asked)
             return
-        canonical, marks = self.engine.encode_marked(rendered[len(asked.text) :], [reply.text])
+        canonical, marks = self.model.encode_marked(rendered[len(asked.text) :], [reply.content])
         ingested = prompt_ids + reply.token_ids
         common = 0
         while common < min(len(canonical), len(ingested)) and canonical[common] == ingested[common]:
@@ -443,99 +409,30 @@ class Session:
         self.transcript = Transcript(messages, asked.tools, rendered, self._position, spans)
         turn.decode_seconds += time.perf_counter() - start
 
-    def _reply_ids(self, asked: Transcript, options: Sequence[str]) -> list[list[int]]:
-        """Token ids of each option as the template renders it in an assistant reply to ``asked``: the text between
-        the generation prompt and the end-of-turn marker (found by rendering an empty reply)."""
-        template, tools = self.engine.template, asked.tools
-
-        def render_reply(text: str) -> str:
-            return template.render(asked.messages + [{"role": "assistant", "content": text}], False, tools)
-
-        prompt = template.render(asked.messages, add_generation_prompt=True, tools=tools)
-        end = render_reply("")
-        if not end.startswith(prompt):
-            raise ValueError("the chat template does not render a reply after its own generation prompt")
-        end = end[len(prompt) :]
-        option_ids = []
-        for option in options:
-            reply = render_reply(option)
-            if not reply.startswith(prompt):
-                raise ValueError("the chat template does not render a reply after its own generation prompt")
-            reply = reply[len(prompt) :]
-            if end and reply.endswith(end):
-                reply = reply[: -len(end)]
-            ids = self.engine.encode(reply)
-            if not ids:
-                raise ValueError(f"option {option!r} renders to no tokens")
-            option_ids.append(ids)
-        return option_ids
-
-    def _option_logprob(self, ids: list[int]) -> float:
-        """``log p(ids)`` after the prompt: the prompt's logits score the first token; the others need a forward of
-        all but the last token, which is then cut off the cache again."""
-        base, logits = self._position, self._logits
-        if len(ids) == 1:
-            return -float(_surprisal(logits[None], torch.tensor(ids))[0])
-        self._forward(ids[:-1], list(range(base, base + len(ids) - 1)))
-        # The forward recorded the surprisal of ids[:-1] with the tokens; its last logits score ids[-1].
-        surprisal = float(self.cache.scores[-(len(ids) - 1) :].sum())
-        surprisal += float(_surprisal(self._logits[None], torch.tensor(ids[-1:]))[0])
-        self.cache.truncate(base)
-        self._logits, self._position = logits, base
-        return -surprisal
-
     # -- the cache -----------------------------------------------------------------------------------------------
 
     def _prefill(self, ids: list[int], turn: TurnStats, template: list[bool]) -> int:
         """Ingest ``ids`` (``template`` marks the tokens the chat template wrote) in chunks that fit the cache,
         evicting before each; returns how many were new."""
-        positions = list(range(self._position, self._position + len(ids)))
-        first_score = None
-        if self._logits is None and len(self.cache):
-            # After a rollback the logits after the newest cached token are gone: feed that token again, keeping
-            # the score it has, so that its logits score the first new token. (When eviction took the
-            # conversation's last token, the newest cached one stands in for it, at its own position.)
-            first_score = float(self.cache.scores[-1])
-            ids = [int(self.cache.token_ids[-1])] + ids
-            positions = [int(self.cache.positions[-1])] + positions
-            template = [bool(self.cache.template[-1])] + template
-            self.cache.drop_newest()
-        chunk = min(self.prefill_chunk, self.cache.max_chunk)
+        refeed = self.cache.logits is None and len(self.cache) > 0
+        chunk = min(self.config.prefill_chunk, self.cache.max_chunk) - refeed
         for begin in range(0, len(ids), chunk):
             part = slice(begin, begin + chunk)
-            turn.evicted_tokens += self.cache.make_room(len(ids[part]))
-            self._forward(ids[part], positions[part], template[part], first_score if begin == 0 else None)
+            turn.evicted_tokens += self.cache.make_room(len(ids[part]) + refeed)
+            self._feed(ids[part], template[part])
+            refeed = False
             if self.progress is not None:
                 self.progress(min(begin + chunk, len(ids)), len(ids))
-        return len(ids) - (first_score is not None)
+        return len(ids)
 
-    @torch.no_grad()
-    def _forward(
-        self, ids: list[int], positions: list[int], template: list[bool] | None = None, first_score: float | None = None
-    ) -> None:
-        """Run ``ids`` through the model into the cache, scoring each token by ``-log p(token | everything before)``:
-        the logits at one token score the next, and the previous forward's last logits score the first. ``template``
-        marks the tokens the chat template wrote (none by default: generated and option tokens)."""
-        device = self.engine.device
-        input_ids = torch.tensor([ids], device=device)
-        cache_index = torch.arange(len(self.cache), len(self.cache) + len(ids), device=device)
-        out = self.engine.model(
-            input_ids=input_ids, position_ids=cache_index[None], past_key_values=self.cache.kv, use_cache=True
-        )
-        logits = out.logits[0].float()
-        scores = torch.empty(len(ids), dtype=torch.float32, device=logits.device)
-        if len(ids) > 1:
-            scores[1:] = _surprisal(logits[:-1], input_ids[0, 1:])
-        if first_score is not None:
-            scores[0] = first_score
-        elif self._logits is not None:
-            scores[0] = _surprisal(self._logits[None], input_ids[0, :1])[0]
+    def _feed(self, ids: list[int], template: list[bool]) -> None:
+        """Run ``ids`` through the model into the cache at the next conversation positions."""
+        positions = list(range(self._position, self._position + len(ids)))
+        if self.cache.logits is None and len(self.cache):
+            self.cache.refeed_newest(ids, positions, self.stats.turns, template)
         else:
-            scores[0] = float("inf")  # the session's very first token: see _score_first_token
-        marks = torch.zeros(len(ids), dtype=torch.bool) if template is None else torch.tensor(template, dtype=torch.bool)
-        self.cache.append(input_ids[0], scores, torch.tensor(positions), self.stats.turns, marks)
-        self._logits = logits[-1]
-        self._position = positions[-1] + 1
+            self.cache.ingest(ids, positions, self.stats.turns, template)
+        self._position += len(ids)
 
     def _score_first_token(self) -> None:
         """The very first token of a session has no logits before it: give it the highest score of its turn."""
@@ -547,16 +444,28 @@ class Session:
     def _truncate(self, position: int) -> None:
         self.cache.truncate(position)
         self._position = position
-        self._logits = None
 
     def _rollback(self, state: Transcript) -> None:
         self._truncate(state.length)
         self.transcript = state
 
+    @contextmanager
+    def _rolling_back(self, turn: TurnStats) -> Iterator[None]:
+        """On any failure (an exception, an interrupt, an abandoned stream), cut the cache back to the transcript,
+        the last state that matched it, and record the turn's figures so far."""
+        try:
+            yield
+        except BaseException:
+            self._rollback(self.transcript)
+            self._record(turn)
+            raise
+
+    def _new_cache(self) -> SirLLMCache:
+        return SirLLMCache(self.model.new_runner(), self.policy, self.cache_size, self.model.token_shapes)
+
     def _reset(self) -> None:
-        self.cache = SirLLMCache(self.engine.rotator, self.policy, self.cache_size, self.engine.token_shapes)
+        self.cache = self._new_cache()
         self.transcript = Transcript()
-        self._logits = None
         self._position = 0
 
     def _record(self, turn: TurnStats, completed: bool = False) -> None:
@@ -585,6 +494,75 @@ class _Owned:
         self.session._lock.release()
 
 
-def _surprisal(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``-log softmax(logits)[target]`` per row, without materializing the log-softmax."""
-    return logits.logsumexp(-1) - logits.gather(-1, targets[:, None].to(logits.device))[:, 0]
+class AsyncReplyStream:
+    """A reply stream for an event loop: the stream runs in a thread of its own (the session lock belongs to the
+    thread that opened it) and hands its events over; ``reply`` is set once it is exhausted. ``aclose`` stops
+    decoding early, and the session rolls the partial reply back."""
+
+    _DONE = object()
+
+    def __init__(self, open_stream: Callable[[], ReplyStream]):
+        self._open = open_stream
+        self._queue: asyncio.Queue[Any] | None = None
+        self._cancelled = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.reply: Reply | None = None
+        self.session: Session | None = None
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._thread is None:
+            self._start()
+        item = await self._queue.get()
+        if item is self._DONE:
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def _start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._queue = asyncio.Queue()
+
+        def post(item: Any) -> bool:
+            try:
+                loop.call_soon_threadsafe(self._queue.put_nowait, item)
+                return True
+            except RuntimeError:  # the event loop is closed: nobody is reading any more
+                return False
+
+        def run() -> None:
+            stream = None
+            try:
+                stream = self._open()
+                self.session = stream.session
+                for event in stream:
+                    if self._cancelled.is_set() or not post(event):
+                        break
+                    self.session = stream.session
+                self.reply = stream.reply
+                item: Any = self._DONE
+            except BaseException as error:  # handed to the consumer, who raises it
+                item = error
+            finally:
+                if stream is not None:
+                    stream.close()
+            post(item)
+
+        self._thread = threading.Thread(target=run, name="sirllm-stream", daemon=True)
+        self._thread.start()
+
+    async def finish(self) -> Reply:
+        """Decode to the end and return the reply."""
+        async for _ in self:
+            pass
+        assert self.reply is not None
+        return self.reply
+
+    async def aclose(self) -> None:
+        """Stop decoding (if still running) and wait until the thread has released the session."""
+        self._cancelled.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)

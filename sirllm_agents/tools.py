@@ -22,22 +22,16 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 import uuid
-import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .engine import Engine
+from typing import Any
 
 TOOL_CALL_START = "<tool_call>"
 TOOL_CALL_END = "</tool_call>"
 
 _BLOCK = re.compile(re.escape(TOOL_CALL_START) + r"(.*?)(?:" + re.escape(TOOL_CALL_END) + r"|\Z)", re.DOTALL)
 _FENCE = re.compile(r"\A```(?:json)?\s*(.*?)\s*```\Z", re.DOTALL)
-_PROBE_NAME = "sirllm_probe_tool"
 
 
 @dataclass
@@ -47,6 +41,10 @@ class ToolCall:
     id: str
     name: str
     arguments: dict
+
+    def as_message_call(self) -> dict[str, Any]:
+        """The call as an assistant message's ``tool_calls`` entry (OpenAI's form, arguments as a dict)."""
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
 
 def normalize_tools(tools: Sequence[Mapping[str, Any]]) -> list[dict]:
@@ -99,48 +97,23 @@ def format_tool_call(name: str, arguments: Mapping[str, Any] | str) -> str:
     return f"{TOOL_CALL_START}\n{body}\n{TOOL_CALL_END}"
 
 
-_renders_tools: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_renders_tools_lock = threading.Lock()
-
-
-def template_renders_tools(engine: Engine) -> bool:
-    """Whether the engine's chat template writes tool definitions into the prompt (probed once per engine)."""
-    with _renders_tools_lock:
-        if engine not in _renders_tools:
-            probe = [{"type": "function", "function": {"name": _PROBE_NAME, "parameters": {"type": "object"}}}]
-            try:
-                text = engine.template.render([{"role": "user", "content": "hi"}], True, tools=probe)
-            except ValueError:
-                text = ""
-            _renders_tools[engine] = _PROBE_NAME in text
-        return _renders_tools[engine]
-
-
-def prepare_tool_messages(
-    engine: Engine, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None
-) -> tuple[list[dict], list[dict] | None]:
-    """The messages and tools to hand to ``Session.chat``.
-
-    When the chat template renders tools, the messages go unchanged and the (normalized) tools go to the template.
-    Otherwise the tools are described in the system message (appended to the first one, or a new one in front) and
-    ``None`` is returned for them; assistant ``tool_calls`` are then written into the message content. The result
-    depends only on the inputs, so an agent's growing conversation keeps extending the session's transcript."""
-    specs = normalize_tools(tools) if tools else None
+def write_tools_into_messages(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None) -> list[dict]:
+    """For a chat template that ignores tools: ``messages`` with ``tools`` described in the system message (appended
+    to the first one, or a new one in front) and each assistant message's ``tool_calls`` written into its content,
+    the way the model is asked to write them. Deterministic, so a growing conversation keeps its earlier rendering."""
     prepared = [dict(m) for m in messages]
-    if template_renders_tools(engine):
-        return prepared, specs
     for message in prepared:
         if message.get("role") == "assistant" and message.get("tool_calls"):
             calls = "\n".join(_format_message_call(call) for call in message.pop("tool_calls"))
             content = message.get("content") or ""
             message["content"] = f"{content}\n{calls}" if content else calls
-    if specs:
-        prompt = tools_prompt(specs)
+    if tools:
+        prompt = tools_prompt(tools)
         if prepared and prepared[0].get("role") == "system":
             prepared[0]["content"] = f"{prepared[0].get('content') or ''}\n\n{prompt}".lstrip("\n")
         else:
             prepared.insert(0, {"role": "system", "content": prompt})
-    return prepared, None
+    return prepared
 
 
 def _format_message_call(call: Mapping[str, Any]) -> str:

@@ -8,11 +8,17 @@ starts with that text, only needs the text after it prefilled.
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from jinja2 import TemplateError
+
+from .tools import normalize_tools, write_tools_into_messages
+
+_PROBE_NAME = "sirllm_probe_tool"
 
 ROLES = ("system", "user", "assistant", "tool")
 Message = dict[str, Any]
@@ -39,7 +45,7 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[Message]:
             raise ValueError(f"messages[{i}] ({role}): tool_calls must be a list, got {type(tool_calls).__name__}")
         plain: Message = {"role": role, "content": content}
         if tool_calls:
-            plain["tool_calls"] = copy.deepcopy(tool_calls)
+            plain["tool_calls"] = [_tool_call(i, j, call) for j, call in enumerate(tool_calls)]
         for key in ("tool_call_id", "name"):
             if message.get(key) is not None:
                 plain[key] = message[key]
@@ -47,8 +53,57 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[Message]:
     return normalized
 
 
+def _tool_call(i: int, j: int, call: Any) -> dict[str, Any]:
+    """A call in the one form the session keeps: ``{"id", "type": "function", "function": {"name", "arguments"}}``
+    with the arguments as a dict (OpenAI sends them as a JSON string)."""
+    function = call.get("function", call) if isinstance(call, Mapping) else None
+    if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+        raise ValueError(f"messages[{i}].tool_calls[{j}] must name a function: {{'function': {{'name': ..., ...}}}}")
+    arguments = function.get("arguments") or {}
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except ValueError as error:
+            raise ValueError(f"messages[{i}].tool_calls[{j}]: arguments are not JSON: {error}") from None
+    if not isinstance(arguments, Mapping):
+        raise ValueError(f"messages[{i}].tool_calls[{j}]: arguments must be a JSON object")
+    try:
+        json.dumps(arguments)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"messages[{i}].tool_calls[{j}]: arguments are not JSON data: {error}") from None
+    converted = {"type": "function", "function": {"name": function["name"], "arguments": copy.deepcopy(dict(arguments))}}
+    if call.get("id") is not None:
+        converted = {"id": str(call["id"]), **converted}
+    return converted
+
+
+def same_message(incoming: Message, known: Message) -> bool:
+    """Whether ``incoming`` is ``known`` as a framework sends it back: equal, or an assistant reply whose text
+    differs only by surrounding whitespace (some chat engines strip it) and whose calls name the same tools with the
+    same arguments."""
+    if incoming == known:
+        return True
+    if incoming["role"] != "assistant" or known["role"] != "assistant":
+        return False
+
+    def calls(message: Message) -> list:
+        return [(c["function"]["name"], c["function"]["arguments"]) for c in message.get("tool_calls", [])]
+
+    return incoming["content"].strip() == known["content"].strip() and calls(incoming) == calls(known)
+
+
+def starts_with(messages: list[Message], known: list[Message]) -> bool:
+    """Whether ``messages`` begin with ``known`` (see :func:`same_message`)."""
+    return len(known) <= len(messages) and all(same_message(m, k) for m, k in zip(messages, known))
+
+
 class ChatTemplate:
-    """Renders messages to text with the tokenizer's chat template (or one given by the caller)."""
+    """Renders messages to text with the tokenizer's chat template (or one given by the caller).
+
+    Tools are rendered by the template when it knows how (Qwen2.5, Llama 3.1, ...); for one that ignores them
+    (SmolLM2's), they are described in the system message and earlier calls are written into their messages'
+    content, in the format of :mod:`sirllm_agents.tools`. Either way the rendering depends only on the messages and
+    tools, so a growing conversation keeps extending its own earlier rendering."""
 
     def __init__(self, tokenizer, template: str | None = None):
         if template is None and not getattr(tokenizer, "chat_template", None):
@@ -58,8 +113,31 @@ class ChatTemplate:
             )
         self.tokenizer = tokenizer
         self.template = template
+        self.source: str = template or tokenizer.chat_template
 
     def render(self, messages: list[Message], add_generation_prompt: bool, tools: list[dict] | None = None) -> str:
+        messages, tools = self.prepare(messages, tools)
+        return self._apply(messages, add_generation_prompt, tools)
+
+    def prepare(self, messages: list[Message], tools: list[dict] | None) -> tuple[list[Message], list[dict] | None]:
+        """The messages and tools as the template is given them: unchanged (tools normalized) when it renders
+        tools, else with the tools in the system message, calls written into content, and no tools."""
+        specs = normalize_tools(tools) if tools else None
+        if self.renders_tools:
+            return [dict(m) for m in messages], specs
+        return write_tools_into_messages(messages, specs), None
+
+    @cached_property
+    def renders_tools(self) -> bool:
+        """Whether the template writes tool definitions into the prompt (probed once)."""
+        probe = [{"type": "function", "function": {"name": _PROBE_NAME, "parameters": {"type": "object"}}}]
+        try:
+            text = self._apply([{"role": "user", "content": "hi"}], True, probe)
+        except ValueError:
+            return False
+        return _PROBE_NAME in text
+
+    def _apply(self, messages: list[Message], add_generation_prompt: bool, tools: list[dict] | None) -> str:
         try:
             return self.tokenizer.apply_chat_template(
                 messages,
@@ -89,6 +167,12 @@ class Transcript:
     text: str = ""
     length: int = 0  # tokens ingested, counted over the whole conversation (eviction does not lower it)
     spans: list[tuple[int, int]] = field(default_factory=list)
+
+    def recognise(self, messages: list[Message]) -> list[Message]:
+        """``messages`` with each one this transcript holds, as a framework sends it back (see :func:`same_message`),
+        replaced by the transcript's own: the session then knows its earlier replies whatever form they come in."""
+        known = self.messages
+        return [known[i] if i < len(known) and same_message(m, known[i]) else m for i, m in enumerate(messages)]
 
     def plan(self, messages: list[Message], template: ChatTemplate, tools: list[dict] | None) -> list[Segment] | None:
         """The text that ``messages`` (rendered with ``tools``) add to this transcript, ending with the generation

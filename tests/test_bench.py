@@ -101,7 +101,7 @@ def test_cloze_form_runs_on_a_fork_and_ranks_per_token(tiny_engine, policy):
     # The session the lettered question goes to is untouched.
     assert torch.equal(player.session.cache.token_ids, before[0]) and player.session.transcript.messages == before[1]
     scores = player.fork().score(messages + [{"role": "user", "content": "Which grocery?"}], turn.texts)
-    per_token = [s / len(tiny_engine.encode(t)) for s, t in zip(scores, turn.texts)]
+    per_token = [s / len(tiny_engine.model.encode(t)) for s, t in zip(scores, turn.texts)]
     per_char = [s / len(t) for s, t in zip(scores, turn.texts)]
     assert picks == {"cloze": per_token.index(max(per_token)), "cloze_char": per_char.index(max(per_char))}
 
@@ -126,10 +126,10 @@ def test_truncate_keeps_the_newest_whole_messages_within_the_budget(tiny_engine)
     messages.append({"role": "user", "content": "Last question: (A) yes (B) no"})
     kept = player.trimmed(messages, ["A", "B"])
     assert kept == messages[-len(kept) :] and kept[0]["role"] == "user" and 1 < len(kept) < len(messages)
-    prompt = tiny_engine.template.render(kept, add_generation_prompt=True)
-    assert len(tiny_engine.encode(prompt)) + 1 <= 128
-    longer = tiny_engine.template.render(messages[-len(kept) - 2 :], add_generation_prompt=True)
-    assert len(tiny_engine.encode(longer)) + 1 > 128  # it kept as much as fits
+    prompt = tiny_engine.model.template.render(kept, add_generation_prompt=True)
+    assert len(tiny_engine.model.encode(prompt)) + 1 <= 128
+    longer = tiny_engine.model.template.render(messages[-len(kept) - 2 :], add_generation_prompt=True)
+    assert len(tiny_engine.model.encode(longer)) + 1 > 128  # it kept as much as fits
 
     player.new_episode()
     assert len(player.score(messages, ["A", "B"])) == 2

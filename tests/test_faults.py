@@ -9,14 +9,14 @@ import threading
 
 import pytest
 
-from sirllm_agents import Engine
+from sirllm_agents import Engine, SessionConfig
 
 CACHE = dict(cache_size=128)
 
 
 def pooled_engine(tiny_engine, tmp_path, **settings) -> Engine:
     return Engine(
-        tiny_engine.model, tokenizer=tiny_engine.tokenizer, spill_dir=tmp_path, session_options=CACHE, **settings
+        tiny_engine.model, spill_dir=tmp_path, config=SessionConfig(**CACHE), **settings
     )
 
 
@@ -34,7 +34,7 @@ def test_an_interrupt_mid_generation_rolls_back_one_session_and_spares_the_other
     other.append({"role": "assistant", "content": engine.chat(other, "other", max_new_tokens=6).text})
     victim = [user("This one gets interrupted.")]
 
-    layer = tiny_engine.model.model.layers[1]
+    layer = tiny_engine.model.backend.weights.model.layers[1]
     original, calls = layer.forward, {"n": 0}
     victim_thread = threading.get_ident()
 
@@ -53,7 +53,7 @@ def test_an_interrupt_mid_generation_rolls_back_one_session_and_spares_the_other
     assert not engine.pool._pins  # the interrupted call released its session
     session = engine.route(victim, "victim")
     assert session.transcript.messages == victim
-    assert [lay.keys.shape[2] for lay in session.cache.kv.layers] == [len(session)] * 2
+    assert [lay.keys.shape[2] for lay in session.cache.runner.kv.layers] == [len(session)] * 2
     assert engine.chat(victim, "victim", max_new_tokens=6).token_ids == fresh_reply(tiny_engine, victim)
     other_next = other + [user("And then?")]
     reply = engine.chat(other_next, "other", max_new_tokens=6)
@@ -90,7 +90,7 @@ def test_a_huge_tool_result_stays_within_the_bound_and_spares_other_sessions(tin
         {"role": "assistant", "content": "Calling the tool."},
         {"role": "tool", "content": table},
     ]
-    size = len(tiny_engine.encode(table))
+    size = len(tiny_engine.model.encode(table))
     assert size > 5.8 * rows
     # Another conversation is served while the huge one is being ingested: only calls on one session wait.
     ingesting, served, results = threading.Event(), threading.Event(), {}

@@ -51,7 +51,7 @@ def test_saved_local_folder_loads_with_the_same_weights(tmp_path, tokenizer, mak
     tokenizer.save_pretrained(tmp_path)
     assert list(tmp_path.glob("*.safetensors"))
     engine = Engine(tmp_path)
-    assert isinstance(engine.model.config, LlamaConfig)
+    assert isinstance(engine.model.backend.weights.config, LlamaConfig)
     messages = [{"role": "user", "content": "hi"}]
     expected = Engine(model, tokenizer=tokenizer).session().chat(messages, max_new_tokens=6).token_ids
     assert engine.session().chat(messages, max_new_tokens=6).token_ids == expected

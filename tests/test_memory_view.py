@@ -35,8 +35,8 @@ def test_memory_lists_the_retained_tokens_in_cache_order_and_evictions_per_turn(
     assert len(memory.tokens) == 64 and memory.cache_size == 64
 
     # Every ingested token, in order, is the template's rendering of the conversation; pieces join to its text.
-    rendered = tiny_engine.template.render(messages, add_generation_prompt=False)
-    assert [t.token_id for t in memory.conversation] == tiny_engine.encode(rendered)
+    rendered = tiny_engine.model.template.render(messages, add_generation_prompt=False)
+    assert [t.token_id for t in memory.conversation] == tiny_engine.model.encode(rendered)
     assert "".join(t.text for t in memory.conversation) == rendered
     assert [t.text for t in memory.tokens] == [memory.conversation[p].text for p in session.cache.positions.tolist()]
 

@@ -78,15 +78,15 @@ def test_each_policy_holds_the_bound_over_a_long_conversation(converse, tiny_eng
 
 def test_template_marks_cover_exactly_what_the_template_wrote(tiny_engine):
     messages = [{"role": "user", "content": "My dog is Rex."}, {"role": "assistant", "content": "Noted, Rex."}]
-    text = tiny_engine.template.render(messages, add_generation_prompt=False)
-    ids, marks = tiny_engine.encode_marked(text, [m["content"] for m in messages])
-    assert ids == tiny_engine.encode(text)
-    content = tiny_engine.tokenizer.decode([i for i, m in zip(ids, marks) if not m])
+    text = tiny_engine.model.template.render(messages, add_generation_prompt=False)
+    ids, marks = tiny_engine.model.encode_marked(text, [m["content"] for m in messages])
+    assert ids == tiny_engine.model.encode(text)
+    content = tiny_engine.model.tokenizer.decode([i for i, m in zip(ids, marks) if not m])
     assert content == "My dog is Rex.Noted, Rex."
-    template = tiny_engine.tokenizer.decode([i for i, m in zip(ids, marks) if m])
+    template = tiny_engine.model.tokenizer.decode([i for i, m in zip(ids, marks) if m])
     assert template == text.replace("My dog is Rex.", "").replace("Noted, Rex.", "")
     # A content the template does not write verbatim marks nothing.
-    assert not any(tiny_engine.encode_marked(text, ["not in the text"])[1])
+    assert not any(tiny_engine.model.encode_marked(text, ["not in the text"])[1])
 
 
 def test_the_session_records_template_marks_for_prompts_replies_and_ingested_messages(tiny_engine):
@@ -97,5 +97,5 @@ def test_the_session_records_template_marks_for_prompts_replies_and_ingested_mes
     reply = session.chat(messages, max_new_tokens=6)
     cache = session.cache
     assert cache.template.numel() == len(cache)
-    text = tiny_engine.tokenizer.decode(cache.token_ids[~cache.template].tolist())
+    text = tiny_engine.model.tokenizer.decode(cache.token_ids[~cache.template].tolist())
     assert text == "My dog is Rex.Noted.Name?" + reply.text

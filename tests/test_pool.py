@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from sirllm_agents import Engine
+from sirllm_agents import Engine, SessionConfig
 
 CACHE = dict(cache_size=64, decay=0.9)  # small enough that every conversation below evicts
 SCRIPTS = {
@@ -22,7 +22,7 @@ SCRIPTS = {
 def pooled_engine(tiny_engine, tmp_path, **settings) -> Engine:
     """An engine of its own (own pool) on the shared tiny model."""
     return Engine(
-        tiny_engine.model, tokenizer=tiny_engine.tokenizer, spill_dir=tmp_path, session_options=CACHE, **settings
+        tiny_engine.model, spill_dir=tmp_path, config=SessionConfig(**CACHE), **settings
     )
 
 
@@ -155,8 +155,8 @@ def test_two_threads_on_one_session_are_serialized(tiny_engine, tmp_path):
     assert [r.token_ids for r in results] == [expected, expected]
     assert sorted(r.stats.restarts for r in results) == [0, 1]
     session = engine.route(messages, "same")
-    expected_ids = tiny_engine.encode(
-        tiny_engine.template.render(messages + [{"role": "assistant", "content": results[1].text}], False)
+    expected_ids = tiny_engine.model.encode(
+        tiny_engine.model.template.render(messages + [{"role": "assistant", "content": results[1].text}], False)
     )
     assert session.cache.token_ids.tolist() == expected_ids
 
@@ -184,11 +184,11 @@ def test_a_pooled_stream_is_pinned_until_it_ends(tiny_engine, tmp_path):
     engine = pooled_engine(tiny_engine, tmp_path, max_live_sessions=1)
     stream = engine.stream([{"role": "user", "content": "Hello"}], "streamed", max_new_tokens=6)
     assert engine.pool.live_ids() == []  # nothing is routed before the first piece is asked for
-    pieces = [next(stream)]
+    pieces = [next(stream).text]
     engine.chat([{"role": "user", "content": "Another conversation"}], "other", max_new_tokens=2)
     # The cap of one holds for the idle session; the one mid-stream is pinned and stays.
     assert engine.pool.live_ids() == ["streamed"] and engine.pool.spilled_ids() == ["other"]
-    pieces += list(stream)
+    pieces += list(stream.text())
     assert "".join(pieces) == stream.reply.text
     assert not engine.pool._pins
     engine.chat([{"role": "user", "content": "A third"}], "third", max_new_tokens=2)
@@ -197,16 +197,16 @@ def test_a_pooled_stream_is_pinned_until_it_ends(tiny_engine, tmp_path):
 
 def test_bad_pool_settings_are_value_errors(tiny_engine):
     with pytest.raises(ValueError, match="max_live_sessions must be a positive integer, got 0"):
-        Engine(tiny_engine.model, tokenizer=tiny_engine.tokenizer, max_live_sessions=0)
+        Engine(tiny_engine.model, max_live_sessions=0)
     with pytest.raises(ValueError, match="max_spilled_sessions must be a non-negative integer, got -1"):
-        Engine(tiny_engine.model, tokenizer=tiny_engine.tokenizer, max_spilled_sessions=-1)
+        Engine(tiny_engine.model, max_spilled_sessions=-1)
     with pytest.raises(ValueError, match="decay must be in"):
-        Engine(tiny_engine.model, tokenizer=tiny_engine.tokenizer, session_options={"decay": 2.0})
+        Engine(tiny_engine.model, config=SessionConfig(decay=2.0))
 
 
 @pytest.mark.parametrize("session_id", ["", 7, b"conv"])
 def test_bad_session_ids_are_value_errors_that_change_nothing(tiny_engine, session_id):
-    engine = Engine(tiny_engine.model, tokenizer=tiny_engine.tokenizer)
+    engine = Engine(tiny_engine.model)
     engine.chat([{"role": "user", "content": "Hi"}], "kept", max_new_tokens=2)
     with pytest.raises(ValueError, match=f"session_id must be a non-empty string, got {session_id!r}"):
         engine.chat([{"role": "user", "content": "Hi"}], session_id, max_new_tokens=2)

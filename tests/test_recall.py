@@ -58,7 +58,7 @@ def test_well_formed_means_on_topic_and_no_copied_distractor():
 
 @pytest.mark.parametrize("policy", ["full", "streaming", "sirllm", "sentences", "truncate"])
 def test_each_policy_answers_every_fact_with_sane_records(tiny_engine, policy):
-    conversation = recall_data.generate(3, 500, lambda text: len(tiny_engine.encode(text)))
+    conversation = recall_data.generate(3, 500, lambda text: len(tiny_engine.model.encode(text)))
     tokens = recall.conversation_tokens(tiny_engine, conversation)
     records = recall.run_conversation(tiny_engine, conversation, recall.Setting(policy, 0.25, recent=0.125))
     assert len(records) == 3 and all(r["tokens"] == tokens and not r["overflowed"] for r in records)
@@ -79,7 +79,7 @@ def test_each_policy_answers_every_fact_with_sane_records(tiny_engine, policy):
 
 
 def test_full_overflows_past_the_model_length_and_says_so(tiny_engine, monkeypatch):
-    conversation = recall_data.generate(3, 400, lambda text: len(tiny_engine.encode(text)))
+    conversation = recall_data.generate(3, 400, lambda text: len(tiny_engine.model.encode(text)))
     monkeypatch.setattr(tiny_engine, "max_length", 200)
     records = recall.run_conversation(tiny_engine, conversation, recall.Setting("full", 1.0))
     assert all(r["overflowed"] for r in records)

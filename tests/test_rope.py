@@ -7,7 +7,7 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
 
 from sirllm_agents import Engine, UnsupportedModelError
-from sirllm_agents.rope import KeyRotator
+from sirllm_agents.runners.rope import KeyRotator
 
 ROPES = {
     "default": {"rope_type": "default", "rope_theta": 10000.0},

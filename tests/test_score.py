@@ -15,7 +15,7 @@ OPTIONS = ["B", "Paris", "the capital of France, which is a rather long answer"]
 
 
 def rendered_ids(engine, messages, add_generation_prompt: bool = False) -> list[int]:
-    return engine.encode(engine.template.render(messages, add_generation_prompt=add_generation_prompt))
+    return engine.model.encode(engine.model.template.render(messages, add_generation_prompt=add_generation_prompt))
 
 
 def plain_logprob(model, prompt: list[int], option: list[int]) -> float:
@@ -39,7 +39,7 @@ def test_option_logprobs_equal_one_forward_over_prompt_and_option(tiny_engine):
     messages = conversation(session, QUESTIONS[:2]) + [{"role": "user", "content": "What is the capital of France?"}]
     prompt = rendered_ids(tiny_engine, messages, add_generation_prompt=True)
     # SmolLM2's template writes an assistant message's content verbatim, so the option's tokens are its encoding.
-    expected = [plain_logprob(tiny_engine.model, prompt, tiny_engine.encode(option)) for option in OPTIONS]
+    expected = [plain_logprob(tiny_engine.model.backend.weights, prompt, tiny_engine.model.encode(option)) for option in OPTIONS]
 
     scores = session.score(messages, OPTIONS)
 
@@ -57,7 +57,7 @@ def test_scoring_leaves_the_no_reply_state_and_the_next_call_prefills_only_the_n
     # Exactly the messages, no generation prompt, no option, and keys/values for every recorded token.
     assert session.cache.token_ids.tolist() == rendered_ids(tiny_engine, messages)
     assert session.transcript.messages == messages
-    assert [layer.keys.shape[2] for layer in session.cache.kv.layers] == [len(session.cache)] * 2
+    assert [layer.keys.shape[2] for layer in session.cache.runner.kv.layers] == [len(session.cache)] * 2
     assert session.stats.turns == turns_before  # no reply was recorded
 
     # The same as a session whose stream on these messages was abandoned.
@@ -68,7 +68,7 @@ def test_scoring_leaves_the_no_reply_state_and_the_next_call_prefills_only_the_n
     stream.close()
     assert torch.equal(session.cache.token_ids, other.cache.token_ids)
     assert torch.allclose(session.cache.scores, other.cache.scores, atol=1e-5)
-    for mine, theirs in zip(session.cache.kv.layers, other.cache.kv.layers):
+    for mine, theirs in zip(session.cache.runner.kv.layers, other.cache.runner.kv.layers):
         assert torch.allclose(mine.keys, theirs.keys, atol=1e-5)
 
     # Appending the chosen answer and a new question prefills just those, and replies as a fresh session would.
@@ -107,7 +107,7 @@ def test_cache_bound_and_decay_hold_over_many_scored_turns(tiny_engine):
         scores = session.score(messages, options)
         assert len(scores) == 3 and all(s < 0 for s in scores)
         assert len(session.cache) <= cache_size
-        assert [layer.keys.shape[2] for layer in session.cache.kv.layers] == [len(session.cache)] * 2
+        assert [layer.keys.shape[2] for layer in session.cache.runner.kv.layers] == [len(session.cache)] * 2
         # Tokens that were cached before this call and stayed were decayed exactly once.
         stayed = torch.isin(session.cache.positions, kept_before)
         old = torch.isin(kept_before, session.cache.positions)
@@ -142,7 +142,7 @@ def test_the_history_stays_whole_when_eviction_took_the_last_token_before_a_roll
         assert len(session.cache) <= 48 and session.cache.positions.max() < len(history)
         gaps += int(session.cache.positions[-1]) < len(history) - 1  # the last token was evicted
         memory = session.memory()
-        assert "".join(t.text for t in memory.conversation) == tiny_engine.template.render(messages, False)
+        assert "".join(t.text for t in memory.conversation) == tiny_engine.model.template.render(messages, False)
         assert [t.position for t in memory.tokens] == session.cache.positions.tolist()
         messages.append({"role": "assistant", "content": "A"})
     assert gaps > 0

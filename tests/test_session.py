@@ -13,7 +13,7 @@ QUESTIONS = ["Hi there!", "What is 2+2?", "Name a colour.", "Tell me a short jok
 
 
 def rendered_ids(engine: Engine, messages, add_generation_prompt: bool = False) -> list[int]:
-    return engine.encode(engine.template.render(messages, add_generation_prompt=add_generation_prompt))
+    return engine.model.encode(engine.model.template.render(messages, add_generation_prompt=add_generation_prompt))
 
 
 def surprisal_of_sequence(model, ids: list[int]) -> torch.Tensor:
@@ -34,14 +34,14 @@ def test_full_policy_matches_generate_and_prefills_only_new_tokens(tiny_engine):
         reply = session.chat(messages, max_new_tokens=12)
 
         with torch.no_grad():
-            expected = tiny_engine.model.generate(
+            expected = tiny_engine.model.backend.weights.generate(
                 torch.tensor([prompt]),
                 max_new_tokens=12,
                 do_sample=False,
-                eos_token_id=sorted(tiny_engine.stop_token_ids),
-                pad_token_id=tiny_engine.tokenizer.eos_token_id,
+                eos_token_id=sorted(tiny_engine.model.stop_token_ids),
+                pad_token_id=tiny_engine.model.tokenizer.eos_token_id,
             )[0, len(prompt) :].tolist()
-        expected = [t for t in expected if t not in tiny_engine.stop_token_ids]
+        expected = [t for t in expected if t not in tiny_engine.model.stop_token_ids]
         assert reply.token_ids == expected, f"turn {turn}"
         assert reply.stats.input_tokens == len(prompt)
         assert reply.stats.reused_tokens == reused_before
@@ -53,7 +53,7 @@ def test_full_policy_matches_generate_and_prefills_only_new_tokens(tiny_engine):
         messages.append({"role": "assistant", "content": reply.text})
         # Nothing evicted: the cache holds exactly the rendering of the whole conversation.
         assert session.cache.token_ids.tolist() == rendered_ids(tiny_engine, messages)
-        assert [len(layer.keys[0, 0]) for layer in session.cache.kv.layers] == [len(session)] * 2
+        assert [len(layer.keys[0, 0]) for layer in session.cache.runner.kv.layers] == [len(session)] * 2
     assert session.stats.turns == len(QUESTIONS)
     assert session.stats.restarts == 0
 
@@ -65,7 +65,7 @@ def test_scores_are_token_surprisal_decayed_once_per_turn(converse, tiny_engine)
     ids = session.cache.token_ids.tolist()
     assert ids == rendered_ids(tiny_engine, messages)
 
-    raw = surprisal_of_sequence(tiny_engine.model, ids)
+    raw = surprisal_of_sequence(tiny_engine.model.backend.weights, ids)
     completed = session.stats.turns
     assert completed == 4
     expected = raw * decay ** (completed - session.cache.turns[1:]).float()
@@ -79,7 +79,7 @@ def test_cache_bound_sinks_and_sirllm_kept_set_over_200_turns(converse, tiny_eng
     session = tiny_engine.session(cache_size=128, start_size=4, recent_size=8, decay=0.9)
     cache_cls = type(session.cache)
     evictions = []
-    original_make_room, original_append = cache_cls.make_room, cache_cls.append
+    original_make_room, original_record = cache_cls.make_room, cache_cls._record
 
     def checked_make_room(cache, n, slack=0):
         scores, positions = cache.scores.clone(), cache.positions.clone()
@@ -95,13 +95,13 @@ def test_cache_bound_sinks_and_sirllm_kept_set_over_200_turns(converse, tiny_eng
             evictions.append(evicted)
         return evicted
 
-    def checked_append(cache, *args, **kwargs):
-        original_append(cache, *args, **kwargs)
+    def checked_record(cache, *args, **kwargs):
+        original_record(cache, *args, **kwargs)
         assert len(cache) <= 128
-        assert all(layer.keys.shape[2] == len(cache) for layer in cache.kv.layers)
+        assert all(layer.keys.shape[2] == len(cache) for layer in cache.runner.kv.layers)
 
     monkeypatch.setattr(cache_cls, "make_room", checked_make_room)
-    monkeypatch.setattr(cache_cls, "append", checked_append)
+    monkeypatch.setattr(cache_cls, "_record", checked_record)
     turns = [f"Turn {i}: remember the number {i * 37 % 101}." for i in range(200)]
     converse(session, turns, max_new_tokens=6)
     assert session.stats.turns == 200 and session.stats.restarts == 0
@@ -126,10 +126,10 @@ def test_retained_keys_equal_keys_computed_at_their_new_index(converse, tiny_eng
     ids = session.cache.token_ids.tolist()
     fresh = tiny_engine.session(policy="full")
     with torch.no_grad():
-        fresh._forward(ids, list(range(len(ids))))
-    torch.testing.assert_close(session.cache.kv.layers[0].keys, fresh.cache.kv.layers[0].keys, atol=1e-5, rtol=1e-5)
+        fresh.cache.ingest(ids, range(len(ids)), 0, [False] * len(ids))
+    torch.testing.assert_close(session.cache.runner.kv.layers[0].keys, fresh.cache.runner.kv.layers[0].keys, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(
-        session.cache.kv.layers[0].values, fresh.cache.kv.layers[0].values, atol=1e-6, rtol=1e-6
+        session.cache.runner.kv.layers[0].values, fresh.cache.runner.kv.layers[0].values, atol=1e-6, rtol=1e-6
     )
 
 
@@ -207,7 +207,7 @@ def test_interrupt_inside_a_forward_leaves_the_session_consistent(converse, tiny
     session = tiny_engine.session(cache_size=256)
     messages, _ = converse(session, QUESTIONS[:2])
     messages.append({"role": "user", "content": QUESTIONS[2]})
-    layer = tiny_engine.model.model.layers[1]
+    layer = tiny_engine.model.backend.weights.model.layers[1]
     calls = {"n": 0}
     original = layer.forward
 
@@ -221,7 +221,7 @@ def test_interrupt_inside_a_forward_leaves_the_session_consistent(converse, tiny
     with pytest.raises(KeyboardInterrupt):
         session.chat(messages, max_new_tokens=20)
     monkeypatch.undo()
-    assert [lay.keys.shape[2] for lay in session.cache.kv.layers] == [len(session)] * 2
+    assert [lay.keys.shape[2] for lay in session.cache.runner.kv.layers] == [len(session)] * 2
     assert session.cache.token_ids.tolist() == rendered_ids(tiny_engine, messages)
     reply = session.chat(messages, max_new_tokens=10)
     assert reply.token_ids == tiny_engine.session(cache_size=256).chat(messages, max_new_tokens=10).token_ids
@@ -230,7 +230,7 @@ def test_interrupt_inside_a_forward_leaves_the_session_consistent(converse, tiny
 def test_streaming_pieces_join_to_the_reply(tiny_engine):
     session = tiny_engine.session()
     stream = session.stream([{"role": "user", "content": "Hello"}], max_new_tokens=16)
-    pieces = list(stream)
+    pieces = list(stream.text())
     assert "".join(pieces) == stream.reply.text
     assert all(pieces) and not any("\ufffd" in p for p in pieces)
 
@@ -241,7 +241,7 @@ def test_stop_string_is_cut_and_never_streamed(tiny_engine):
     stop = full.text[5:8]
     assert len(stop) == 3 and full.text.index(stop) == 5
     stream = tiny_engine.session().stream(messages, max_new_tokens=16, stop=[stop, "never-there"])
-    pieces = list(stream)
+    pieces = list(stream.text())
     assert stream.reply.text == full.text[:5] == "".join(pieces)
     assert stream.reply.finish_reason == "stop"
 
@@ -348,4 +348,4 @@ def test_a_fork_continues_like_the_original_and_never_changes_it(converse, tiny_
     assert (session.cache.token_ids.tolist(), session.transcript.length) == (before[0].tolist(), before[2])
     assert torch.equal(session.cache.scores, before[1])
     assert session.chat(question, max_new_tokens=10).token_ids == forked_reply.token_ids
-    assert [len(layer.keys[0, 0]) for layer in fork.cache.kv.layers] == [len(fork)] * 2
+    assert [len(layer.keys[0, 0]) for layer in fork.cache.runner.kv.layers] == [len(fork)] * 2

@@ -12,9 +12,7 @@ from sirllm_agents.tools import (
     format_tool_call,
     normalize_tools,
     parse_tool_calls,
-    prepare_tool_messages,
     split_tool_calls,
-    template_renders_tools,
     tools_prompt,
 )
 
@@ -95,13 +93,13 @@ def test_format_tool_call_is_compact_json_between_tags():
 
 
 def test_template_renders_tools(tiny_engine, tools_engine):
-    assert template_renders_tools(tiny_engine) is False  # SmolLM2's template ignores tools
-    assert template_renders_tools(tools_engine) is True
+    assert tiny_engine.model.template.renders_tools is False  # SmolLM2's template ignores tools
+    assert tools_engine.model.template.renders_tools is True
 
 
 def test_prepare_puts_tools_in_a_new_system_message_when_the_template_ignores_them(tiny_engine):
     messages = [{"role": "user", "content": "What is 1 + 2?"}]
-    prepared, tools = prepare_tool_messages(tiny_engine, messages, TOOLS)
+    prepared, tools = tiny_engine.model.template.prepare(messages, TOOLS)
     assert tools is None
     assert prepared == [{"role": "system", "content": tools_prompt(TOOLS)}, messages[0]]
     assert messages == [{"role": "user", "content": "What is 1 + 2?"}]  # the input is not modified
@@ -116,29 +114,29 @@ def test_prepare_appends_tools_to_an_existing_system_message_and_writes_calls_in
         {"role": "tool", "content": "3", "tool_call_id": "call_1", "name": "add"},
         {"role": "assistant", "content": "Adding.", "tool_calls": [call, call]},
     ]
-    prepared, tools = prepare_tool_messages(tiny_engine, messages, TOOLS)
+    prepared, tools = tiny_engine.model.template.prepare(messages, TOOLS)
     assert tools is None
     assert prepared[0] == {"role": "system", "content": "Be brief.\n\n" + tools_prompt(TOOLS)}
     assert prepared[2] == {"role": "assistant", "content": format_tool_call("add", {"a": 1, "b": 2})}
     assert prepared[3] == messages[3]
     assert prepared[4]["content"] == "Adding.\n" + "\n".join([format_tool_call("add", {"a": 1, "b": 2})] * 2)
     # Deterministic: the same conversation prepares to the same messages, so the session can extend it.
-    assert prepare_tool_messages(tiny_engine, messages, TOOLS) == (prepared, None)
+    assert tiny_engine.model.template.prepare(messages, TOOLS) == (prepared, None)
 
 
 def test_prepare_without_tools_still_writes_earlier_calls_into_content(tiny_engine):
     call = {"function": {"name": "now", "arguments": "{}"}}
-    prepared, tools = prepare_tool_messages(tiny_engine, [{"role": "assistant", "content": None, "tool_calls": [call]}], None)
+    prepared, tools = tiny_engine.model.template.prepare([{"role": "assistant", "content": None, "tool_calls": [call]}], None)
     assert (prepared, tools) == ([{"role": "assistant", "content": format_tool_call("now", {})}], None)
 
 
 def test_prepare_hands_tools_to_a_template_that_renders_them(tools_engine):
     call = {"id": "c", "type": "function", "function": {"name": "add", "arguments": {"a": 1, "b": 2}}}
     messages = [{"role": "user", "content": "1+2?"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
-    prepared, tools = prepare_tool_messages(tools_engine, messages, [NOW])
+    prepared, tools = tools_engine.model.template.prepare(messages, [NOW])
     assert prepared == messages
     assert tools == normalize_tools([NOW])
-    rendered = tools_engine.template.render(prepared, add_generation_prompt=True, tools=tools)
+    rendered = tools_engine.model.template.render(prepared, add_generation_prompt=True, tools=tools)
     assert '"name": "now"' in rendered and "<call>add</call>" in rendered
 
 

@@ -1,0 +1,107 @@
+"""The model layer: one loaded model (weights behind a backend, tokenizer, chat template) and what is worked out
+once for it. Everything above (sessions, the pool) shares one :class:`Model`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from functools import cached_property
+from typing import Any
+
+import llguidance
+import llguidance.hf
+import torch
+from transformers import PreTrainedModel
+
+from . import loading
+from .runners import Backend, ModelRunner
+from .runners.torch import TorchBackend
+from .token_shapes import TokenShapes
+from .transcript import ChatTemplate
+
+
+class Model:
+    """A loaded model ready to serve sessions.
+
+    ``Model.load()`` loads the embedded SmolLM2-135M-Instruct (offline); ``Model.load(model=...)`` takes a local
+    folder, a hub id, a ``.gguf`` file, or an already loaded ``PreTrainedModel`` together with ``tokenizer=``.
+    """
+
+    def __init__(self, backend: Backend, tokenizer, name: str, chat_template: str | None = None):
+        if getattr(tokenizer, "backend_tokenizer", None) is None:
+            raise ValueError(f"{name}: sirllm-agents needs a fast (tokenizers) tokenizer")
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.name = name
+        self.template = ChatTemplate(tokenizer, chat_template)
+        self.max_length: int = backend.max_length
+        eos = backend.eos_token_ids() | {tokenizer.eos_token_id}
+        self.stop_token_ids: frozenset[int] = frozenset(i for i in eos if i is not None)
+        self.token_shapes = TokenShapes.from_tokenizer(tokenizer, backend.vocab_size)
+
+    @classmethod
+    def load(
+        cls,
+        model: str | os.PathLike | PreTrainedModel | None = None,
+        *,
+        tokenizer=None,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = torch.float32,
+        trust_remote_code: bool = False,
+        chat_template: str | None = None,
+    ) -> Model:
+        """Load ``model`` (see the class docstring) for the PyTorch backend."""
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        if isinstance(model, PreTrainedModel):
+            if tokenizer is None:
+                raise ValueError("an already loaded model needs its tokenizer: Engine(model, tokenizer=...)")
+            weights, name = model, model.config.name_or_path or model.config.model_type
+        else:
+            weights, tokenizer, name = loading.load(
+                model, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+            )
+        return cls(TorchBackend(weights), tokenizer, name, chat_template)
+
+    def new_runner(self) -> ModelRunner:
+        return self.backend.new_runner()
+
+    @property
+    def device(self) -> torch.device:
+        return getattr(self.backend, "device", torch.device("cpu"))
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of rendered chat text (its special tokens are already written in it)."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode_marked(self, text: str, contents: Sequence[str]) -> tuple[list[int], list[bool]]:
+        """Token ids of rendered chat text, and per token whether the chat template wrote it (role markers, ends of
+        turn) rather than one of ``contents``, the messages' texts in the order rendered. When a content cannot be
+        found verbatim (a template that rewrites it, a message that is only tool calls), no token is marked."""
+        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = encoding["input_ids"]
+        ranges, cursor = [], 0
+        for content in contents:
+            start = text.find(content, cursor) if content else -1
+            if start < 0:
+                return ids, [False] * len(ids)
+            ranges.append((start, start + len(content)))
+            cursor = start + len(content)
+        offsets = encoding["offset_mapping"]
+        return ids, [not any(begin < stop and end > start for start, stop in ranges) for begin, end in offsets]
+
+    @cached_property
+    def identity(self) -> dict[str, Any]:
+        """What a cached state is only valid for: the backend's identity of the weights, and the tokenizer and chat
+        template (a session file records it; loading checks it)."""
+        digest = hashlib.sha256(json.dumps(self.backend.identity(), sort_keys=True).encode())
+        digest.update(json.dumps(sorted(self.tokenizer.get_vocab().items())).encode())
+        digest.update(str(self.template.source).encode())
+        return {**self.backend.identity(), "name": self.name, "fingerprint": digest.hexdigest()}
+
+    @cached_property
+    def grammar_tokenizer(self) -> llguidance.LLTokenizer:
+        """The tokenizer as llguidance sees it, for grammar-constrained decoding (about a second for 49k tokens)."""
+        vocab = max(len(self.tokenizer), self.backend.vocab_size)
+        return llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=vocab, eos_token=sorted(self.stop_token_ids))

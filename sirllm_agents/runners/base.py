@@ -1,0 +1,67 @@
+"""The seam between a session and the weights: a backend loads them once, a runner holds one conversation's state.
+
+A session never touches keys, values or logits itself. It asks its runner to ingest tokens (at the next cache
+indices, since positions are cache indices), to keep a subset of the cached tokens (moving them to their new
+indices), to cut the newest off, and to export or import its state. A second backend needs no change in the session,
+the policies, the tools or the adapters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+
+
+class ModelRunner(Protocol):
+    """One conversation's model state: the keys and values of the tokens it holds, in cache order, and the logits
+    after the newest of them."""
+
+    logits: torch.Tensor | None
+    """float32 [vocab]: the model's output after the newest cached token (what scores the next one); None when
+    unknown (after ``truncate``)."""
+
+    def __len__(self) -> int: ...
+
+    def ingest(self, ids: Sequence[int]) -> torch.Tensor:
+        """Append ``ids`` at the next cache indices and return each one's surprisal ``-log p(id | everything
+        before)`` (float32, on the CPU): the first from ``logits`` (``inf`` when there are none), the others from
+        this forward. Sets ``logits`` to the output after the last. On an exception nothing is counted as cached
+        (a later ``truncate`` removes any half-written state)."""
+        ...
+
+    def retain(self, keep: torch.Tensor) -> None:
+        """Keep only the cached tokens at indices ``keep`` (ascending); each moves to its index in ``keep``, with its
+        key re-rotated to that position."""
+        ...
+
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` cached tokens (and drop any state past them); ``logits`` becomes None."""
+        ...
+
+    def copy(self) -> ModelRunner:
+        """An independent copy."""
+        ...
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The cached state as named tensors (for a session file)."""
+        ...
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Take the state ``state()`` exported (by a runner of the same backend and weights)."""
+        ...
+
+
+class Backend(Protocol):
+    """Weights loaded once, shared by every runner made from them."""
+
+    name: str  # "torch", "llamacpp"
+    max_length: int  # positions the model was trained on
+    vocab_size: int  # rows of its logits
+
+    def new_runner(self) -> ModelRunner: ...
+
+    def identity(self) -> dict[str, Any]:
+        """What a cached state is only valid for: the architecture, dtype and a fingerprint of the weights."""
+        ...

@@ -1,0 +1,74 @@
+"""Scoring options as the assistant's reply: the token ids each option renders to, and its log-likelihood from the
+prompt the session has just ingested (run, then cut off again, so options never stay in the cache)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from .cache import SirLLMCache
+from .transcript import Transcript
+
+if TYPE_CHECKING:
+    from .model import Model
+
+
+def reply_ids(model: Model, asked: Transcript, options: Sequence[str]) -> list[list[int]]:
+    """Token ids of each option as the template renders it in an assistant reply to ``asked``: the text between
+    the generation prompt and the end-of-turn marker (found by rendering an empty reply)."""
+    template, tools = model.template, asked.tools
+
+    def render_reply(text: str) -> str:
+        return template.render(asked.messages + [{"role": "assistant", "content": text}], False, tools)
+
+    prompt = template.render(asked.messages, add_generation_prompt=True, tools=tools)
+    end = render_reply("")
+    if not end.startswith(prompt):
+        raise ValueError("the chat template does not render a reply after its own generation prompt")
+    end = end[len(prompt) :]
+    option_ids = []
+    for option in options:
+        reply = render_reply(option)
+        if not reply.startswith(prompt):
+            raise ValueError("the chat template does not render a reply after its own generation prompt")
+        reply = reply[len(prompt) :]
+        if end and reply.endswith(end):
+            reply = reply[: -len(end)]
+        ids = model.encode(reply)
+        if not ids:
+            raise ValueError(f"option {option!r} renders to no tokens")
+        option_ids.append(ids)
+    return option_ids
+
+
+def make_room_for(cache: SirLLMCache, option_ids: list[list[int]]) -> int:
+    """Evict once so the longest option fits, so no option evicts anything another option sees; returns how many
+    tokens were evicted."""
+    longest = max(len(ids) for ids in option_ids)
+    if longest - 1 > cache.max_chunk:
+        raise ValueError(
+            f"an option of {longest} tokens does not fit a cache of {cache.cache_size} tokens "
+            f"(at most {cache.max_chunk + 1})"
+        )
+    return cache.make_room(longest - 1)
+
+
+def logprob(cache: SirLLMCache, ids: list[int], position: int) -> float:
+    """``log p(ids)`` after the prompt: the prompt's logits score the first token; the others need a forward of all
+    but the last token, which is then cut off the cache again (the prompt's logits are restored)."""
+    logits = cache.logits
+    first = _surprisal(logits, ids[0])
+    if len(ids) == 1:
+        return -first
+    cache.ingest(ids[:-1], range(position, position + len(ids) - 1), turn=-1, template=[False] * (len(ids) - 1))
+    # The forward recorded the surprisal of ids[:-1] with the tokens; its last logits score ids[-1].
+    surprisal = float(cache.scores[-(len(ids) - 1) :].sum()) + _surprisal(cache.logits, ids[-1])
+    cache.truncate(position)
+    cache.runner.logits = logits
+    return -surprisal
+
+
+def _surprisal(logits: torch.Tensor, token: int) -> float:
+    return float(logits.logsumexp(-1) - logits[token])
