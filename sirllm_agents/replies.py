@@ -108,7 +108,7 @@ def normalize_tool_choice(choice: Any, tools: Sequence[Mapping[str, Any]] | None
     if isinstance(choice, Mapping):
         choice = (choice.get("function") or {}).get("name") or choice.get("name") or choice.get("type")
     choice = {None: "auto", False: "none", True: REQUIRED, "any": REQUIRED}.get(choice, choice)
-    names = [tool["function"]["name"] for tool in normalize_tools(tools)] if tools else []
+    names = [tool.get("function", tool).get("name") for tool in tools or []]
     if choice in ("auto", "none"):
         return choice
     if choice == REQUIRED or choice in names:
@@ -116,7 +116,7 @@ def normalize_tool_choice(choice: Any, tools: Sequence[Mapping[str, Any]] | None
             raise ValueError(f"tool_choice={choice!r} needs tools")
         return choice
     raise ValueError(
-        f"tool_choice must be 'auto', 'none', 'required' or one of the tool names {names}, got {choice!r}"
+        f"tool_choice must be 'auto', 'none', 'any', 'required' or one of the tool names {names}, got {choice!r}"
     )
 
 
@@ -146,7 +146,6 @@ class Request:
     read_calls: bool
     constraint: TokenConstraint | None
     stream_mode: Literal["pass", "auto", "hold"]
-    cut_is_error: bool  # a constrained reply cut off by max_new_tokens is not what was asked for
 
 
 def plan_request(
@@ -169,7 +168,7 @@ def plan_request(
         constraint = tool_call_constraint(model, specs, choice)
     read_calls = bool(specs) and choice != "none" and response_format is None
     mode = "pass" if not read_calls else ("hold" if constraint is not None else "auto")
-    return Request(messages, specs, read_calls, constraint, mode, constraint is not None)
+    return Request(messages, specs, read_calls, constraint, mode)
 
 
 def _with_format_instructions(messages: list[dict], schema: dict | None) -> list[dict]:
@@ -187,12 +186,8 @@ def _with_format_instructions(messages: list[dict], schema: dict | None) -> list
 
 
 def finish_reply(request: Request, text: str, finish_reason: str, token_ids: list[int], stats: TurnStats) -> Reply:
-    """The reply for ``text``: its calls parsed out when the request reads them."""
-    if request.cut_is_error and finish_reason == "length":
-        raise ValueError(
-            "the constrained reply (a tool call or structured output) was cut off at max_new_tokens: raise "
-            f"max_new_tokens. Reply so far: {text!r}"
-        )
+    """The reply for ``text``: its calls parsed out when the request reads them. A constrained reply cut off by
+    ``max_new_tokens`` is returned as it is, with ``finish_reason="length"``, as OpenAI's API does."""
     content, calls = split_tool_calls(text, request.tools) if request.read_calls else (text, [])
     return Reply(content, calls, "tool_calls" if calls else finish_reason, text, token_ids, stats)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -21,6 +21,7 @@ class CachedTokens:
         return self.scores.numel()
 
 
+@runtime_checkable
 class Policy(Protocol):
     """Chooses the tokens a full cache keeps.
 

@@ -1,5 +1,5 @@
 """Shared fixtures of the langchain-sirllm tests: a tiny random-weight engine for fast tests, and the embedded model
-(loaded once per test session through ``shared_engine``)."""
+(loaded once per test session through ``Engine.shared``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from langchain_sirllm import shared_engine
 from sirllm_agents import Engine
 from sirllm_agents.loading import embedded_tokenizer
 
@@ -40,7 +39,7 @@ def tiny_engine() -> Engine:
 @pytest.fixture(scope="session")
 def embedded_engine() -> Engine:
     """The embedded SmolLM2-135M-Instruct, the same engine ``ChatSirLLM()`` uses."""
-    return shared_engine()
+    return Engine.shared()
 
 
 @pytest.hookimpl(tryfirst=True)

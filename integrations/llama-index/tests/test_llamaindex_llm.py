@@ -49,14 +49,14 @@ def test_chat_engine_40_turns_prefills_only_new_tokens_within_cache_size(engine)
     prefills = []
     for turn in range(40):
         question = f"Turn {turn}: name a number."
-        before = engine.template.render(conversation, add_generation_prompt=False) if turn else ""
+        before = engine.model.template.render(conversation, add_generation_prompt=False) if turn else ""
         ingested, prefilled, reused = llm.session.transcript.length, stats.prefilled_tokens, stats.reused_tokens
         conversation.append({"role": "user", "content": question})
 
         answer = chat_engine.chat(question).response
 
-        prompt = engine.template.render(conversation, add_generation_prompt=True)
-        new_tokens = len(engine.encode(prompt[len(before) :]))
+        prompt = engine.model.template.render(conversation, add_generation_prompt=True)
+        new_tokens = len(engine.model.encode(prompt[len(before) :]))
         assert stats.turns == turn + 1
         assert stats.restarts == 0, f"turn {turn} restarted the session"
         assert stats.prefilled_tokens - prefilled == new_tokens, f"turn {turn}"
@@ -92,7 +92,7 @@ def test_abandoned_stream_is_rolled_back(llm):
     stream.close()
     assert llm.stats.turns == 0
     reply = llm.chat(messages)  # the question is still cached: only the generation prompt is prefilled again
-    assert reply.raw["sirllm"]["prefilled_tokens"] == len(llm.engine.encode("<|im_start|>assistant\n"))
+    assert reply.raw["sirllm"]["prefilled_tokens"] == len(llm.engine.model.encode("<|im_start|>assistant\n"))
     assert reply.raw["sirllm"]["restarts"] == 0
 
 
@@ -170,7 +170,7 @@ async def test_abandoned_async_stream_is_rolled_back(llm):
     await stream.aclose()
     reply = await llm.achat(messages)
     assert llm.stats.turns == 1
-    assert reply.raw["sirllm"]["prefilled_tokens"] == len(llm.engine.encode("<|im_start|>assistant\n"))
+    assert reply.raw["sirllm"]["prefilled_tokens"] == len(llm.engine.model.encode("<|im_start|>assistant\n"))
     assert reply.raw["sirllm"]["restarts"] == 0
 
 

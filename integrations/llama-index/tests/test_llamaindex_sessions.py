@@ -18,7 +18,7 @@ SETTINGS = dict(max_new_tokens=5, cache_size=128, decay=0.9)
 @pytest.fixture
 def pooled(engine: Engine, tmp_path) -> Engine:
     """An engine with a pool of its own on the shared embedded model, one live session at most."""
-    return Engine(engine.model, tokenizer=engine.tokenizer, max_live_sessions=1, spill_dir=tmp_path)
+    return Engine(engine.model, tokenizer=engine.model.tokenizer, max_live_sessions=1, spill_dir=tmp_path)
 
 
 def user(text: str) -> ChatMessage:
@@ -52,7 +52,7 @@ def test_interleaved_conversations_by_call_keyword_match_serial_runs(pooled):
             history[name].append(response.message)
     assert llm.stats.turns == 0  # the LLM's own session was not used
     assert sorted(pooled.pool.live_ids() + pooled.pool.spilled_ids()) == ["ada", "bo"]
-    assert pooled.route([], "ada").decay == 0.9  # made with the LLM's settings
+    assert pooled.route([], "ada").config.decay == 0.9  # made with the LLM's settings
 
 
 def test_session_id_field_drives_a_chat_engine_on_the_pooled_session(pooled):

@@ -26,7 +26,7 @@ def next_number(n: int) -> int:
 def test_thirty_step_agent_prefills_only_new_messages(embedded_engine):
     llm = ChatSirLLM(engine=embedded_engine, max_tokens=40, cache_size=CACHE_SIZE)
     session = llm.session
-    engine = session.engine
+    model = session.model
     expected_new: list[int] = []
 
     @wrap_model_call
@@ -35,9 +35,10 @@ def test_thirty_step_agent_prefills_only_new_messages(embedded_engine):
         ingested = session.transcript.text
         response = handler(request.override(tool_choice="any" if len(expected_new) < STEPS else "none"))
         # What the call had to prefill: its prompt's rendering past what the session held before it.
-        prompt = engine.template.render(session.transcript.messages[:-1], add_generation_prompt=True)
+        transcript = session.transcript
+        prompt = model.template.render(transcript.messages[:-1], add_generation_prompt=True, tools=transcript.tools)
         assert prompt.startswith(ingested)
-        expected_new.append(len(engine.encode(prompt[len(ingested) :])))
+        expected_new.append(len(model.encode(prompt[len(ingested) :])))
         return response
 
     agent = create_agent(

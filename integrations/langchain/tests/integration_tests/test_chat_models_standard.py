@@ -1,6 +1,6 @@
 """LangChain's standard integration tests, run against ChatSirLLM() on the embedded SmolLM2-135M-Instruct.
 
-Every ChatSirLLM() here shares the one process-wide engine (``shared_engine``), so the model loads once."""
+Every ChatSirLLM() here shares the one process-wide engine (``Engine.shared``), so the model loads once."""
 
 from __future__ import annotations
 

@@ -13,8 +13,7 @@ from langchain_core.tools import tool
 from pydantic import BaseModel
 
 from langchain_sirllm import ChatSirLLM
-from langchain_sirllm.chat_models import REPLY_TEXT_KEY, _Shown, _to_chat_message
-from sirllm_agents.tools import format_tool_call
+from langchain_sirllm.chat_models import _to_chat_message
 
 
 @tool
@@ -71,29 +70,21 @@ def test_images_and_unknown_roles_are_refused_clearly():
         _to_chat_message(ChatMessage(role="critic", content="no"), 0)
 
 
-def test_our_own_tool_call_goes_back_as_the_text_the_model_wrote():
-    raw = "Setting it.\n" + format_tool_call("set_level", {"level": 3})
-    call = {"name": "set_level", "args": {"level": 3}, "id": "call_1", "type": "tool_call"}
-    message = AIMessage("Setting it.", tool_calls=[call], additional_kwargs={REPLY_TEXT_KEY: raw})
-    assert _to_chat_message(message, 0) == {"role": "assistant", "content": raw}
-    # Edited since (say by a human-in-the-loop step): the edited call is what is sent.
-    edited = AIMessage("Setting it.", tool_calls=[{**call, "args": {"level": 4}}], additional_kwargs={REPLY_TEXT_KEY: raw})
-    assert _to_chat_message(edited, 0)["tool_calls"][0]["function"]["arguments"] == {"level": 4}
-
-
-def test_shown_text_while_a_reply_may_still_be_a_tool_call():
-    def feed(mode, pieces):
-        shown = _Shown(mode)
-        return [shown.push(p) for p in pieces], shown.text
-
-    assert feed("pass", [" Hi", " there "]) == ([" Hi", " there "], " Hi there ")
-    assert feed("hold", ["Hi", " there"]) == (["", ""], "")
-    # Trailing whitespace and a possible start of "<tool_call>" wait; the call itself never shows.
-    assert feed("auto", ["Sure ", "<tool", "_call>\n{", '"name"']) == (["Sure", "", "", ""], "Sure")
-    assert feed("auto", ["Sure ", "<b>"]) == (["Sure", " <b>"], "Sure <b>")
-    # A reply that opens like a JSON call, or with whitespace, is held to the end.
-    assert feed("auto", ['{"name"', ": 1}"]) == (["", ""], "")
-    assert feed("auto", ["\n", "Hi"]) == (["", ""], "")
+def test_our_own_tool_call_sent_back_reuses_the_cache_and_an_edited_one_restarts(llm):
+    # No adapter-side key: the session recognises its own reply in the form LangChain sends it back.
+    bound = llm.bind_tools([LEVEL_TOOL], tool_choice="any")
+    question = HumanMessage("Set the level to 3.")
+    call = bound.invoke([question], max_tokens=40)
+    assert call.additional_kwargs == {}
+    ingested = llm.session.transcript.length
+    again = bound.invoke([question, call, HumanMessage("Once more.")], max_tokens=40)
+    assert again.response_metadata["restarts"] == 0
+    assert again.usage_metadata["input_token_details"]["cache_read"] == ingested
+    # Edited since (say by a human-in-the-loop step): the edited call is what is sent, so the session starts over.
+    level = call.tool_calls[0]["args"]["level"]
+    edited = call.model_copy(update={"tool_calls": [{**call.tool_calls[0], "args": {"level": (level + 1) % 10}}]})
+    assert _to_chat_message(edited, 0)["tool_calls"][0]["function"]["arguments"] == {"level": (level + 1) % 10}
+    assert bound.invoke([question, edited, HumanMessage("Once more.")], max_tokens=40).response_metadata["restarts"] == 1
 
 
 # -- parameters -------------------------------------------------------------------------------------------------
@@ -103,7 +94,7 @@ def test_ls_params_and_identifying_params(tiny_engine):
     llm = ChatSirLLM(engine=tiny_engine, temperature=0.5, max_tokens=10, stop=["END"], cache_size=256)
     assert llm._get_ls_params() == {
         "ls_provider": "sirllm",
-        "ls_model_name": tiny_engine.model_name,
+        "ls_model_name": tiny_engine.model.name,
         "ls_model_type": "chat",
         "ls_temperature": 0.5,
         "ls_max_tokens": 10,
@@ -118,7 +109,7 @@ def test_bind_tools_checks_tool_choice(llm):
     with pytest.raises(ValueError, match=r"tool_choice must be 'auto', 'none', 'any', 'required' or one of the tool "
                                          r"names \['set_level'\], got 'get_weather'"):
         llm.bind_tools([set_level], tool_choice="get_weather")
-    assert llm.bind_tools([set_level], tool_choice=True).kwargs["tool_choice"] == "any"
+    assert llm.bind_tools([set_level], tool_choice=True).kwargs["tool_choice"] == "required"  # one normaliser, OpenAI's word
     named = {"type": "function", "function": {"name": "set_level"}}
     assert llm.bind_tools([set_level], tool_choice=named).kwargs["tool_choice"] == "set_level"
 
@@ -135,8 +126,8 @@ def test_usage_and_response_metadata_and_cache_reuse(llm):
     first = llm.invoke("Hello")
     assert llm.session.stats.turns == 1
     usage = first.usage_metadata
-    prompt = llm.session.engine.template.render([{"role": "user", "content": "Hello"}], add_generation_prompt=True)
-    assert usage["input_tokens"] == len(llm.session.engine.encode(prompt))
+    prompt = llm.session.model.template.render([{"role": "user", "content": "Hello"}], add_generation_prompt=True)
+    assert usage["input_tokens"] == len(llm.session.model.encode(prompt))
     assert 0 < usage["output_tokens"] <= 8  # max_tokens
     assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
     assert usage["input_token_details"] == {"cache_read": 0}
@@ -159,7 +150,6 @@ def test_required_tool_call_and_its_result_extend_the_same_session(llm):
     assert [c["name"] for c in call.tool_calls] == ["set_level"]
     assert 0 <= call.tool_calls[0]["args"]["level"] <= 9
     assert call.content == ""
-    assert call.additional_kwargs[REPLY_TEXT_KEY] == format_tool_call("set_level", call.tool_calls[0]["args"])
     assert call.response_metadata["finish_reason"] == "tool_calls"
 
     ingested = llm.session.transcript.length

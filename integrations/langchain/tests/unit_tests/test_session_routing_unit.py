@@ -19,7 +19,7 @@ SETTINGS = dict(max_tokens=6, cache_size=96, decay=0.9)  # small enough that the
 @pytest.fixture
 def engine(tiny_engine, tmp_path) -> Engine:
     """An engine with a pool of its own on the shared tiny model, holding at most two sessions in memory."""
-    return Engine(tiny_engine.model, tokenizer=tiny_engine.tokenizer, max_live_sessions=2, spill_dir=tmp_path)
+    return Engine(tiny_engine.model, max_live_sessions=2, spill_dir=tmp_path)
 
 
 def thread(thread_id: str) -> dict:
@@ -57,7 +57,7 @@ def test_thread_ids_route_interleaved_conversations_to_their_own_sessions(engine
     assert llm._session is None  # the model's own session was never needed
     assert sorted(engine.pool.live_ids() + engine.pool.spilled_ids()) == sorted(scripts)
     pooled = engine.route([], "alice")
-    assert (pooled.cache_size, pooled.decay) == (96, 0.9)  # made with the model's settings
+    assert (pooled.cache_size, pooled.config.decay) == (96, 0.9)  # made with the model's settings
 
 
 def test_session_id_wins_over_thread_id_so_a_side_task_leaves_the_thread_alone(engine):
