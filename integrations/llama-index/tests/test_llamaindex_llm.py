@@ -11,7 +11,7 @@ from llama_index.core.callbacks import CallbackManager, TokenCountingHandler
 from llama_index.core.chat_engine import SimpleChatEngine
 
 from llama_index.llms.sirllm import UNBOUNDED_CONTEXT_WINDOW, SirLLM
-from llama_index.llms.sirllm.utils import REPLY_KEY, to_session_messages
+from llama_index.llms.sirllm.utils import to_session_messages
 
 SYSTEM = "You are a terse assistant."
 
@@ -81,8 +81,6 @@ def test_stream_chat_pieces_add_up_and_last_carries_usage(llm):
     assert "".join(c.delta for c in chunks) == chunks[-1].message.content == expected.message.content
     assert [c.raw for c in chunks[:-1]] == [None] * 5
     assert chunks[-1].raw["usage"] == expected.raw["usage"]
-    text = expected.message.content
-    assert chunks[-1].message.additional_kwargs[REPLY_KEY] == {"text": text, "content": text}
 
 
 def test_abandoned_stream_is_rolled_back(llm):
@@ -196,10 +194,9 @@ def test_bad_input_raises_clear_errors(llm):
     assert llm.stats.turns == 0
 
 
-def test_conversion_keeps_the_exact_reply_and_reads_tool_calls():
-    made = {REPLY_KEY: {"text": " Hello!\n", "content": " Hello!\n"}}
-    reply = ChatMessage(role="assistant", content="Hello!", additional_kwargs=made)  # stripped by a chat engine
-    edited = ChatMessage(role="assistant", content="Bye.", additional_kwargs=made)
+def test_conversion_reads_text_and_tool_calls():
+    reply = ChatMessage(role="assistant", content="Hello!")
+    edited = ChatMessage(role="assistant", content="Bye.")
     calls = ChatMessage(
         role="assistant",
         content="",
@@ -209,7 +206,7 @@ def test_conversion_keeps_the_exact_reply_and_reads_tool_calls():
     result = ChatMessage(role="tool", content="2", additional_kwargs={"tool_call_id": "c1", "name": "add"})
     assert to_session_messages([ChatMessage(role="developer", content="Be brief."), reply, edited, calls, block, result]) == [
         {"role": "system", "content": "Be brief."},
-        {"role": "assistant", "content": " Hello!\n"},
+        {"role": "assistant", "content": "Hello!"},
         {"role": "assistant", "content": "Bye."},
         {
             "role": "assistant",

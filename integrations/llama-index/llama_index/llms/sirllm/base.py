@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -20,16 +20,16 @@ from llama_index.core.base.llms.types import (
     LLMMetadata,
     MessageRole,
 )
-from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.bridge.pydantic import Field, PrivateAttr, model_validator
+from pydantic import InstanceOf
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 from llama_index.core.types import Model
-from sirllm_agents import SESSION_SETTINGS, Engine, ReplyStream, Session, SessionStats
-from sirllm_agents.constrained import tool_call_constraint
-from sirllm_agents.tools import prepare_tool_messages, split_tool_calls
+from sirllm_agents import AsyncReplyStream, Engine, Reply, ReplyStream, Session, SessionConfig, SessionStats, TextDelta
+from sirllm_agents.replies import normalize_tool_choice
 
-from .utils import REPLY_KEY, raw_response, to_session_messages
+from .utils import raw_response, to_session_messages
 
 if TYPE_CHECKING:
     from llama_index.core.prompts import BasePromptTemplate
@@ -44,6 +44,7 @@ UNBOUNDED_CONTEXT_WINDOW = 2**31 - 1
 GENERATION_KWARGS = frozenset({"max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop"})
 TOOL_KWARGS = frozenset({"tools", "tool_choice"})
 CALL_KWARGS = GENERATION_KWARGS | TOOL_KWARGS | {"session_id"}
+_SETTINGS = tuple(f.name for f in fields(SessionConfig))
 
 # Set while structured_predict runs, so its one-off conversation goes to the side session, not the chat session.
 _one_off: contextvars.ContextVar[bool] = contextvars.ContextVar("sirllm_one_off", default=False)
@@ -78,11 +79,11 @@ class SirLLM(FunctionCallingLLM):
         default=None,
         description="A local folder, a hub id or a .gguf file; None loads the embedded SmolLM2-135M-Instruct.",
     )
-    cache_size: int = Field(default=1024, gt=0, description="Most tokens the KV cache of a session holds.")
-    start_size: int = Field(default=4, ge=0, description="Attention-sink tokens at the start that are never evicted.")
-    recent_size: int = Field(default=0, ge=0, description="Newest tokens that are never evicted.")
-    decay: float = Field(default=1.0, ge=0.0, le=1.0, description="Factor applied to token scores after each turn.")
-    policy: Literal["sirllm", "streaming", "full"] = Field(default="sirllm", description="Who stays when full.")
+    config: InstanceOf[SessionConfig] = Field(
+        default_factory=SessionConfig,
+        description="How each session's KV cache is bounded (sirllm_agents.SessionConfig); its fields (cache_size, "
+        "start_size, recent_size, decay, policy, prefill_chunk) are also taken as keywords.",
+    )
     max_new_tokens: int = Field(default=256, gt=0, description="Most tokens decoded for one reply.")
     temperature: float = Field(default=0.0, ge=0.0, description="Sampling temperature; 0 decodes greedily.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
@@ -114,8 +115,18 @@ class SirLLM(FunctionCallingLLM):
             raise ValueError("pass either engine= (an already loaded model) or model=, not both")
         super().__init__(**kwargs)
         self._engine = engine if engine is not None else Engine(self.model, device=self.device, dtype=self.dtype)
-        self._session = self._engine.session(**self._session_options())
-        self._side_session = self._engine.session(**self._session_options())
+        self._session = self._engine.session(self.config)
+        self._side_session = self._engine.session(self.config)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gather_cache_settings(cls, values: Any) -> Any:
+        """``SirLLM(cache_size=..., decay=...)``: the cache settings become one ``SessionConfig``."""
+        if isinstance(values, dict) and any(name in values for name in _SETTINGS):
+            values = dict(values)
+            settings = {name: values.pop(name) for name in _SETTINGS if name in values}
+            values["config"] = SessionConfig.of(values.get("config"), **settings)
+        return values
 
     @classmethod
     def class_name(cls) -> str:
@@ -132,7 +143,7 @@ class SirLLM(FunctionCallingLLM):
         cached vs prefilled tokens, evictions and the cache length."""
         if self.session_id is None:
             return self._session
-        return self._engine.route([], self.session_id, session_options=self._session_options())
+        return self._engine.route([], self.session_id, config=self.config)
 
     @property
     def stats(self) -> SessionStats:
@@ -150,7 +161,7 @@ class SirLLM(FunctionCallingLLM):
             num_output=self.max_new_tokens,
             is_chat_model=True,
             is_function_calling_model=True,
-            model_name=self._engine.model_name,
+            model_name=self._engine.model.name,
             system_role=MessageRole.SYSTEM,
         )
 
@@ -178,7 +189,7 @@ class SirLLM(FunctionCallingLLM):
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
         """:meth:`stream_chat` decoding in a thread of its own, so the event loop stays free."""
         call = self._call(messages, kwargs)
-        return call.aresponses(call.stream())
+        return call.aresponses(call.astream())
 
     # -- tools ---------------------------------------------------------------------------------------------------
 
@@ -218,6 +229,21 @@ class SirLLM(FunctionCallingLLM):
         if not allow_parallel_tool_calls and calls and len(calls) > 1:
             response.message.additional_kwargs["tool_calls"] = calls[:1]
         return response
+
+    def predict_and_call(self, tools: Sequence[BaseTool], *args: Any, error_on_no_tool_call: bool = True,
+                         **kwargs: Any) -> Any:
+        """Like LlamaIndex's, but when no call is an error (the default) the call is required, so decoding is
+        constrained to a valid one instead of hoping for it."""
+        return super().predict_and_call(
+            tools, *args, error_on_no_tool_call=error_on_no_tool_call, **_require_call(error_on_no_tool_call, kwargs)
+        )
+
+    async def apredict_and_call(self, tools: Sequence[BaseTool], *args: Any, error_on_no_tool_call: bool = True,
+                                **kwargs: Any) -> Any:
+        """Async :meth:`predict_and_call`."""
+        return await super().apredict_and_call(
+            tools, *args, error_on_no_tool_call=error_on_no_tool_call, **_require_call(error_on_no_tool_call, kwargs)
+        )
 
     def get_tool_calls_from_response(
         self, response: ChatResponse, error_on_no_tool_call: bool = True, **kwargs: Any
@@ -282,7 +308,7 @@ class SirLLM(FunctionCallingLLM):
     ) -> CompletionResponseAsyncGen:
         """Async streaming :meth:`complete`."""
         call = self._call(self._prompt_messages(prompt, formatted), kwargs, one_off=True)
-        chat_responses = call.aresponses(call.stream())
+        chat_responses = call.aresponses(call.astream())
 
         async def responses() -> CompletionResponseAsyncGen:
             async for response in chat_responses:
@@ -291,9 +317,6 @@ class SirLLM(FunctionCallingLLM):
         return responses()
 
     # -- internals -----------------------------------------------------------------------------------------------
-
-    def _session_options(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in SESSION_SETTINGS}
 
     def _prompt_messages(self, prompt: str, formatted: bool) -> list[ChatMessage]:
         if not isinstance(prompt, str):
@@ -326,16 +349,10 @@ class SirLLM(FunctionCallingLLM):
             session, session_id = self._side_session, None
         else:
             session = self._session if session_id is None else None
-        tools, choice = kwargs.get("tools"), _tool_choice(kwargs.get("tool_choice"), kwargs.get("tools"))
-        if choice not in (None, "auto", "none"):
-            if not tools:
-                raise ValueError(f"tool_choice={choice!r} needs tools")
-            options["constraint"] = tool_call_constraint(self._engine, tools, choice)
-        # Tools go to the chat template, or into the system message when the template ignores them (SmolLM2's);
-        # earlier calls are then written into their messages the way the model writes them.
-        session_messages, options["tools"] = prepare_tool_messages(self._engine, to_session_messages(messages), tools)
-        tools_read = tools if tools and choice != "none" else None
-        return _Call(self, session, session_id, session_messages, options, tools_read)
+        tools = kwargs.get("tools")
+        choice = normalize_tool_choice(kwargs.get("tool_choice"), tools)
+        options.update(tools=tools, tool_choice=choice)
+        return _Call(self, session, session_id, to_session_messages(messages), options)
 
 
 class _Call:
@@ -348,73 +365,66 @@ class _Call:
         session_id: str | None,
         messages: list[dict[str, Any]],
         options: dict[str, Any],
-        tools: list[dict[str, Any]] | None,
     ):
         self.llm = llm
         self.session = session  # the LLM's own chat or side session; None: the engine's pooled ``session_id``
         self.session_id = session_id
         self.messages = messages
         self.options = options
-        self.tools = tools  # the tools whose calls are read from the reply
 
     def stream(self) -> ReplyStream:
         """The reply stream, on the call's session (a pooled one is chosen, and pinned, once decoding starts)."""
         if self.session is not None:
             return self.session.stream(self.messages, **self.options)
-        return self.llm.engine.stream(
-            self.messages, self.session_id, session_options=self.llm._session_options(), **self.options
-        )
+        return self.llm.engine.stream(self.messages, self.session_id, config=self.llm.config, **self.options)
+
+    def astream(self) -> AsyncReplyStream:
+        if self.session is not None:
+            return self.session.astream(self.messages, **self.options)
+        return self.llm.engine.astream(self.messages, self.session_id, config=self.llm.config, **self.options)
 
     def chat(self) -> ChatResponse:
         """The whole reply as one response."""
         stream = self.stream()
-        for _ in stream:
-            pass
-        return self.response(stream)
+        return self.response(stream.finish(), stream.session)
 
-    def response(self, stream: ReplyStream, delta: str | None = None) -> ChatResponse:
-        """The final response of a finished ``stream``: the reply's text (its tool calls taken out into
-        ``additional_kwargs["tool_calls"]``), usage and the session's figures. ``additional_kwargs[REPLY_KEY]`` keeps
-        the exact reply, which is what the message is sent back as, so the session's cache stays valid."""
-        reply, session = stream.reply, stream.session
-        assert reply is not None and session is not None
-        if "constraint" in self.options and reply.finish_reason == "length":
+    def response(self, reply: Reply, session: Session, delta: str | None = None) -> ChatResponse:
+        """The final response: the reply's content, its tool calls in ``additional_kwargs["tool_calls"]``, usage and
+        the session's figures. A required call cut off by ``max_new_tokens`` is an error: there is no call to run."""
+        if self.options["tool_choice"] not in ("auto", "none") and reply.finish_reason == "length":
             raise ValueError(
-                f"the constrained reply (a tool call or structured output) was cut off at max_new_tokens="
-                f"{self.options['max_new_tokens']}: raise max_new_tokens. Reply so far: {reply.text!r}"
+                f"the required tool call was cut off at max_new_tokens={self.options['max_new_tokens']}: raise "
+                f"max_new_tokens. Reply so far: {reply.text!r}"
             )
-        content, calls = split_tool_calls(reply.text, self.tools) if self.tools else (reply.text, [])
-        extra: dict[str, Any] = {REPLY_KEY: {"text": reply.text, "content": content}}
-        if calls:
-            extra["tool_calls"] = [
-                {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
-                for call in calls
-            ]
-        message = ChatMessage(role=MessageRole.ASSISTANT, content=content, additional_kwargs=extra)
-        raw = raw_response(reply.stats, reply.finish_reason, self.llm.engine.model_name, session)
+        extra: dict[str, Any] = {}
+        if reply.tool_calls:
+            extra["tool_calls"] = [call.as_message_call() for call in reply.tool_calls]
+        message = ChatMessage(role=MessageRole.ASSISTANT, content=reply.content, additional_kwargs=extra)
+        raw = raw_response(reply.stats, reply.finish_reason, self.llm.engine.model.name, session)
         return ChatResponse(message=message, raw=raw, delta=delta)
 
     def responses(self, stream: ReplyStream) -> ChatResponseGen:
-        """Responses for a stream: one per piece, the last carrying the finished reply (one piece is held back)."""
+        """Responses for a stream: one per piece of content, the last carrying the finished reply (one piece is held
+        back for it)."""
         pieces = _Pieces()
         try:
-            for piece in stream:
-                if (chunk := pieces.push(piece)) is not None:
+            for event in stream:
+                if isinstance(event, TextDelta) and (chunk := pieces.push(event.text)) is not None:
                     yield chunk
-            yield self.response(stream, delta=pieces.last)
+            yield self.response(stream.reply, stream.session, delta=pieces.last)
         finally:
             stream.close()
 
-    async def aresponses(self, stream: ReplyStream) -> ChatResponseAsyncGen:
-        """:meth:`responses`, with the stream decoded in a thread of its own."""
-        pieces, threaded = _Pieces(), _ThreadedStream(stream)
+    async def aresponses(self, stream: AsyncReplyStream) -> ChatResponseAsyncGen:
+        """:meth:`responses` for an event loop (decoded on a thread of the core's)."""
+        pieces = _Pieces()
         try:
-            async for piece in threaded:
-                if (chunk := pieces.push(piece)) is not None:
+            async for event in stream:
+                if isinstance(event, TextDelta) and (chunk := pieces.push(event.text)) is not None:
                     yield chunk
-            yield self.response(stream, delta=pieces.last)
+            yield self.response(stream.reply, stream.session, delta=pieces.last)
         finally:
-            await threaded.aclose()
+            await stream.aclose()
 
 
 class _Pieces:
@@ -435,73 +445,10 @@ class _Pieces:
         return chunk
 
 
-class _ThreadedStream:
-    """Iterates a reply stream in a thread of its own and hands its pieces to the event loop.
-
-    The session lock belongs to the thread that opened the stream, so the whole stream must run in one thread (not
-    in pooled ``to_thread`` calls). ``aclose`` stops decoding early; the session then rolls the partial reply back.
-    """
-
-    _DONE = object()
-
-    def __init__(self, stream: ReplyStream):
-        self._stream = stream
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._loop = asyncio.get_running_loop()
-        self._cancelled = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sirllm-stream", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            for piece in self._stream:
-                if self._cancelled.is_set():
-                    break
-                try:
-                    self._loop.call_soon_threadsafe(self._queue.put_nowait, piece)
-                except RuntimeError:  # the event loop is closed: nobody is reading any more
-                    break
-            item: Any = self._DONE
-        except BaseException as error:  # handed to the consumer, who raises it
-            item = error
-        finally:
-            self._stream.close()
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:  # the event loop is closed: nobody is waiting any more
-            pass
-
-    def __aiter__(self) -> AsyncIterator[str]:
-        return self
-
-    async def __anext__(self) -> str:
-        item = await self._queue.get()
-        if item is self._DONE:
-            raise StopAsyncIteration
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    async def aclose(self) -> None:
-        """Stop decoding (if still running) and wait until the thread has released the session."""
-        self._cancelled.set()
-        await asyncio.to_thread(self._thread.join)
-
-
-def _tool_choice(choice: str | dict[str, Any] | None, tools: list[dict[str, Any]] | None) -> str | None:
-    """``tool_choice`` as the core takes it: None, "auto", "none", "required" or a tool's name."""
-    if isinstance(choice, dict):  # OpenAI style: {"type": "function", "function": {"name": ...}}
-        choice = (choice.get("function") or {}).get("name")
-        if not isinstance(choice, str):
-            raise ValueError("tool_choice as a dict must name a function: {'type': 'function', 'function': {'name': ...}}")
-    if choice == "any":
-        choice = "required"
-    if choice in (None, "auto", "none", "required"):
-        return choice
-    names = [tool["function"]["name"] for tool in tools or []]
-    if choice not in names:
-        raise ValueError(f"tool_choice {choice!r} is not one of the tools: {', '.join(names) or 'none given'}")
-    return choice
+def _require_call(error_on_no_tool_call: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
+    if error_on_no_tool_call and "tool_required" not in kwargs and kwargs.get("tool_choice") is None:
+        return {**kwargs, "tool_required": True}
+    return kwargs
 
 
 @contextmanager

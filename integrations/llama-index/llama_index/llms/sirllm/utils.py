@@ -1,10 +1,6 @@
-"""Conversions between LlamaIndex chat messages and the OpenAI-style dicts a sirllm-agents session takes.
-
-The session keeps its KV cache only while each call's conversation extends the one it has ingested, message for
-message. So an assistant message that SirLLM produced carries ``{"text": <the exact reply>, "content": <the content
-it was given>}`` under ``REPLY_KEY`` in its ``additional_kwargs``; while its content is still either of those (give or
-take surrounding whitespace, which LlamaIndex's streaming chat engines strip), it is sent back as the exact reply.
-"""
+"""Conversions between LlamaIndex chat messages and the OpenAI-style dicts a sirllm-agents session takes, and from
+its replies to LlamaIndex responses. (The session recognises its own earlier replies as they come back, surrounding
+whitespace stripped by chat engines included, so nothing about them needs carrying here.)"""
 
 from __future__ import annotations
 
@@ -22,8 +18,6 @@ from llama_index.core.base.llms.types import (
     ToolCallBlock,
 )
 from sirllm_agents import Session, TurnStats
-
-REPLY_KEY = "sirllm_reply"  # additional_kwargs key: the reply as the session stored it, and the content shown
 
 # LlamaIndex roles, including other providers' names for the same ones, to the roles a chat template knows.
 ROLES = {
@@ -69,10 +63,6 @@ def _to_session_message(index: int, message: ChatMessage) -> dict[str, Any]:
             )
     content = "\n".join(texts)  # as ChatMessage.content joins its text blocks
     extra = message.additional_kwargs
-    reply = extra.get(REPLY_KEY)
-    if role == "assistant" and isinstance(reply, Mapping) and isinstance(reply.get("text"), str):
-        if content.strip() in (reply["text"].strip(), str(reply.get("content", "")).strip()):
-            return {"role": "assistant", "content": reply["text"]}
     converted: dict[str, Any] = {"role": role, "content": content}
     if role == "assistant":
         listed = extra.get("tool_calls")
