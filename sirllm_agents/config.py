@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from .policies import POLICIES, Policy, make_policy
@@ -51,6 +51,18 @@ class SessionConfig:
     def of(cls, config: SessionConfig | None = None, **settings: Any) -> SessionConfig:
         """``config`` (default: the defaults) with ``settings`` replacing some of its fields."""
         return replace(config or cls(), **settings)
+
+    @classmethod
+    def gather(cls, options: Any) -> Any:
+        """``options`` (keyword arguments, as a dict) with any :class:`SessionConfig` fields among them folded into
+        ``options["config"]``: how the adapters take ``cache_size=...`` beside ``config=...``. Non-dicts pass as is."""
+        names = [f.name for f in fields(cls)]
+        if not isinstance(options, dict) or not any(name in options for name in names):
+            return options
+        options = dict(options)
+        settings = {name: options.pop(name) for name in names if name in options}
+        options["config"] = cls.of(options.get("config"), **settings)
+        return options
 
     def make_policy(self) -> Policy:
         if isinstance(self.policy, str):

@@ -10,7 +10,6 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import fields
 from operator import itemgetter
 from typing import Any, Literal
 
@@ -54,7 +53,6 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 SESSION_ID_KEYS = ("session_id", "thread_id")
 GENERATION_OPTIONS = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p",
                       "top_k": "top_k", "seed": "seed"}
-_SETTINGS = tuple(f.name for f in fields(SessionConfig))
 _TEXT_ONLY = "ChatSirLLM runs a text-only model"
 _SKIPPED_BLOCKS = ("tool_use", "tool_call", "tool_call_chunk", "function_call", "reasoning", "thinking")
 
@@ -148,11 +146,7 @@ class ChatSirLLM(BaseChatModel):
     @classmethod
     def _gather_cache_settings(cls, values: Any) -> Any:
         """``ChatSirLLM(cache_size=..., decay=...)``: the cache settings become one ``SessionConfig``."""
-        if isinstance(values, dict) and any(name in values for name in _SETTINGS):
-            values = dict(values)
-            settings = {name: values.pop(name) for name in _SETTINGS if name in values}
-            values["config"] = SessionConfig.of(values.get("config"), **settings)
-        return values
+        return SessionConfig.gather(values)
 
     @property
     def _llm_type(self) -> str:

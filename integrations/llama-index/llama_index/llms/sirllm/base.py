@@ -6,7 +6,6 @@ import asyncio
 import contextvars
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 from llama_index.core.base.llms.types import (
@@ -44,7 +43,6 @@ UNBOUNDED_CONTEXT_WINDOW = 2**31 - 1
 GENERATION_KWARGS = frozenset({"max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop"})
 TOOL_KWARGS = frozenset({"tools", "tool_choice"})
 CALL_KWARGS = GENERATION_KWARGS | TOOL_KWARGS | {"session_id"}
-_SETTINGS = tuple(f.name for f in fields(SessionConfig))
 
 # Set while structured_predict runs, so its one-off conversation goes to the side session, not the chat session.
 _one_off: contextvars.ContextVar[bool] = contextvars.ContextVar("sirllm_one_off", default=False)
@@ -122,11 +120,7 @@ class SirLLM(FunctionCallingLLM):
     @classmethod
     def _gather_cache_settings(cls, values: Any) -> Any:
         """``SirLLM(cache_size=..., decay=...)``: the cache settings become one ``SessionConfig``."""
-        if isinstance(values, dict) and any(name in values for name in _SETTINGS):
-            values = dict(values)
-            settings = {name: values.pop(name) for name in _SETTINGS if name in values}
-            values["config"] = SessionConfig.of(values.get("config"), **settings)
-        return values
+        return SessionConfig.gather(values)
 
     @classmethod
     def class_name(cls) -> str:
