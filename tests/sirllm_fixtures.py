@@ -1,4 +1,6 @@
-"""Shared fixtures: the embedded tokenizer, tiny random-weight Llama engines, and the embedded model."""
+"""Fixtures shared by the library's tests (``tests/``) and the applications' (``apps/tests/``): the embedded tokenizer,
+tiny random-weight Llama engines, and the embedded model. Each suite's ``conftest.py`` imports the ones it uses (pytest
+finds this module through the ``pythonpath`` setting in the root ``pyproject.toml``)."""
 
 from __future__ import annotations
 

@@ -55,7 +55,7 @@ def test_a_session_resumed_in_a_new_process_gives_the_same_reply(tiny_engine, sa
     script = f"""
 import json, sys
 sys.path.insert(0, {str(TESTS)!r})
-from conftest import tiny_llama
+from sirllm_fixtures import tiny_llama
 from sirllm_agents import Engine
 from sirllm_agents.loading import embedded_tokenizer
 tokenizer = embedded_tokenizer()

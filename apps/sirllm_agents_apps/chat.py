@@ -7,9 +7,10 @@ from collections.abc import Callable
 from rich.console import Console
 from rich.table import Table
 
-from .engine import Engine
-from .inspect import print_memory
-from .session import Session
+from sirllm_agents.engine import Engine
+from sirllm_agents.session import Session
+
+from .memory_view import print_memory
 
 HELP = """commands:
   /stats          figures of the session so far
@@ -96,7 +97,7 @@ class ChatLoop:
         messages = self.messages + [{"role": "user", "content": text}]
         stream = self.session.stream(messages, max_new_tokens=self.max_new_tokens)
         try:
-            for piece in stream:
+            for piece in stream.text():
                 self._end_progress()
                 self.console.print(piece, end="", markup=False, highlight=False)
         except KeyboardInterrupt:
@@ -107,7 +108,7 @@ class ChatLoop:
         self._end_progress()
         self.console.print()
         assert stream.reply is not None
-        self.messages = messages + [{"role": "assistant", "content": stream.reply.text}]
+        self.messages = messages + [stream.reply.as_message()]
 
     # -- helpers --------------------------------------------------------------------------------------------------
 
@@ -119,7 +120,7 @@ class ChatLoop:
 
         def progress(done: int, total: int) -> None:
             # Only inputs that take more than one prefill chunk are worth a progress line.
-            if total > session.prefill_chunk:
+            if total > session.config.prefill_chunk:
                 self.console.file.write(f"\ringesting: {done}/{total} tokens")
                 self.console.file.flush()
                 self._progress_shown = True

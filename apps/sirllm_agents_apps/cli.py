@@ -59,8 +59,9 @@ def main(argv: list[str] | None = None) -> None:
 def _inspect(path: str, html_out: str | None, last: int | None) -> None:
     from rich.console import Console
 
-    from .inspect import print_memory, render_html
-    from .persistence import SessionFileError, read_memory
+    from sirllm_agents.persistence import SessionFileError, read_memory
+
+    from .memory_view import print_memory, render_html
 
     try:
         memory, document = read_memory(path)

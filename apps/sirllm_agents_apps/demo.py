@@ -12,10 +12,11 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from sirllm_agents.engine import Engine
+from sirllm_agents.session import Session
+
 from .bench.recall import names, value_tokens
 from .bench.recall_data import Conversation, generate
-from .engine import Engine
-from .session import Session
 
 # The fact kind the embedded 135M model names in its replies with no eviction (names, places, passwords and dates it
 # does not; see the README for the rates).
@@ -34,11 +35,12 @@ def main(seed: int = 0, length: int = 1200, budget: float = 0.25, model: str | N
     console = Console(highlight=False)
     with console.status("loading the model"):
         engine = Engine(model)
-    conversation = generate(seed, length, lambda text: len(engine.encode(text)), facts=1, update=False, kinds=KINDS)
+    encode, template = engine.model.encode, engine.model.template
+    conversation = generate(seed, length, lambda text: len(encode(text)), facts=1, update=False, kinds=KINDS)
     fact = conversation.facts[0]
-    tokens = len(engine.encode(engine.template.render(list(conversation.messages), add_generation_prompt=False)))
+    tokens = len(encode(template.render(list(conversation.messages), add_generation_prompt=False)))
     cache_size = round(budget * tokens)
-    console.rule(f"{engine.model_name}: a {tokens}-token conversation on a {cache_size}-token cache")
+    console.rule(f"{engine.model.name}: a {tokens}-token conversation on a {cache_size}-token cache")
     console.print(f"turn 1, user: [bold]{conversation.messages[0]['content']}[/]")
     console.print(f"turns 2-{len(conversation.messages) // 2}: questions, tool outputs and chit-chat, none about it")
     console.print(f"then the question: [bold]{fact.question}[/]  (true value {fact.value!r}; candidates "
@@ -73,7 +75,7 @@ def main(seed: int = 0, length: int = 1200, budget: float = 0.25, model: str | N
     for policy, session in sessions.items():
         with console.status(f"asking under {policy}"):
             scores = session.score(question, list(fact.candidates))
-            per_token = [score / len(engine.encode(c)) for score, c in zip(scores, fact.candidates)]
+            per_token = [score / len(encode(c)) for score, c in zip(scores, fact.candidates)]
             rank = 1 + sum(s > per_token[fact.answer] for s in per_token)
             reply = session.chat(question, max_new_tokens=24, stop="\n").text
         kept = value_tokens(session, fact.message, fact.value)

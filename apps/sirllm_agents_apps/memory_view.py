@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .memory import Memory, MemoryToken
+from sirllm_agents.memory import Memory, MemoryToken
 
 _BARS = " ▁▂▃▄▅▆▇█"
 

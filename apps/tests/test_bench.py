@@ -10,14 +10,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sirllm_agents.bench import agent_loop, data
-from sirllm_agents.bench.memory import POLICIES, Player, Setting, cloze_picks, key_share_in_cache, run_setting
-from sirllm_agents.bench.plots import agent_loop_plot, memory_plot
-from sirllm_agents.bench.report import report
-from sirllm_agents.cli import main as cli
 from sirllm_agents.memory import MemoryToken
+from sirllm_agents_apps.bench import agent_loop, data
+from sirllm_agents_apps.bench.memory import POLICIES, Player, Setting, cloze_picks, key_share_in_cache, run_setting
+from sirllm_agents_apps.bench.plots import agent_loop_plot, memory_plot
+from sirllm_agents_apps.bench.report import report
+from sirllm_agents_apps.cli import main as cli
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sirllm"
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "sirllm"
 needs_data = pytest.mark.skipif(
     not (DATA / "keys.jsonl").is_file(), reason=f"the SirLLM data folder is absent ({DATA})"
 )
@@ -189,7 +189,7 @@ def test_tool_results_are_about_sixty_tokens_and_differ(tokenizer):
 
 
 def test_runs_started_in_the_same_second_keep_both_results(tmp_path):
-    from sirllm_agents.bench.cli import _write_new
+    from sirllm_agents_apps.bench.cli import _write_new
 
     stems = [_write_new(tmp_path / "grocery-20261122-090205", json.dumps({"run": n})) for n in range(3)]
     assert [s.name for s in stems] == ["grocery-20261122-090205", "grocery-20261122-090205-2", "grocery-20261122-090205-3"]
@@ -250,3 +250,52 @@ def test_grocery_report_and_plot_show_the_grocery_kept_in_cache(tmp_path):
     # 7 x 4.5 inches at 120 dpi for ACC_g alone; 12 inches wide with the panel of the grocery kept.
     assert imread(tmp_path / "without-key.png").shape[:2] == (540, 840)
     assert imread(tmp_path / "with-key.png").shape[:2] == (540, 1440)
+
+
+def _uninstall(monkeypatch, modules: set[str]) -> None:
+    """Make ``importlib.util.find_spec`` say ``modules`` are not installed (they may be imported already)."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in modules else find_spec(name, *a))
+
+
+@pytest.mark.parametrize(
+    ("argv", "missing"),
+    [
+        (["grocery", "--data", "DATA"], "matplotlib"),
+        (["rps", "--data", "DATA"], "matplotlib"),
+        (["recall"], "matplotlib"),
+        (["agent-loop"], "psutil"),
+        (["agent-loop", "--peers", "sirllm,stateless"], "langchain_huggingface"),
+        (["agent-loop", "--peers", "sirllm"], "langchain_sirllm"),
+    ],
+)
+def test_a_missing_optional_dependency_stops_the_command_before_any_work(argv, missing, tmp_path, monkeypatch, capsys):
+    from sirllm_agents.engine import Engine
+
+    _uninstall(monkeypatch, {missing})
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(Engine, "__init__", no_model)
+    out = tmp_path / "results"
+    argv = ["bench", *[str(tmp_path) if a == "DATA" else a for a in argv], "--out", str(out)]
+    with pytest.raises(SystemExit) as stopped:
+        cli(argv)
+    assert stopped.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert missing in line and 'pip install "sirllm-agents-apps[bench]"' in line
+    assert not out.exists()  # nothing was started
+
+
+def test_the_report_needs_no_optional_dependency(tmp_path, monkeypatch):
+    _uninstall(monkeypatch, {"matplotlib", "psutil", "langchain_core", "langchain_huggingface", "langchain_sirllm"})
+    cli(["bench", "report", "--results", str(tmp_path)])
+
+
+def test_an_unknown_agent_loop_peer_is_refused_before_any_work(tmp_path):
+    with pytest.raises(SystemExit, match="unknown peers"):
+        cli(["bench", "agent-loop", "--peers", "sirllm,vllm", "--out", str(tmp_path / "results")])
+    assert not (tmp_path / "results").exists()

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from sirllm_agents.chat import ChatLoop
-from sirllm_agents.cli import main as cli_main
-from sirllm_agents.inspect import print_memory
+from sirllm_agents_apps.chat import ChatLoop
+from sirllm_agents_apps.cli import main as cli_main
+from sirllm_agents_apps.memory_view import print_memory
 
 QUESTIONS = ["Hi there!", "What is 2+2?", "Name a colour.", "Tell me a short joke.", "Thanks, bye!"]
 

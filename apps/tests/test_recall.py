@@ -7,10 +7,10 @@ import re
 
 import pytest
 
-from sirllm_agents.bench import recall, recall_data
-from sirllm_agents.bench.plots import recall_plot
-from sirllm_agents.bench.report import report
-from sirllm_agents.cli import main as cli
+from sirllm_agents_apps.bench import recall, recall_data
+from sirllm_agents_apps.bench.plots import recall_plot
+from sirllm_agents_apps.bench.report import report
+from sirllm_agents_apps.cli import main as cli
 
 
 def count_words(text: str) -> int:
@@ -80,7 +80,7 @@ def test_each_policy_answers_every_fact_with_sane_records(tiny_engine, policy):
 
 def test_full_overflows_past_the_model_length_and_says_so(tiny_engine, monkeypatch):
     conversation = recall_data.generate(3, 400, lambda text: len(tiny_engine.model.encode(text)))
-    monkeypatch.setattr(tiny_engine, "max_length", 200)
+    monkeypatch.setattr(tiny_engine.model, "max_length", 200)
     records = recall.run_conversation(tiny_engine, conversation, recall.Setting("full", 1.0))
     assert all(r["overflowed"] for r in records)
     assert recall.summarize(records) == {"facts": 3, "overflowed": 3}

@@ -3,8 +3,7 @@
 Each step appends a ~60-token tool result (as a user message: ``ChatHuggingFace`` takes no tool messages) and asks
 for a reply of at most 24 tokens, greedily. Peers:
 
-* ``sirllm``: ``ChatSirLLM`` (``langchain_sirllm``) when importable, else the core :class:`Session`: only the new
-  messages are prefilled, into a bounded cache;
+* ``sirllm``: ``ChatSirLLM`` (``langchain_sirllm``): only the new messages are prefilled, into a bounded cache;
 * ``stateless``: ``ChatHuggingFace`` over a local ``HuggingFacePipeline`` (``langchain-huggingface``), which
   re-prefills the whole history every step;
 * ``llamacpp``: ``llama-cpp-python`` on the GGUF file the embedded model ships in, which reuses the prompt prefix it
@@ -17,6 +16,7 @@ its context window) records the error and stops.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import resource
 import subprocess
@@ -25,9 +25,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 PEERS = ("sirllm", "stateless", "llamacpp")
+# The modules each peer imports beyond the library. The LangChain ones come with the bench extra (``bench`` checks
+# them before any work); llama-cpp-python is optional (the library's ``llamacpp`` extra): its peer is skipped without.
+PEER_NEEDS = {
+    "sirllm": ["langchain_core", "langchain_sirllm"],
+    "stateless": ["langchain_core", "langchain_huggingface"],
+    "llamacpp": ["llama_cpp"],
+}
+OPTIONAL_PEERS = ("llamacpp",)
 REPLY_TOKENS = 24
 SYSTEM = "You are an order-tracking agent. After each tool result, state the next action in one short sentence."
 TASK = "Track every order in my account and tell me what to do about each one."
@@ -55,32 +61,25 @@ class Peer:
 
 class SirLLMPeer(Peer):
     def __init__(self, cache_size: int):
-        from ..engine import Engine
+        from langchain_sirllm import ChatSirLLM
 
-        engine = Engine()
+        from sirllm_agents.engine import Engine
+
         self.overflow = f"nothing: SirLLM evicts within a cache of {cache_size} tokens"
-        try:
-            from langchain_sirllm import ChatSirLLM
-        except ImportError:
-            self.session = engine.session(cache_size=cache_size)
-            self.chat = None
-            self.backend = "core Session (langchain_sirllm not importable)"
-        else:
-            self.chat = ChatSirLLM(engine=engine, max_tokens=REPLY_TOKENS, cache_size=cache_size)
-            self.backend = "langchain_sirllm.ChatSirLLM"
+        self.chat = ChatSirLLM(engine=Engine(), max_tokens=REPLY_TOKENS, cache_size=cache_size)
+        self.backend = "langchain_sirllm.ChatSirLLM"
 
     def reply(self, messages: list[dict]) -> str:
-        if self.chat is None:
-            return self.session.chat(messages, max_new_tokens=REPLY_TOKENS).text
         return self.chat.invoke(_langchain_messages(messages)).content
 
 
 class StatelessPeer(Peer):
     def __init__(self):
+        import torch
         from langchain_huggingface import ChatHuggingFace, HuggingFacePipeline
         from transformers import pipeline
 
-        from ..loading import load
+        from sirllm_agents.loading import load
 
         model, tokenizer, name = load(None, device="cpu", dtype=torch.float32)
         generate = pipeline(
@@ -102,7 +101,7 @@ class LlamaCppPeer(Peer):
     def __init__(self, threads: int):
         from llama_cpp import Llama
 
-        from ..loading import embedded_model_path
+        from sirllm_agents.loading import embedded_model_path
 
         self.llm = Llama(model_path=str(embedded_model_path()), n_ctx=0, n_threads=threads, seed=0, verbose=False)
         self.backend = "llama-cpp-python (prefix reuse of the last prompt)"
@@ -130,21 +129,21 @@ def make_peer(name: str, cache_size: int, threads: int) -> Peer:
 
 def available(name: str) -> str | None:
     """None when the peer can run here, else why not."""
-    import importlib.util
-
-    needs = {"stateless": "langchain_huggingface", "llamacpp": "llama_cpp"}.get(name)
-    if needs and importlib.util.find_spec(needs) is None:
-        extra = "llamacpp" if name == "llamacpp" else "bench"
-        return f"skipped: {needs} is not installed (pip install 'sirllm-agents[{extra}]')"
+    missing = [module for module in PEER_NEEDS[name] if importlib.util.find_spec(module) is None]
+    if missing:
+        fix = "sirllm-agents[llamacpp]" if name in OPTIONAL_PEERS else "sirllm-agents-apps[bench]"
+        verb = "is" if len(missing) == 1 else "are"
+        return f"skipped: {', '.join(missing)} {verb} not installed (pip install '{fix}')"
     return None
 
 
 def loop(peer_name: str, steps: int, cache_size: int, threads: int, time_limit: float | None) -> dict:
     """Run the scripted loop with one peer in this process; returns per-step figures."""
     import psutil
+    import torch
     from rich.progress import Progress
 
-    from ..loading import embedded_tokenizer
+    from sirllm_agents.loading import embedded_tokenizer
 
     torch.set_num_threads(threads)
     tokenizer = embedded_tokenizer()  # only to count tokens: loading weights here would add to every peer's memory
@@ -189,8 +188,9 @@ def run(peers: list[str], steps: int, cache_size: int, threads: int, time_limit:
             continue
         with tempfile.TemporaryDirectory() as folder:
             out = Path(folder) / "result.json"
-            command = [sys.executable, "-m", "sirllm_agents.bench.agent_loop", "--peer", name, "--steps", str(steps),
-                       "--cache-size", str(cache_size), "--threads", str(threads), "--json", str(out)]
+            command = [sys.executable, "-m", "sirllm_agents_apps.bench.agent_loop", "--peer", name,
+                       "--steps", str(steps), "--cache-size", str(cache_size), "--threads", str(threads),
+                       "--json", str(out)]
             if time_limit is not None:
                 command += ["--time-limit", str(time_limit)]
             subprocess.run(command, check=True)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import sys
 import time
 from pathlib import Path
 
 from .recall_data import SUBJECTS
 
 MEMORY_TASKS = ("grocery", "dailydialog", "rps")
+BENCH_EXTRA = 'pip install "sirllm-agents-apps[bench]"'
 
 
 def _numbers(kind):
@@ -62,7 +65,38 @@ def _common(parser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch (and llama.cpp) threads (default: torch's)")
 
 
+def needs(args: argparse.Namespace) -> list[str]:
+    """The modules of the bench extra that ``args.task`` imports: matplotlib for every task's plot; for the agent
+    loop also psutil and each chosen peer's (see ``agent_loop.PEER_NEEDS``; llama.cpp is not in the extra, and its peer
+    is skipped when missing). The report needs none."""
+    if args.task == "report":
+        return []
+    if args.task != "agent-loop":
+        return ["matplotlib"]
+    from . import agent_loop
+
+    peers = args.peers.split(",")
+    unknown = set(peers) - set(agent_loop.PEERS)
+    if unknown:
+        raise SystemExit(f"unknown peers {sorted(unknown)}: expected some of {', '.join(agent_loop.PEERS)}")
+    modules = ["matplotlib", "psutil"]
+    for peer in peers:
+        if peer not in agent_loop.OPTIONAL_PEERS:
+            modules += agent_loop.PEER_NEEDS[peer]
+    return modules
+
+
+def require(task: str, modules: list[str]) -> None:
+    """Exit at once (status 2, one line naming what is missing and the install that fixes it) when any of
+    ``modules`` is not installed: a run must not fail at its plot after its hours of work."""
+    missing = [name for name in dict.fromkeys(modules) if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"sirllm-agents bench {task} needs {', '.join(missing)}, not installed: {BENCH_EXTRA}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def main(args: argparse.Namespace) -> None:
+    require(args.task, needs(args))
     if args.task == "report":
         from .report import report
 
@@ -113,7 +147,8 @@ def _write_new(stem: Path, text: str) -> Path:
 def _memory(args: argparse.Namespace, threads: int) -> dict:
     from rich.progress import Progress
 
-    from ..engine import Engine
+    from sirllm_agents.engine import Engine
+
     from . import data
     from .memory import POLICIES, Setting, run_setting
 
@@ -139,15 +174,16 @@ def _memory(args: argparse.Namespace, threads: int) -> dict:
             bar = progress.add_task(label, total=turns)
             runs.append(run_setting(engine, args.task, episodes, setting, args.score,
                                     lambda: progress.advance(bar)))
-    return {"task": args.task, "model": engine.model_name, "data": str(args.data), "limit": args.limit,
+    return {"task": args.task, "model": engine.model.name, "data": str(args.data), "limit": args.limit,
             "episodes": len(episodes), "scoring": args.score, "threads": threads, "runs": runs}
 
 
 def _recall(args: argparse.Namespace, threads: int) -> dict:
     from rich.progress import Progress
 
-    from ..engine import Engine
-    from ..policies import POLICIES
+    from sirllm_agents.engine import Engine
+    from sirllm_agents.policies import POLICIES
+
     from .recall import Setting, run_setting
     from .recall_data import generate
 
@@ -167,7 +203,7 @@ def _recall(args: argparse.Namespace, threads: int) -> dict:
         settings += [Setting(policy, budget, decay, recent) for budget in args.budget
                      for decay in (args.decay if entropy else [1.0]) for recent in (args.recent if entropy else [0.0])]
     engine = Engine(args.model)
-    count = lambda text: len(engine.encode(text))  # noqa: E731
+    count = lambda text: len(engine.model.encode(text))  # noqa: E731
     runs = []
     with Progress() as progress:
         for length in args.length:
@@ -180,6 +216,6 @@ def _recall(args: argparse.Namespace, threads: int) -> dict:
                                         total=len(conversations))
                 run = run_setting(engine, conversations, setting, lambda: progress.advance(bar))
                 runs.append({"length": length, **run})
-    return {"task": "recall", "model": engine.model_name, "conversations": args.conversations, "seed": args.seed,
+    return {"task": "recall", "model": engine.model.name, "conversations": args.conversations, "seed": args.seed,
             "facts": args.facts, "updates": not args.no_update, "kinds": kinds, "lengths": args.length,
             "threads": threads, "runs": runs}

@@ -20,9 +20,10 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from ..engine import Engine
-from ..policies import ContextOverflowError
-from ..session import Session
+from sirllm_agents.engine import Engine
+from sirllm_agents.policies import ContextOverflowError
+from sirllm_agents.session import Session
+
 from .data import Episode, Turn
 
 POLICIES = ("full", "streaming", "sirllm", "truncate")
@@ -99,11 +100,11 @@ class Player:
 
     def trimmed(self, messages: list[dict], options: list[str]) -> list[dict]:
         """The newest messages, starting at a user message, whose prompt and longest option fit the budget."""
-        budget = self.setting.cache_size - max(len(self.engine.encode(o)) for o in options)
+        budget = self.setting.cache_size - max(len(self.engine.model.encode(o)) for o in options)
         start = 0
         while start < len(messages) - 1:
-            prompt = self.engine.template.render(messages[start:], add_generation_prompt=True)
-            if len(self.engine.encode(prompt)) <= budget:
+            prompt = self.engine.model.template.render(messages[start:], add_generation_prompt=True)
+            if len(self.engine.model.encode(prompt)) <= budget:
                 break
             start += 2  # a user message and the reply to it
         return messages[start:]
@@ -148,7 +149,7 @@ def cloze_picks(player: Player, messages: list[dict], turn: Turn) -> dict[str, i
     scores = player.fork().score(messages + [{"role": "user", "content": turn.stem}], turn.texts)
     if scores is None:
         return {"cloze": -1, "cloze_char": -1}
-    per_token = [s / len(player.engine.encode(text)) for s, text in zip(scores, turn.texts)]
+    per_token = [s / len(player.engine.model.encode(text)) for s, text in zip(scores, turn.texts)]
     per_char = [s / len(text) for s, text in zip(scores, turn.texts)]
     return {"cloze": _best(per_token), "cloze_char": _best(per_char)}
 

@@ -23,8 +23,9 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from ..engine import Engine
-from ..session import Session
+from sirllm_agents.engine import Engine
+from sirllm_agents.session import Session
+
 from .recall_data import Conversation, Fact
 
 START_SIZE = 4
@@ -47,7 +48,8 @@ class Setting:
 
 
 def conversation_tokens(engine: Engine, conversation: Conversation) -> int:
-    return len(engine.encode(engine.template.render(list(conversation.messages), add_generation_prompt=False)))
+    model = engine.model
+    return len(model.encode(model.template.render(list(conversation.messages), add_generation_prompt=False)))
 
 
 def run_conversation(engine: Engine, conversation: Conversation, setting: Setting) -> list[dict]:
@@ -58,7 +60,7 @@ def run_conversation(engine: Engine, conversation: Conversation, setting: Settin
     messages = list(conversation.messages)
     session = None
     if setting.policy == "full":
-        if tokens + QUESTION_ROOM + ANSWER_TOKENS > engine.max_length:
+        if tokens + QUESTION_ROOM + ANSWER_TOKENS > engine.model.max_length:
             return [base | _fact_fields(conversation, fact) | {"overflowed": True} for fact in conversation.facts]
         session = engine.session(policy="full")
     elif setting.policy != "truncate":
@@ -78,7 +80,7 @@ def run_conversation(engine: Engine, conversation: Conversation, setting: Settin
         question = asked + [{"role": "user", "content": fact.question}]
         logprobs = fork.score(question, list(fact.candidates))
         reply = fork.chat(question, max_new_tokens=ANSWER_TOKENS, stop="\n").text
-        per_token = [lp / len(engine.encode(c)) for lp, c in zip(logprobs, fact.candidates)]
+        per_token = [lp / len(engine.model.encode(c)) for lp, c in zip(logprobs, fact.candidates)]
         per_char = [lp / len(c) for lp, c in zip(logprobs, fact.candidates)]
         pick = fact.candidates[_argmax(per_token)]
         records.append(base | _fact_fields(conversation, fact) | {
@@ -146,8 +148,8 @@ def truncated(engine: Engine, messages: list[dict], budget: int) -> list[dict]:
     ``trim_messages`` does to an agent's history. Empty when not even the last exchange fits."""
     start = 0
     while start < len(messages):
-        text = engine.template.render(messages[start:], add_generation_prompt=False)
-        if len(engine.encode(text)) <= budget:
+        text = engine.model.template.render(messages[start:], add_generation_prompt=False)
+        if len(engine.model.encode(text)) <= budget:
             break
         start += 2
     return messages[start:]
