@@ -78,6 +78,17 @@ def test_each_policy_answers_every_fact_with_sane_records(tiny_engine, policy):
     assert summary["facts"] == 3 and summary["updated"]["facts"] == 1 and summary["plain"]["facts"] == 2
 
 
+def test_a_cloze_only_run_scores_the_same_cloze_and_leaves_generation_out(tiny_engine):
+    conversation = recall_data.generate(3, 500, lambda text: len(tiny_engine.encode(text)))
+    setting = recall.Setting("sirllm", 0.25)
+    both = recall.run_conversation(tiny_engine, conversation, setting)
+    cloze_only = recall.run_conversation(tiny_engine, conversation, setting, generate=False)
+    assert [r["cloze"] for r in cloze_only] == [r["cloze"] for r in both]
+    assert all(r[f] is None for r in cloze_only for f in recall.GENERATION_FIELDS)
+    summary = recall.summarize(cloze_only)["all"]
+    assert "generated" not in summary and "well_formed" not in summary and "cloze" in summary
+
+
 def test_full_overflows_past_the_model_length_and_says_so(tiny_engine, monkeypatch):
     conversation = recall_data.generate(3, 400, lambda text: len(tiny_engine.model.encode(text)))
     monkeypatch.setattr(tiny_engine.model, "max_length", 200)

@@ -48,6 +48,8 @@ def add_parser(commands) -> None:
     recall.add_argument("--no-update", action="store_true", help="state every fact once, never updated")
     recall.add_argument("--kinds", default=",".join(SUBJECTS), help=f"fact kinds to draw from (of {', '.join(SUBJECTS)})")
     recall.add_argument("--seed", type=int, default=0, help="the first conversation's seed")
+    recall.add_argument("--no-generation", action="store_true",
+                        help="cloze only: skip the greedy replies (most of a small model's time)")
     recall.add_argument("--model", default=None, help="model folder, hub id or .gguf file (default: embedded SmolLM2)")
     _common(recall)
     loop = tasks.add_parser("agent-loop", help="per-step latency and memory of SirLLM against stateless and llama.cpp")
@@ -214,7 +216,8 @@ def _recall(args: argparse.Namespace, threads: int) -> dict:
                 label = f"recall {length} tok {setting.policy} budget={setting.budget} decay={setting.decay}"
                 bar = progress.add_task(label + (f" recent={setting.recent}" if setting.recent else ""),
                                         total=len(conversations))
-                run = run_setting(engine, conversations, setting, lambda: progress.advance(bar))
+                run = run_setting(engine, conversations, setting, lambda: progress.advance(bar),
+                                  generate=not args.no_generation)
                 runs.append({"length": length, **run})
     return {"task": "recall", "model": engine.model.name, "conversations": args.conversations, "seed": args.seed,
             "facts": args.facts, "updates": not args.no_update, "kinds": kinds, "lengths": args.length,

@@ -52,8 +52,9 @@ def conversation_tokens(engine: Engine, conversation: Conversation) -> int:
     return len(model.encode(model.template.render(list(conversation.messages), add_generation_prompt=False)))
 
 
-def run_conversation(engine: Engine, conversation: Conversation, setting: Setting) -> list[dict]:
-    """Feed ``conversation`` under ``setting`` and ask for each fact; one record per fact."""
+def run_conversation(engine: Engine, conversation: Conversation, setting: Setting, generate: bool = True) -> list[dict]:
+    """Feed ``conversation`` under ``setting`` and ask for each fact; one record per fact (cloze only, the generation
+    fields None, unless ``generate``)."""
     tokens = conversation_tokens(engine, conversation)
     size = max(MIN_CACHE, round(setting.budget * tokens))
     base = {"conversation": conversation.name, "tokens": tokens, "cache_size": size}
@@ -79,7 +80,7 @@ def run_conversation(engine: Engine, conversation: Conversation, setting: Settin
             asked, fork = messages, session.fork()
         question = asked + [{"role": "user", "content": fact.question}]
         logprobs = fork.score(question, list(fact.candidates))
-        reply = fork.chat(question, max_new_tokens=ANSWER_TOKENS, stop="\n").text
+        reply = fork.chat(question, max_new_tokens=ANSWER_TOKENS, stop="\n").text if generate else None
         per_token = [lp / len(engine.model.encode(c)) for lp, c in zip(logprobs, fact.candidates)]
         per_char = [lp / len(c) for lp, c in zip(logprobs, fact.candidates)]
         pick = fact.candidates[_argmax(per_token)]
@@ -89,15 +90,24 @@ def run_conversation(engine: Engine, conversation: Conversation, setting: Settin
             "cloze": pick == fact.value,
             "cloze_char": _argmax(per_char) == fact.answer,
             "picked_previous": pick == fact.previous,
-            "generated": names(reply, fact.value) and not (fact.previous and names(reply, fact.previous)),
-            "generated_previous": bool(fact.previous) and names(reply, fact.previous),
-            "well_formed": well_formed(reply, fact, fragments),
-            "reply": reply,
+            **(_generation_fields(reply, fact, fragments) if generate else dict.fromkeys(GENERATION_FIELDS)),
             "kept": None if session is None else share_in_cache(fork, fact.message, fact.value),
             "kept_previous": None if session is None or fact.previous is None
             else share_in_cache(fork, fact.previous_message, fact.previous),
         })
     return records
+
+
+GENERATION_FIELDS = ("generated", "generated_previous", "well_formed", "reply")
+
+
+def _generation_fields(reply: str, fact: Fact, fragments: set[tuple[str, ...]]) -> dict:
+    return {
+        "generated": names(reply, fact.value) and not (fact.previous and names(reply, fact.previous)),
+        "generated_previous": bool(fact.previous) and names(reply, fact.previous),
+        "well_formed": well_formed(reply, fact, fragments),
+        "reply": reply,
+    }
 
 
 def _fact_fields(conversation: Conversation, fact: Fact) -> dict:
@@ -190,6 +200,7 @@ def summarize(records: list[dict]) -> dict:
         fields = ["cloze", "cloze_char", "generated", "well_formed"]
         if group == "updated":
             fields += ["picked_previous", "generated_previous"]
+        fields = [f for f in fields if rows[0][f] is not None]  # generation fields are None in a cloze-only run
         result[group] = {f: sum(r[f] for r in rows) / len(rows) for f in fields} | {"facts": len(rows)}
         kept = [r["kept"] for r in rows if r["kept"] is not None]
         if kept:
@@ -198,14 +209,14 @@ def summarize(records: list[dict]) -> dict:
 
 
 def run_setting(engine: Engine, conversations: list[Conversation], setting: Setting,
-                advance: Callable[[], None]) -> dict:
+                advance: Callable[[], None], generate: bool = True) -> dict:
     """Every conversation under ``setting``: the setting, the summary, a few sample replies and every record."""
     start = time.perf_counter()
     records = []
     for conversation in conversations:
-        records += run_conversation(engine, conversation, setting)
+        records += run_conversation(engine, conversation, setting, generate)
         advance()
     samples = [{"question": r["question"], "value": r["value"], "reply": r["reply"]}
-               for r in records if not r["overflowed"]][:4]
+               for r in records if not r["overflowed"] and r["reply"] is not None][:4]
     return {**asdict(setting), "summary": summarize(records), "samples": samples, "records": records,
             "seconds": round(time.perf_counter() - start, 2)}

@@ -9,8 +9,8 @@ from pathlib import Path
 PAPER_GROCERY = "paper (Yi-6B/34B-Chat, Vicuna-7B, cache 4+1020): ACC_g 96-99% SirLLM vs 24-29% StreamingLLM"
 
 
-def _pct(value: float) -> str:
-    return f"{100 * value:.1f}"
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
 
 
 def _memory_table(results: dict) -> list[str]:
@@ -87,11 +87,11 @@ def _recall_table(results: dict) -> list[str]:
                          "passes the model's length | | | | | | | | |")
             continue
         a, u = summary["all"], summary.get("updated", {})
-        kept = _pct(a["kept"]) if "kept" in a else "-"
-        updated = [_pct(u[f]) if f in u else "-" for f in ("cloze", "generated", "generated_previous")]
+        kept = _pct(a.get("kept"))
+        updated = [_pct(u.get(f)) for f in ("cloze", "generated", "generated_previous")]
         lines.append(f"| {run['length']} | {run['policy']} | {run['budget']} | {run['decay']} | {run['recent']} | "
-                     f"{_pct(a['cloze'])} | {_pct(a['cloze_char'])} | {_pct(a['generated'])} | "
-                     f"{_pct(a['well_formed'])} | {kept} | {' | '.join(updated)} | {run['seconds']:.0f} |")
+                     f"{_pct(a['cloze'])} | {_pct(a['cloze_char'])} | {_pct(a.get('generated'))} | "
+                     f"{_pct(a.get('well_formed'))} | {kept} | {' | '.join(updated)} | {run['seconds']:.0f} |")
     lines += ["", "Budget: the cache size as a share of the conversation's tokens. Recent: the share of the cache kept "
               "for the newest tokens. Value kept: the share of the fact's value tokens still cached at the question."]
     return lines
