@@ -79,7 +79,7 @@ def test_each_policy_answers_every_fact_with_sane_records(tiny_engine, policy):
 
 
 def test_a_cloze_only_run_scores_the_same_cloze_and_leaves_generation_out(tiny_engine):
-    conversation = recall_data.generate(3, 500, lambda text: len(tiny_engine.encode(text)))
+    conversation = recall_data.generate(3, 500, lambda text: len(tiny_engine.model.encode(text)))
     setting = recall.Setting("sirllm", 0.25)
     both = recall.run_conversation(tiny_engine, conversation, setting)
     cloze_only = recall.run_conversation(tiny_engine, conversation, setting, generate=False)
