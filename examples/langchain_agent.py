@@ -16,7 +16,6 @@ from langchain.agents import create_agent
 from langchain.agents.middleware import wrap_model_call
 from langchain_core.messages import AIMessage, HumanMessage
 from langchain_core.tools import tool
-
 from langchain_sirllm import ChatSirLLM
 
 FACT = "Remember this: my locker code is 4821."
@@ -65,8 +64,10 @@ def main() -> None:
     state = agent.invoke(state, {"recursion_limit": 10})
     report(state["messages"], printed)
     stats = llm.session.stats
-    print(f"\n{stats.turns} model calls; {stats.prefilled_tokens} tokens prefilled, {stats.reused_tokens} reused, "
-          f"{stats.evicted_tokens} evicted; the cache holds {stats.cache_len} of at most {args.cache_size}.")
+    print(
+        f"\n{stats.turns} model calls; {stats.prefilled_tokens} tokens prefilled, {stats.reused_tokens} reused, "
+        f"{stats.evicted_tokens} evicted; the cache holds {stats.cache_len} of at most {args.cache_size}."
+    )
     print(f"{QUESTION} -> {state['messages'][-1].content!r}")
 
 
@@ -77,8 +78,10 @@ def report(messages: list, printed: int) -> int:
         usage, meta = reply.usage_metadata, reply.response_metadata
         reused = usage["input_token_details"]["cache_read"]
         shown = ", ".join(f"{c['name']}({c['args']})" for c in reply.tool_calls) or repr(reply.content[:40])
-        print(f"{step:>4} {usage['input_tokens'] - reused:>9} {reused:>7} {meta['evicted_tokens']:>7} "
-              f"{meta['cache_len']:>6}  {shown}")
+        print(
+            f"{step:>4} {usage['input_tokens'] - reused:>9} {reused:>7} {meta['evicted_tokens']:>7} "
+            f"{meta['cache_len']:>6}  {shown}"
+        )
     return len(replies)
 
 

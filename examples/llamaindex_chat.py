@@ -13,7 +13,6 @@ import argparse
 import time
 
 from llama_index.core.chat_engine import SimpleChatEngine
-
 from llama_index.llms.sirllm import SirLLM
 
 FACT = "My name is Ada and my cat is called Pixel."

@@ -57,7 +57,9 @@ class SirLLMCache:
         """Evict so that ``n`` more tokens fit; when evicting anyway, free ``slack`` extra slots so the next few
         single-token appends (decoding) do not each pay for an eviction. Returns the number of tokens evicted."""
         if n > self.max_chunk:
-            raise ValueError(f"cannot add {n} tokens at once to a cache of {self.cache_size} (at most {self.max_chunk})")
+            raise ValueError(
+                f"cannot add {n} tokens at once to a cache of {self.cache_size} (at most {self.max_chunk})"
+            )
         if len(self) + n <= self.cache_size:
             return 0
         budget = self.cache_size - min(n + slack, self.max_chunk)

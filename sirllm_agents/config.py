@@ -41,7 +41,9 @@ class SessionConfig:
         if not _is_int(self.prefill_chunk) or self.prefill_chunk <= 0:
             raise ValueError(f"prefill_chunk must be a positive integer, got {self.prefill_chunk!r}")
         reserved = self.make_policy().start_size + self.make_policy().recent_size
-        if self.cache_size is not None and (not _is_int(self.cache_size) or self.cache_size < reserved + MIN_FREE_SLOTS):
+        if self.cache_size is not None and (
+            not _is_int(self.cache_size) or self.cache_size < reserved + MIN_FREE_SLOTS
+        ):
             raise ValueError(
                 f"cache_size must be at least start_size + recent_size + {MIN_FREE_SLOTS} = "
                 f"{reserved + MIN_FREE_SLOTS}, got {self.cache_size!r}"

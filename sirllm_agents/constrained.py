@@ -107,7 +107,9 @@ def _call_schema(spec: Mapping[str, Any]) -> dict:
         llguidance.LLMatcher.grammar_from_json_schema(arguments, defaults=JSON_FORMAT)
     )
     if error:
-        logger.warning("tool %r: its parameter schema cannot be enforced (%s); only a JSON object is", spec["name"], error)
+        logger.warning(
+            "tool %r: its parameter schema cannot be enforced (%s); only a JSON object is", spec["name"], error
+        )
         arguments = {"type": "object"}
     return {
         "type": "object",

@@ -168,7 +168,9 @@ class SessionPool:
             if not session.save(path, wait=False):
                 return
         except (OSError, ValueError) as error:
-            log.warning("session %s could not be spilled to %s, keeping it in memory: %s", session.session_id, path, error)
+            log.warning(
+                "session %s could not be spilled to %s, keeping it in memory: %s", session.session_id, path, error
+            )
             return
         transcript = session.transcript
         self._spilled[session.session_id] = _Spilled(path, transcript.messages, transcript.tools)

@@ -130,8 +130,10 @@ def response_schema(response_format: Mapping[str, Any]) -> dict | None:
         schema = response_format.get("schema") or (response_format.get("json_schema") or {}).get("schema")
         if isinstance(schema, Mapping):
             return dict(schema)
-        raise ValueError("response_format json_schema needs a schema: {'type': 'json_schema', 'json_schema': "
-                         "{'name': ..., 'schema': {...}}}")
+        raise ValueError(
+            "response_format json_schema needs a schema: {'type': 'json_schema', 'json_schema': "
+            "{'name': ..., 'schema': {...}}}"
+        )
     raise ValueError(f"response_format must be of type 'json_schema' or 'json_object', got {response_format!r}")
 
 
@@ -176,7 +178,9 @@ def _with_format_instructions(messages: list[dict], schema: dict | None) -> list
     if schema is None:
         instruction = "Reply with a JSON object."
     else:
-        instruction = "Reply with a JSON object that follows this JSON schema:\n" + json.dumps(schema, ensure_ascii=False)
+        instruction = "Reply with a JSON object that follows this JSON schema:\n" + json.dumps(
+            schema, ensure_ascii=False
+        )
     messages = [dict(m) for m in messages]
     if messages and messages[0]["role"] == "system":
         messages[0]["content"] = f"{messages[0]['content']}\n\n{instruction}".lstrip("\n")

@@ -22,10 +22,10 @@ import torch
 
 from . import scoring
 from .cache import SirLLMCache
-from .memory import Memory, session_memory
-from .persistence import read_session, write_session
 from .config import SessionConfig
 from .generation import Decoding, GenerationConfig, TokenConstraint
+from .memory import Memory, session_memory
+from .persistence import read_session, write_session
 from .replies import Event, Reply, ReplyStream, Request, ShownText, TextDelta, finish_reply, plan_request
 from .transcript import Message, Segment, Transcript, normalize_messages
 
@@ -246,7 +246,9 @@ class Session:
         session.cache.load_records(tensors)
         session._position = document["position"]
         t = document["transcript"]
-        session.transcript = Transcript(t["messages"], t["tools"], t["text"], t["length"], [tuple(s) for s in t["spans"]])
+        session.transcript = Transcript(
+            t["messages"], t["tools"], t["text"], t["length"], [tuple(s) for s in t["spans"]]
+        )
         session.stats = SessionStats(**document["stats"])
         session.turn_log = [TurnStats(**turn) for turn in document["turn_log"]]
         return session
@@ -295,7 +297,9 @@ class Session:
                 reserve = min(config.max_new_tokens, self.cache_size // 4)
                 asked, prompt_ids = self._ask(request, turn, reserve)
                 start = time.perf_counter()
-                decoding = Decoding(self.model, self.cache.logits, self._ingest_generated(turn), config, request.constraint)
+                decoding = Decoding(
+                    self.model, self.cache.logits, self._ingest_generated(turn), config, request.constraint
+                )
                 for piece in decoding:
                     if text := shown.push(piece):
                         yield TextDelta(text)
@@ -356,7 +360,9 @@ class Session:
             self.model.encode_marked(segment.text, [messages[i]["content"] for i in segment.messages])
             for segment in segments
         ]
-        new_tokens = sum(len(ids) for ids, _ in encoded) + 1  # +1: after a rollback the newest cached token is fed again
+        new_tokens = (
+            sum(len(ids) for ids, _ in encoded) + 1
+        )  # +1: after a rollback the newest cached token is fed again
         if new_tokens + reserve <= self.cache.max_chunk:
             # Make room for the whole turn before any of it is cached, as StreamingLLM and SirLLM do: the turn's
             # own tokens (low-entropy template tokens included) then never compete for a place while it is running.

@@ -97,7 +97,9 @@ def format_tool_call(name: str, arguments: Mapping[str, Any] | str) -> str:
     return f"{TOOL_CALL_START}\n{body}\n{TOOL_CALL_END}"
 
 
-def write_tools_into_messages(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None) -> list[dict]:
+def write_tools_into_messages(
+    messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None
+) -> list[dict]:
     """For a chat template that ignores tools: ``messages`` with ``tools`` described in the system message (appended
     to the first one, or a new one in front) and each assistant message's ``tool_calls`` written into its content,
     the way the model is asked to write them. Deterministic, so a growing conversation keeps its earlier rendering."""

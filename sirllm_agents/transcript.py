@@ -71,7 +71,10 @@ def _tool_call(i: int, j: int, call: Any) -> dict[str, Any]:
         json.dumps(arguments)
     except (TypeError, ValueError) as error:
         raise ValueError(f"messages[{i}].tool_calls[{j}]: arguments are not JSON data: {error}") from None
-    converted = {"type": "function", "function": {"name": function["name"], "arguments": copy.deepcopy(dict(arguments))}}
+    converted = {
+        "type": "function",
+        "function": {"name": function["name"], "arguments": copy.deepcopy(dict(arguments))},
+    }
     if call.get("id") is not None:
         converted = {"id": str(call["id"]), **converted}
     return converted

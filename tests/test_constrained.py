@@ -104,14 +104,17 @@ def test_json_schema_output_follows_the_schema(tiny_engine):
 
 
 def test_an_unenforceable_json_schema_is_an_error(tiny_engine):
-    with pytest.raises(ValueError, match="this JSON schema cannot be enforced: Resource 'http://example.com/x'"):
+    with pytest.raises(ValueError, match=r"this JSON schema cannot be enforced: Resource 'http://example\.com/x'"):
         json_schema_constraint(tiny_engine.model, {"$ref": "http://example.com/x"})
 
 
 def test_objects_are_closed_unless_the_schema_says_otherwise(tiny_engine, tokenizer):
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
     for closed, open_ in ((schema, {**schema, "additionalProperties": True}),):
-        constraints = [json_schema_constraint(tiny_engine.model, closed), json_schema_constraint(tiny_engine.model, open_)]
+        constraints = [
+            json_schema_constraint(tiny_engine.model, closed),
+            json_schema_constraint(tiny_engine.model, open_),
+        ]
         for constraint in constraints:
             for token in tokenizer('{"a": 1', add_special_tokens=False)["input_ids"]:
                 constraint.accept(token)

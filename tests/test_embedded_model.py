@@ -14,7 +14,9 @@ CONVERSATION = [
 def test_embedded_model_loads_offline_with_its_chat_template(embedded_engine):
     assert embedded_engine.model.name == "SmolLM2-135M-Instruct"
     assert embedded_engine.model.backend.config.model_type == "llama"
-    assert embedded_engine.model.tokenizer.convert_ids_to_tokens(sorted(embedded_engine.model.stop_token_ids)) == ["<|im_end|>"]
+    assert embedded_engine.model.tokenizer.convert_ids_to_tokens(sorted(embedded_engine.model.stop_token_ids)) == [
+        "<|im_end|>"
+    ]
     assert "<|im_start|>" in embedded_engine.model.template.render([{"role": "user", "content": "x"}], True)
 
 
@@ -28,7 +30,10 @@ def test_replies_equal_generate_and_each_turn_prefills_only_new_tokens(embedded_
         reply = session.chat(messages, max_new_tokens=20)
         with torch.no_grad():
             expected = engine.model.backend.weights.generate(
-                torch.tensor([prompt]), max_new_tokens=20, do_sample=False, eos_token_id=sorted(engine.model.stop_token_ids)
+                torch.tensor([prompt]),
+                max_new_tokens=20,
+                do_sample=False,
+                eos_token_id=sorted(engine.model.stop_token_ids),
             )[0, len(prompt) :].tolist()
         assert reply.token_ids == [t for t in expected if t not in engine.model.stop_token_ids]
         assert reply.stats.prefilled_tokens == len(prompt) - reply.stats.reused_tokens

@@ -15,9 +15,7 @@ CACHE = dict(cache_size=128)
 
 
 def pooled_engine(tiny_engine, tmp_path, **settings) -> Engine:
-    return Engine(
-        tiny_engine.model, spill_dir=tmp_path, config=SessionConfig(**CACHE), **settings
-    )
+    return Engine(tiny_engine.model, spill_dir=tmp_path, config=SessionConfig(**CACHE), **settings)
 
 
 def user(text):
@@ -125,7 +123,10 @@ def test_empty_and_whitespace_messages_are_taken_as_they_are(tiny_engine, tmp_pa
     first = [user(content)]
     reply = engine.chat(first, "c", max_new_tokens=6)
     assert reply.token_ids == fresh_reply(tiny_engine, first)
-    following = first + [{"role": "assistant", "content": reply.text}, user("Now a real question?"), ]
+    following = first + [
+        {"role": "assistant", "content": reply.text},
+        user("Now a real question?"),
+    ]
     second = engine.chat(following, "c", max_new_tokens=6)
     assert second.stats.restarts == 0 and second.token_ids == fresh_reply(tiny_engine, following)
 

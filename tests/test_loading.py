@@ -11,9 +11,9 @@ from sirllm_agents import Engine, ModelLoadError
 
 
 def test_missing_path_is_named(tmp_path):
-    with pytest.raises(ModelLoadError, match="model path not found: .*nowhere"):
+    with pytest.raises(ModelLoadError, match=r"model path not found: .*nowhere"):
         Engine(tmp_path / "nowhere")
-    with pytest.raises(ModelLoadError, match="model path not found: .*missing.gguf"):
+    with pytest.raises(ModelLoadError, match=r"model path not found: .*missing\.gguf"):
         Engine(str(tmp_path / "missing.gguf"))
 
 

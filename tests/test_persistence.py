@@ -122,7 +122,7 @@ def _flip(path: Path, offset_from_end: int) -> None:
     ],
 )
 def test_damaged_files_are_clear_errors_that_change_nothing(tiny_engine, saved, damage, error):
-    session, messages, path = saved
+    _, messages, path = saved
     pooled = tiny_engine.load_session(path, session_id="keep-me")
     damage(path)
     with pytest.raises(SessionFileError, match=error):

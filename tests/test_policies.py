@@ -13,8 +13,13 @@ from sirllm_agents.token_shapes import TokenShapes
 
 def cached(scores, template=None, word_start=None, sentence_end=None) -> CachedTokens:
     n = len(scores)
-    flags = lambda values: torch.zeros(n, dtype=torch.bool) if values is None else torch.tensor(values, dtype=torch.bool)  # noqa: E731
-    return CachedTokens(torch.tensor(scores, dtype=torch.float32), flags(template), flags(word_start), flags(sentence_end))
+
+    def flags(values):
+        return torch.zeros(n, dtype=torch.bool) if values is None else torch.tensor(values, dtype=torch.bool)
+
+    return CachedTokens(
+        torch.tensor(scores, dtype=torch.float32), flags(template), flags(word_start), flags(sentence_end)
+    )
 
 
 def test_token_shapes_mark_word_starts_and_sentence_ends(tokenizer):

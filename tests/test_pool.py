@@ -21,9 +21,7 @@ SCRIPTS = {
 
 def pooled_engine(tiny_engine, tmp_path, **settings) -> Engine:
     """An engine of its own (own pool) on the shared tiny model."""
-    return Engine(
-        tiny_engine.model, spill_dir=tmp_path, config=SessionConfig(**CACHE), **settings
-    )
+    return Engine(tiny_engine.model, spill_dir=tmp_path, config=SessionConfig(**CACHE), **settings)
 
 
 def serial_replies(engine: Engine, script: list[str], system: str | None = None) -> list[list[int]]:
@@ -54,8 +52,9 @@ def test_calls_are_routed_to_the_longest_transcript_prefix(tiny_engine, tmp_path
     assert engine.route(base + [a(long_reply), u("Next")]).session_id == "long"
     assert engine.route([u("Hello"), a(short_reply), u("Something else")]).session_id == "short"
     assert engine.route([u("Hello")]).session_id not in ("short", "long")  # no transcript is a prefix of it
-    assert engine.route(base + [a(long_reply)], tools=[{"type": "function", "function": {"name": "f"}}]).session_id \
-        not in ("short", "long")  # other tools render another text: not a prefix
+    assert engine.route(
+        base + [a(long_reply)], tools=[{"type": "function", "function": {"name": "f"}}]
+    ).session_id not in ("short", "long")  # other tools render another text: not a prefix
 
     ingested = engine.route(base, "long").transcript.length
     reply = engine.chat(base + [a(long_reply), u("Next")], max_new_tokens=4)
@@ -120,7 +119,7 @@ def test_eight_threads_driving_four_conversations_match_a_serial_run(tiny_engine
                 replies[name].append(reply.token_ids)
                 history[name] = messages + [{"role": "assistant", "content": reply.text}]
                 done[name][turn].set()
-        except BaseException as error:  # noqa: BLE001 - reported by the main thread
+        except BaseException as error:
             errors.append(error)
             for event in done[name]:
                 event.set()

@@ -27,9 +27,18 @@ def test_shown_text_while_a_reply_may_still_be_a_tool_call():
 
 @pytest.mark.parametrize(
     ("choice", "normalized"),
-    [(None, "auto"), ("auto", "auto"), ("none", "none"), (False, "none"), (True, "required"), ("any", "required"),
-     ("required", "required"), ("set_level", "set_level"),
-     ({"type": "function", "function": {"name": "set_level"}}, "set_level"), ({"type": "required"}, "required")],
+    [
+        (None, "auto"),
+        ("auto", "auto"),
+        ("none", "none"),
+        (False, "none"),
+        (True, "required"),
+        ("any", "required"),
+        ("required", "required"),
+        ("set_level", "set_level"),
+        ({"type": "function", "function": {"name": "set_level"}}, "set_level"),
+        ({"type": "required"}, "required"),
+    ],
 )
 def test_tool_choice_has_one_form(choice, normalized):
     assert normalize_tool_choice(choice, TOOLS) == normalized

@@ -39,7 +39,9 @@ def test_option_logprobs_equal_one_forward_over_prompt_and_option(tiny_engine):
     messages = conversation(session, QUESTIONS[:2]) + [{"role": "user", "content": "What is the capital of France?"}]
     prompt = rendered_ids(tiny_engine, messages, add_generation_prompt=True)
     # SmolLM2's template writes an assistant message's content verbatim, so the option's tokens are its encoding.
-    expected = [plain_logprob(tiny_engine.model.backend.weights, prompt, tiny_engine.model.encode(option)) for option in OPTIONS]
+    expected = [
+        plain_logprob(tiny_engine.model.backend.weights, prompt, tiny_engine.model.encode(option)) for option in OPTIONS
+    ]
 
     scores = session.score(messages, OPTIONS)
 

@@ -127,7 +127,9 @@ def test_retained_keys_equal_keys_computed_at_their_new_index(converse, tiny_eng
     fresh = tiny_engine.session(policy="full")
     with torch.no_grad():
         fresh.cache.ingest(ids, range(len(ids)), 0, [False] * len(ids))
-    torch.testing.assert_close(session.cache.runner.kv.layers[0].keys, fresh.cache.runner.kv.layers[0].keys, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        session.cache.runner.kv.layers[0].keys, fresh.cache.runner.kv.layers[0].keys, atol=1e-5, rtol=1e-5
+    )
     torch.testing.assert_close(
         session.cache.runner.kv.layers[0].values, fresh.cache.runner.kv.layers[0].values, atol=1e-6, rtol=1e-6
     )

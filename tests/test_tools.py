@@ -75,8 +75,11 @@ def test_normalize_tools_rejects_bad_definitions(tools, error):
 def test_tools_prompt_lists_each_tool_and_the_call_format():
     lines = tools_prompt(TOOLS).split("\n")
     assert lines[1] == json.dumps(ADD["function"])
-    assert json.loads(lines[2]) == {"name": "now", "description": "The current time.",
-                                    "parameters": {"type": "object", "properties": {}}}
+    assert json.loads(lines[2]) == {
+        "name": "now",
+        "description": "The current time.",
+        "parameters": {"type": "object", "properties": {}},
+    }
     assert lines[-5:] == [
         "To call a tool, reply with the call and nothing else, in this form:",
         "<tool_call>",
@@ -87,8 +90,14 @@ def test_tools_prompt_lists_each_tool_and_the_call_format():
 
 
 def test_format_tool_call_is_compact_json_between_tags():
-    assert format_tool_call("add", {"a": 1, "b": 2}) == '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
-    assert format_tool_call("greet", '{"who": "你好"}') == '<tool_call>\n{"name": "greet", "arguments": {"who": "你好"}}\n</tool_call>'
+    assert (
+        format_tool_call("add", {"a": 1, "b": 2})
+        == '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+    )
+    assert (
+        format_tool_call("greet", '{"who": "你好"}')
+        == '<tool_call>\n{"name": "greet", "arguments": {"who": "你好"}}\n</tool_call>'
+    )
     assert format_tool_call("now", "") == '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>'
 
 
@@ -126,7 +135,9 @@ def test_prepare_appends_tools_to_an_existing_system_message_and_writes_calls_in
 
 def test_prepare_without_tools_still_writes_earlier_calls_into_content(tiny_engine):
     call = {"function": {"name": "now", "arguments": "{}"}}
-    prepared, tools = tiny_engine.model.template.prepare([{"role": "assistant", "content": None, "tool_calls": [call]}], None)
+    prepared, tools = tiny_engine.model.template.prepare(
+        [{"role": "assistant", "content": None, "tool_calls": [call]}], None
+    )
     assert (prepared, tools) == ([{"role": "assistant", "content": format_tool_call("now", {})}], None)
 
 

@@ -11,8 +11,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="sirllm-agents", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="a fact, a long conversation on a small cache, and the question: "
-                               "what each policy still knows")
+    demo = commands.add_parser(
+        "demo", help="a fact, a long conversation on a small cache, and the question: what each policy still knows"
+    )
     demo.add_argument("--seed", type=int, default=0, help="which generated conversation")
     demo.add_argument("--length", type=int, default=1200, help="the conversation's tokens")
     demo.add_argument("--budget", type=float, default=0.25, help="cache size as a share of the conversation")

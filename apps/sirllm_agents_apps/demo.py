@@ -43,8 +43,10 @@ def main(seed: int = 0, length: int = 1200, budget: float = 0.25, model: str | N
     console.rule(f"{engine.model.name}: a {tokens}-token conversation on a {cache_size}-token cache")
     console.print(f"turn 1, user: [bold]{conversation.messages[0]['content']}[/]")
     console.print(f"turns 2-{len(conversation.messages) // 2}: questions, tool outputs and chit-chat, none about it")
-    console.print(f"then the question: [bold]{fact.question}[/]  (true value {fact.value!r}; candidates "
-                  f"{', '.join(fact.candidates)})\n")
+    console.print(
+        f"then the question: [bold]{fact.question}[/]  (true value {fact.value!r}; candidates "
+        f"{', '.join(fact.candidates)})\n"
+    )
 
     turns = Table(title="per turn: tokens prefilled (only the new exchange), and evicted / cached under each policy")
     for column in ("turn", "prefilled", "reused", *POLICIES):
@@ -88,5 +90,7 @@ def main(seed: int = 0, length: int = 1200, budget: float = 0.25, model: str | N
             f"{shown}  ({sum(r for _, r in kept)} of {len(kept)})",
         )
     console.print(answers)
-    console.print("Likelihood: each candidate scored as the whole reply, per token. In the cache column, kept tokens "
-                  "are green and evicted ones struck through.")
+    console.print(
+        "Likelihood: each candidate scored as the whole reply, per token. In the cache column, kept tokens "
+        "are green and evicted ones struck through."
+    )

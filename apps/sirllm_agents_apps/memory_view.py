@@ -95,7 +95,9 @@ def render_html(memory: Memory, document: dict[str, Any] | None = None) -> str:
         if token.retained:
             alpha = 0.12 + 0.78 * _shade(token, low, high)
             title = f"position {token.position} · turn {token.turn} · score {token.score:.3f}"
-            spans.append(f'<span class="t k" style="background:rgba(255,140,0,{alpha:.2f})" title="{title}">{text}</span>')
+            spans.append(
+                f'<span class="t k" style="background:rgba(255,140,0,{alpha:.2f})" title="{title}">{text}</span>'
+            )
         else:
             title = f"position {token.position} · turn {token.turn} · evicted"
             spans.append(f'<span class="t e" title="{title}">{text}</span>')

@@ -4,18 +4,19 @@ the CLI's JSON and PNG files and the report. Data tests skip when ../shared/data
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-
-from sirllm_agents.memory import MemoryToken
 from sirllm_agents_apps.bench import agent_loop, data
 from sirllm_agents_apps.bench.memory import POLICIES, Player, Setting, cloze_picks, key_share_in_cache, run_setting
 from sirllm_agents_apps.bench.plots import agent_loop_plot, memory_plot
 from sirllm_agents_apps.bench.report import report
 from sirllm_agents_apps.cli import main as cli
+
+from sirllm_agents.memory import MemoryToken
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "sirllm"
 needs_data = pytest.mark.skipif(
@@ -59,7 +60,7 @@ def test_each_policy_plays_a_dialogue_with_sane_figures(tiny_engine, task):
     for policy in POLICIES:
         advanced = []
         setting = Setting(policy, 128, 0.9)
-        run = run_setting(tiny_engine, task, episodes, setting, "text", lambda: advanced.append(1))
+        run = run_setting(tiny_engine, task, episodes, setting, "text", partial(advanced.append, 1))
         assert (run["episodes"], run["turns"], len(advanced)) == (1, turns, turns)
         for scoring in ("text", "letter"):
             values = run["metrics"][scoring].values()
@@ -94,8 +95,14 @@ def test_cloze_form_runs_on_a_fork_and_ranks_per_token(tiny_engine, policy):
         messages.append({"role": "user", "content": f"Question {i}: which colour is grass? Choices: (A) green (B) red"})
         player.score(messages, ["A", "B"])
         messages.append({"role": "assistant", "content": "A"})
-    turn = data.Turn("Which grocery? Choices: (A) tea (B) peanut butter", ["A", "B"], ["tea", "peanut butter"], 1,
-                     "recall", stem="Which grocery?")
+    turn = data.Turn(
+        "Which grocery? Choices: (A) tea (B) peanut butter",
+        ["A", "B"],
+        ["tea", "peanut butter"],
+        1,
+        "recall",
+        stem="Which grocery?",
+    )
     before = (player.session.cache.token_ids.clone(), player.session.transcript.messages[:])
     picks = cloze_picks(player, messages, turn)
     # The session the lettered question goes to is untouched.
@@ -115,14 +122,25 @@ def test_key_share_counts_the_grocery_tokens_the_cache_still_holds():
     held = session(("I buy [", False), ("ch", True), ("ocol", False), ("ate].", True), (" Choices: chocolate", False))
     assert key_share_in_cache(held, "chocolate") == pytest.approx(2 / 3)
     assert key_share_in_cache(session(("GROCERY: [", True), ("tea", True), ("]", False)), "tea") == 1.0
-    assert key_share_in_cache(session(("Choices: (A) tea", True),), "tea") == 0.0  # the first turn was trimmed
+    assert (
+        key_share_in_cache(
+            session(
+                ("Choices: (A) tea", True),
+            ),
+            "tea",
+        )
+        == 0.0
+    )  # the first turn was trimmed
 
 
 def test_truncate_keeps_the_newest_whole_messages_within_the_budget(tiny_engine):
     player = Player(tiny_engine, Setting("truncate", 128, 1.0))
     messages = []
     for i in range(12):
-        messages += [{"role": "user", "content": f"Question number {i}: is {i} even?"}, {"role": "assistant", "content": "B"}]
+        messages += [
+            {"role": "user", "content": f"Question number {i}: is {i} even?"},
+            {"role": "assistant", "content": "B"},
+        ]
     messages.append({"role": "user", "content": "Last question: (A) yes (B) no"})
     kept = player.trimmed(messages, ["A", "B"])
     assert kept == messages[-len(kept) :] and kept[0]["role"] == "user" and 1 < len(kept) < len(messages)
@@ -140,16 +158,40 @@ def test_truncate_keeps_the_newest_whole_messages_within_the_budget(tiny_engine)
 @pytest.mark.slow
 def test_cli_writes_json_and_png_and_the_report_tables(tmp_path):
     out = tmp_path / "results"
-    cli(["bench", "rps", "--data", str(DATA), "--limit", "3", "--cache-size", "64,128", "--decay", "0.5,1.0",
-         "--threads", "1", "--out", str(out)])
+    cli(
+        [
+            "bench",
+            "rps",
+            "--data",
+            str(DATA),
+            "--limit",
+            "3",
+            "--cache-size",
+            "64,128",
+            "--decay",
+            "0.5,1.0",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     [result] = out.glob("rps-*.json")
     assert result.with_suffix(".png").stat().st_size > 1000
     results = json.loads(result.read_text())
     assert (results["task"], results["episodes"], results["scoring"]) == ("rps", 3, "text")
     settings = [(r["policy"], r["cache_size"], r["decay"]) for r in results["runs"]]
-    assert settings == [("full", None, 1.0), ("streaming", 64, 1.0), ("streaming", 128, 1.0), ("sirllm", 64, 0.5),
-                        ("sirllm", 64, 1.0), ("sirllm", 128, 0.5), ("sirllm", 128, 1.0), ("truncate", 64, 1.0),
-                        ("truncate", 128, 1.0)]
+    assert settings == [
+        ("full", None, 1.0),
+        ("streaming", 64, 1.0),
+        ("streaming", 128, 1.0),
+        ("sirllm", 64, 0.5),
+        ("sirllm", 64, 1.0),
+        ("sirllm", 128, 0.5),
+        ("sirllm", 128, 1.0),
+        ("truncate", 64, 1.0),
+        ("truncate", 128, 1.0),
+    ]
     for run in results["runs"]:
         assert run["turns"] == 9
         for player in ("rock", "paper", "scissors"):
@@ -184,7 +226,7 @@ def test_agent_loop_runs_each_available_peer_and_reports_what_it_skipped(tmp_pat
 
 def test_tool_results_are_about_sixty_tokens_and_differ(tokenizer):
     lengths = [len(tokenizer.encode(agent_loop.tool_result(step))) for step in range(300)]
-    assert 50 <= min(lengths) and max(lengths) <= 75
+    assert min(lengths) >= 50 and max(lengths) <= 75
     assert len({agent_loop.tool_result(step) for step in range(300)}) == 300
 
 
@@ -192,30 +234,53 @@ def test_runs_started_in_the_same_second_keep_both_results(tmp_path):
     from sirllm_agents_apps.bench.cli import _write_new
 
     stems = [_write_new(tmp_path / "grocery-20261122-090205", json.dumps({"run": n})) for n in range(3)]
-    assert [s.name for s in stems] == ["grocery-20261122-090205", "grocery-20261122-090205-2", "grocery-20261122-090205-3"]
+    assert [s.name for s in stems] == [
+        "grocery-20261122-090205",
+        "grocery-20261122-090205-2",
+        "grocery-20261122-090205-3",
+    ]
     assert [json.loads(s.with_suffix(".json").read_text())["run"] for s in stems] == [0, 1, 2]
 
 
 def test_agent_report_and_plot_give_ratios_and_why_a_peer_stopped_or_was_skipped(tmp_path):
     def peer(name, seconds, stopped=None):
-        steps = [{"seconds": s, "rss_mib": 500.0 + i, "history_tokens": 100 * (i + 1), "reply_tokens": 24}
-                 for i, s in enumerate(seconds)]
-        return {"peer": name, "backend": f"{name} backend", "overflow": f"{name} overflow", "threads": 1,
-                "load_seconds": 1.0, "steps": steps, "stopped": stopped, "peak_rss_mib": 600.0}
+        steps = [
+            {"seconds": s, "rss_mib": 500.0 + i, "history_tokens": 100 * (i + 1), "reply_tokens": 24}
+            for i, s in enumerate(seconds)
+        ]
+        return {
+            "peer": name,
+            "backend": f"{name} backend",
+            "overflow": f"{name} overflow",
+            "threads": 1,
+            "load_seconds": 1.0,
+            "steps": steps,
+            "stopped": stopped,
+            "peak_rss_mib": 600.0,
+        }
 
-    results = {"task": "agent-loop", "steps": 40, "cache_size": 512, "threads": 1, "reply_tokens": 24, "peers": {
-        "sirllm": peer("sirllm", [1.0] * 40),
-        "stateless": peer("stateless", [2.0] * 30, stopped="time limit of 60 s reached after step 29"),
-        "llamacpp": {"peer": "llamacpp", "skipped": "skipped: llama_cpp is not installed"},
-    }}
+    results = {
+        "task": "agent-loop",
+        "steps": 40,
+        "cache_size": 512,
+        "threads": 1,
+        "reply_tokens": 24,
+        "peers": {
+            "sirllm": peer("sirllm", [1.0] * 40),
+            "stateless": peer("stateless", [2.0] * 30, stopped="time limit of 60 s reached after step 29"),
+            "llamacpp": {"peer": "llamacpp", "skipped": "skipped: llama_cpp is not installed"},
+        },
+    }
     results["summary"] = agent_loop.summarize(results)
     assert results["summary"]["stateless_over_sirllm"] == {"steps": 30, "ratio": 2.0}
     assert "llamacpp_over_sirllm" not in results["summary"]
     (tmp_path / "agent-loop-20261122-120000.json").write_text(json.dumps(results))
     table = report(tmp_path)
     assert "| sirllm | sirllm backend | 40 | 40.0 | 1.00 | 600 | 30 | sirllm overflow | - |" in table
-    assert ("| stateless | stateless backend | 30 | 60.0 | 1.00 | 600 | 20 | stateless overflow | "
-            "time limit of 60 s reached after step 29 |") in table
+    assert (
+        "| stateless | stateless backend | 30 | 60.0 | 1.00 | 600 | 20 | stateless overflow | "
+        "time limit of 60 s reached after step 29 |"
+    ) in table
     assert "| llamacpp | skipped: llama_cpp is not installed |" in table
     assert "stateless time / sirllm time over the first 30 steps: 2.00" in table
     agent_loop_plot(results, tmp_path / "agent-loop.png")
@@ -225,12 +290,28 @@ def test_agent_report_and_plot_give_ratios_and_why_a_peer_stopped_or_was_skipped
 def test_grocery_report_and_plot_show_the_grocery_kept_in_cache(tmp_path):
     def run(policy, cache_size, acc_g, key_in_cache):
         metrics = {"acc_g": acc_g, "acc_c": 0.2}
-        return {"policy": policy, "cache_size": cache_size, "decay": 1.0, "key_in_cache": key_in_cache,
-                "metrics": {"text": metrics, "letter": metrics}, "seconds": 10.0}
+        return {
+            "policy": policy,
+            "cache_size": cache_size,
+            "decay": 1.0,
+            "key_in_cache": key_in_cache,
+            "metrics": {"text": metrics, "letter": metrics},
+            "seconds": 10.0,
+        }
 
-    results = {"task": "grocery", "episodes": 40, "model": "tiny", "scoring": "text",
-               "runs": [run("full", None, 0.5, 1.0), run("streaming", 256, 0.25, 0.0), run("streaming", 512, 0.25, 0.0),
-                        run("sirllm", 256, 0.4, 0.625), run("sirllm", 512, 0.45, 0.875)]}
+    results = {
+        "task": "grocery",
+        "episodes": 40,
+        "model": "tiny",
+        "scoring": "text",
+        "runs": [
+            run("full", None, 0.5, 1.0),
+            run("streaming", 256, 0.25, 0.0),
+            run("streaming", 512, 0.25, 0.0),
+            run("sirllm", 256, 0.4, 0.625),
+            run("sirllm", 512, 0.45, 0.875),
+        ],
+    }
     (tmp_path / "grocery-20261123-000000.json").write_text(json.dumps(results))
     table = report(tmp_path)
     # Results written before the cloze form existed show "-" there.

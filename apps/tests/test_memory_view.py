@@ -10,10 +10,8 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
-
 from sirllm_agents_apps.chat import ChatLoop
 from sirllm_agents_apps.cli import main as cli_main
-from sirllm_agents_apps.memory_view import print_memory
 
 QUESTIONS = ["Hi there!", "What is 2+2?", "Name a colour.", "Tell me a short joke.", "Thanks, bye!"]
 
@@ -93,9 +91,19 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def _chromium_dom(page: Path) -> tuple[str, list[str]]:
     """The DOM after load, and the page's console messages (Chromium logs them to stderr as CONSOLE lines)."""
     done = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0", "--dump-dom",
-         page.as_uri()],
-        capture_output=True, text=True, timeout=120,
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout, [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
@@ -126,8 +134,21 @@ def test_chat_commands_and_the_ingestion_progress_line(tiny_engine, tmp_path):
     long_input.write_text(" ".join(f"item{i}" for i in range(400)))
     saved = tmp_path / "chat.safetensors"
     lines = iter(
-        ["Hello!", "", "/stats", f"/file {long_input}", "/memory", f"/save {saved}", "/reset", "/stats",
-         "/load /nowhere.safetensors", f"/load {saved}", "/bogus", "/quit", "never read"]
+        [
+            "Hello!",
+            "",
+            "/stats",
+            f"/file {long_input}",
+            "/memory",
+            f"/save {saved}",
+            "/reset",
+            "/stats",
+            "/load /nowhere.safetensors",
+            f"/load {saved}",
+            "/bogus",
+            "/quit",
+            "never read",
+        ]
     )
     buffer = io.StringIO()
     console = Console(file=buffer, width=120, force_terminal=False)

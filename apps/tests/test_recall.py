@@ -6,7 +6,6 @@ import json
 import re
 
 import pytest
-
 from sirllm_agents_apps.bench import recall, recall_data
 from sirllm_agents_apps.bench.plots import recall_plot
 from sirllm_agents_apps.bench.report import report
@@ -99,17 +98,42 @@ def test_full_overflows_past_the_model_length_and_says_so(tiny_engine, monkeypat
 
 def test_recall_report_and_plot(tmp_path):
     def run(policy, budget, length, cloze, generated=0.5):
-        summary = {"facts": 6, "overflowed": 0,
-                   "all": {"cloze": cloze, "cloze_char": cloze, "generated": generated, "well_formed": 1.0, "kept": 0.5},
-                   "updated": {"cloze": 0.5, "generated": 0.0, "generated_previous": 1.0, "facts": 2}}
-        return {"length": length, "policy": policy, "budget": budget, "decay": 1.0, "recent": 0.0,
-                "summary": summary, "samples": [], "records": [], "seconds": 3.0}
+        summary = {
+            "facts": 6,
+            "overflowed": 0,
+            "all": {"cloze": cloze, "cloze_char": cloze, "generated": generated, "well_formed": 1.0, "kept": 0.5},
+            "updated": {"cloze": 0.5, "generated": 0.0, "generated_previous": 1.0, "facts": 2},
+        }
+        return {
+            "length": length,
+            "policy": policy,
+            "budget": budget,
+            "decay": 1.0,
+            "recent": 0.0,
+            "summary": summary,
+            "samples": [],
+            "records": [],
+            "seconds": 3.0,
+        }
 
-    runs = [run("full", 1.0, 1000, 0.9), run("sirllm", 0.25, 1000, 0.75), run("sirllm", 0.5, 1000, 0.8),
-            run("streaming", 0.25, 1000, 0.25), run("sirllm", 0.25, 2000, 0.7),
-            {**run("full", 1.0, 2000, 0), "summary": {"facts": 6, "overflowed": 6}}]
-    results = {"task": "recall", "model": "tiny", "conversations": 2, "seed": 0, "facts": 3, "lengths": [1000, 2000],
-               "threads": 1, "runs": runs}
+    runs = [
+        run("full", 1.0, 1000, 0.9),
+        run("sirllm", 0.25, 1000, 0.75),
+        run("sirllm", 0.5, 1000, 0.8),
+        run("streaming", 0.25, 1000, 0.25),
+        run("sirllm", 0.25, 2000, 0.7),
+        {**run("full", 1.0, 2000, 0), "summary": {"facts": 6, "overflowed": 6}},
+    ]
+    results = {
+        "task": "recall",
+        "model": "tiny",
+        "conversations": 2,
+        "seed": 0,
+        "facts": 3,
+        "lengths": [1000, 2000],
+        "threads": 1,
+        "runs": runs,
+    }
     (tmp_path / "recall-20261123-000000.json").write_text(json.dumps(results))
     table = report(tmp_path)
     assert "| 1000 | sirllm | 0.25 | 1.0 | 0.0 | 75.0 | 75.0 | 50.0 | 100.0 | 50.0 | 50.0 | 0.0 | 100.0 | 3 |" in table
@@ -123,8 +147,24 @@ def test_recall_report_and_plot(tmp_path):
 @pytest.mark.slow
 def test_cli_runs_the_suite_on_the_embedded_model(tmp_path):
     out = tmp_path / "results"
-    cli(["bench", "recall", "--conversations", "1", "--length", "300", "--budget", "0.5", "--policies",
-         "full,sirllm,truncate", "--threads", "1", "--out", str(out)])
+    cli(
+        [
+            "bench",
+            "recall",
+            "--conversations",
+            "1",
+            "--length",
+            "300",
+            "--budget",
+            "0.5",
+            "--policies",
+            "full,sirllm,truncate",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     [result] = out.glob("recall-*.json")
     assert result.with_suffix(".png").stat().st_size > 1000
     results = json.loads(result.read_text())

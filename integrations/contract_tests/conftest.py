@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from langchain_sirllm import ChatSirLLM
@@ -15,7 +16,6 @@ from llama_index.core.base.llms.types import ChatMessage, MessageRole
 from llama_index.core.prompts import PromptTemplate
 from llama_index.core.tools import FunctionTool
 from llama_index.llms.sirllm import SirLLM
-import pytest
 from pydantic import BaseModel
 
 from sirllm_agents import Engine, Reply, Session, SessionConfig
@@ -59,8 +59,9 @@ class LangChainDriver(Driver):
     def tool_specs(self, tools: list[Callable]) -> list[dict]:
         return [convert_to_openai_tool(tool) for tool in tools]
 
-    def call(self, messages: list[dict], tools: list[Callable] = (), tool_choice: str | None = None,
-             stream: bool = False) -> Answer:
+    def call(
+        self, messages: list[dict], tools: list[Callable] = (), tool_choice: str | None = None, stream: bool = False
+    ) -> Answer:
         llm = self.llm.bind_tools(list(tools), tool_choice=tool_choice) if tools else self.llm
         converted = [_to_langchain(m) for m in messages]
         if not stream:
@@ -83,8 +84,10 @@ def _to_langchain(message: dict) -> BaseMessage:
         return HumanMessage(message["content"])
     if message["role"] == "tool":
         return ToolMessage(message["content"], tool_call_id=message["tool_call_id"])
-    calls = [{"name": c["function"]["name"], "args": c["function"]["arguments"], "id": c["id"]}
-             for c in message.get("tool_calls", [])]
+    calls = [
+        {"name": c["function"]["name"], "args": c["function"]["arguments"], "id": c["id"]}
+        for c in message.get("tool_calls", [])
+    ]
     return AIMessage(message["content"], tool_calls=calls)
 
 
@@ -110,13 +113,16 @@ class LlamaIndexDriver(Driver):
     def tool_specs(self, tools: list[Callable]) -> list[dict]:
         return [FunctionTool.from_defaults(tool).metadata.to_openai_tool(skip_length_check=True) for tool in tools]
 
-    def call(self, messages: list[dict], tools: list[Callable] = (), tool_choice: str | None = None,
-             stream: bool = False) -> Answer:
+    def call(
+        self, messages: list[dict], tools: list[Callable] = (), tool_choice: str | None = None, stream: bool = False
+    ) -> Answer:
         converted = [_to_llama_index(m) for m in messages]
         if tools:
             specs = [FunctionTool.from_defaults(tool) for tool in tools]
             if stream:
-                responses = list(self.llm.stream_chat_with_tools(specs, chat_history=converted, tool_choice=tool_choice))
+                responses = list(
+                    self.llm.stream_chat_with_tools(specs, chat_history=converted, tool_choice=tool_choice)
+                )
             else:
                 responses = [self.llm.chat_with_tools(specs, chat_history=converted, tool_choice=tool_choice)]
         else:
@@ -162,4 +168,3 @@ def engine() -> Engine:
 def driver(request, engine: Engine):
     """A fresh chat model of each adapter on the shared engine, greedy, with the contract's cache settings."""
     return request.param(engine, MAX_TOKENS, config=CONFIG)
-

@@ -56,7 +56,7 @@ def test_a_required_call_is_the_cores_and_never_shows_markup(driver, stream):
 
 def test_a_named_tool_choice_calls_that_tool(driver):
     answer = driver.call(ASK, tools=[multiply, add], tool_choice="add")
-    (name, arguments), = answer.calls
+    ((name, arguments),) = answer.calls
     assert name == "add" and set(arguments) == {"a", "b"}
     assert all(isinstance(value, int) for value in arguments.values())
 
@@ -77,10 +77,15 @@ def test_a_tool_loop_reuses_the_cache_at_every_step(driver):
     """Call, tool result, answer: the adapter resends its own call in its framework's form, and the session takes it
     as the reply it already holds, so the second step prefills only the tool result."""
     first = driver.call(ASK, tools=[multiply], tool_choice="required")
-    (name, arguments), = first.calls
+    ((name, arguments),) = first.calls
     turn = [
-        {"role": "assistant", "content": first.content, "tool_calls": [
-            {"id": first.call_ids[0], "type": "function", "function": {"name": name, "arguments": arguments}}]},
+        {
+            "role": "assistant",
+            "content": first.content,
+            "tool_calls": [
+                {"id": first.call_ids[0], "type": "function", "function": {"name": name, "arguments": arguments}}
+            ],
+        },
         {"role": "tool", "tool_call_id": first.call_ids[0], "content": str(multiply(**arguments))},
     ]
     second = driver.call(ASK + turn, tools=[multiply])
@@ -93,8 +98,11 @@ def test_a_tool_loop_reuses_the_cache_at_every_step(driver):
 
 def test_a_changed_history_restarts_rather_than_answering_from_a_stale_cache(driver):
     driver.call([{"role": "user", "content": "My name is Ada."}])
-    edited = [{"role": "user", "content": "My name is Bob."}, {"role": "assistant", "content": "Hello Bob."},
-              {"role": "user", "content": "What is my name?"}]
+    edited = [
+        {"role": "user", "content": "My name is Bob."},
+        {"role": "assistant", "content": "Hello Bob."},
+        {"role": "user", "content": "What is my name?"},
+    ]
     answer = driver.call(edited)
     assert driver.session.stats.restarts == 1
     assert answer.content == driver.core_reply(edited).content

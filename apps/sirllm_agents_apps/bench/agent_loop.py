@@ -43,7 +43,8 @@ def tool_result(step: int) -> str:
     """A deterministic tool result of about 60 tokens, different at every step."""
     return (
         f"Tool result {step}: lookup_order returned order #{1000 + step} with 3 items (blue ceramic mug, steel "
-        f"kettle, oak tray), total {17 + step % 50}.{step % 100:02d} EUR, status {('shipped', 'delayed', 'held')[step % 3]}, "
+        f"kettle, oak tray), total {17 + step % 50}.{step % 100:02d} EUR, "
+        f"status {('shipped', 'delayed', 'held')[step % 3]}, "
         f"carrier DHL, tracking JD{(step * 7919) % 10**8:08d}, delivery in {2 + step % 5} days."
     )
 
@@ -83,14 +84,18 @@ class StatelessPeer(Peer):
 
         model, tokenizer, name = load(None, device="cpu", dtype=torch.float32)
         generate = pipeline(
-            "text-generation", model=model, tokenizer=tokenizer, max_new_tokens=REPLY_TOKENS, do_sample=False,
+            "text-generation",
+            model=model,
+            tokenizer=tokenizer,
+            max_new_tokens=REPLY_TOKENS,
+            do_sample=False,
             return_full_text=False,
         )
         self.chat = ChatHuggingFace(llm=HuggingFacePipeline(pipeline=generate, model_id=name), tokenizer=tokenizer)
         self.backend = "langchain_huggingface.ChatHuggingFace over HuggingFacePipeline (transformers)"
         self.overflow = (
-            f"nothing: it keeps re-prefilling the whole history, past the model's {model.config.max_position_embeddings} "
-            "trained positions"
+            "nothing: it keeps re-prefilling the whole history, past the model's "
+            f"{model.config.max_position_embeddings} trained positions"
         )
 
     def reply(self, messages: list[dict]) -> str:
@@ -149,8 +154,15 @@ def loop(peer_name: str, steps: int, cache_size: int, threads: int, time_limit: 
     tokenizer = embedded_tokenizer()  # only to count tokens: loading weights here would add to every peer's memory
     started = time.perf_counter()
     peer = make_peer(peer_name, cache_size, threads)
-    result = {"peer": peer_name, "backend": peer.backend, "overflow": peer.overflow, "threads": threads,
-              "load_seconds": round(time.perf_counter() - started, 2), "steps": [], "stopped": None}
+    result = {
+        "peer": peer_name,
+        "backend": peer.backend,
+        "overflow": peer.overflow,
+        "threads": threads,
+        "load_seconds": round(time.perf_counter() - started, 2),
+        "steps": [],
+        "stopped": None,
+    }
     process = psutil.Process()
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": TASK}]
     with Progress(transient=True) as progress:
@@ -160,14 +172,20 @@ def loop(peer_name: str, steps: int, cache_size: int, threads: int, time_limit: 
             start = time.perf_counter()
             try:
                 text = peer.reply(messages)
-            except Exception as error:  # noqa: BLE001 - a peer's failure is a result to report
+            except Exception as error:
                 result["stopped"] = f"error at step {step}: {type(error).__name__}: {str(error)[:200]}"
                 break
             seconds = time.perf_counter() - start
             messages.append({"role": "assistant", "content": text})
             history = len(tokenizer(tokenizer.apply_chat_template(messages, tokenize=False))["input_ids"])
-            result["steps"].append({"seconds": seconds, "rss_mib": process.memory_info().rss / 2**20,
-                                    "history_tokens": history, "reply_tokens": len(tokenizer.encode(text))})
+            result["steps"].append(
+                {
+                    "seconds": seconds,
+                    "rss_mib": process.memory_info().rss / 2**20,
+                    "history_tokens": history,
+                    "reply_tokens": len(tokenizer.encode(text)),
+                }
+            )
             progress.advance(bar)
             if time_limit is not None and time.perf_counter() - started > time_limit:
                 result["stopped"] = f"time limit of {time_limit:.0f} s reached after step {step}"
@@ -178,8 +196,14 @@ def loop(peer_name: str, steps: int, cache_size: int, threads: int, time_limit: 
 
 def run(peers: list[str], steps: int, cache_size: int, threads: int, time_limit: float | None) -> dict:
     """Each peer in a fresh process (so peak memory is its own), one after the other; returns all results."""
-    results = {"task": "agent-loop", "steps": steps, "cache_size": cache_size, "threads": threads,
-               "reply_tokens": REPLY_TOKENS, "peers": {}}
+    results = {
+        "task": "agent-loop",
+        "steps": steps,
+        "cache_size": cache_size,
+        "threads": threads,
+        "reply_tokens": REPLY_TOKENS,
+        "peers": {},
+    }
     for name in peers:
         why_not = available(name)
         if why_not:
@@ -188,16 +212,30 @@ def run(peers: list[str], steps: int, cache_size: int, threads: int, time_limit:
             continue
         with tempfile.TemporaryDirectory() as folder:
             out = Path(folder) / "result.json"
-            command = [sys.executable, "-m", "sirllm_agents_apps.bench.agent_loop", "--peer", name,
-                       "--steps", str(steps), "--cache-size", str(cache_size), "--threads", str(threads),
-                       "--json", str(out)]
+            command = [
+                sys.executable,
+                "-m",
+                "sirllm_agents_apps.bench.agent_loop",
+                "--peer",
+                name,
+                "--steps",
+                str(steps),
+                "--cache-size",
+                str(cache_size),
+                "--threads",
+                str(threads),
+                "--json",
+                str(out),
+            ]
             if time_limit is not None:
                 command += ["--time-limit", str(time_limit)]
             subprocess.run(command, check=True)
             results["peers"][name] = json.loads(out.read_text())
         peer = results["peers"][name]
-        print(f"{name}: {peer['backend']}; {len(peer['steps'])} steps in {sum(s['seconds'] for s in peer['steps']):.1f} s"
-              + (f"; {peer['stopped']}" if peer["stopped"] else ""))
+        print(
+            f"{name}: {peer['backend']}; {len(peer['steps'])} steps in {sum(s['seconds'] for s in peer['steps']):.1f} s"
+            + (f"; {peer['stopped']}" if peer["stopped"] else "")
+        )
     results["summary"] = summarize(results)
     return results
 
@@ -212,9 +250,13 @@ def summarize(results: dict) -> dict:
         if not steps:
             continue
         seconds = [s["seconds"] for s in steps]
-        entry = {"steps_done": len(steps), "total_seconds": sum(seconds), "peak_rss_mib": peer["peak_rss_mib"],
-                 "rss_growth_mib": steps[-1]["rss_mib"] - steps[min(9, len(steps) - 1)]["rss_mib"],
-                 "stopped": peer["stopped"]}
+        entry = {
+            "steps_done": len(steps),
+            "total_seconds": sum(seconds),
+            "peak_rss_mib": peer["peak_rss_mib"],
+            "rss_growth_mib": steps[-1]["rss_mib"] - steps[min(9, len(steps) - 1)]["rss_mib"],
+            "stopped": peer["stopped"],
+        }
         if len(steps) >= 30:
             entry["flatness"] = statistics.median(seconds[-10:]) / statistics.median(seconds[10:20])
         summary[name] = entry

@@ -26,30 +26,53 @@ def add_parser(commands) -> None:
     for task in MEMORY_TASKS:
         p = tasks.add_parser(task, help=f"the paper's {task} task under each cache policy")
         p.add_argument("--data", required=True, help="folder with the paper's data files (SirLLM repository, data/)")
-        p.add_argument("--limit", type=int, default=None,
-                       help="episodes to play (rps: rounds per player type; default: all, rps 2000)")
+        p.add_argument(
+            "--limit",
+            type=int,
+            default=None,
+            help="episodes to play (rps: rounds per player type; default: all, rps 2000)",
+        )
         p.add_argument("--policies", default="full,streaming,sirllm,truncate")
         p.add_argument("--cache-size", type=_numbers(int), default=[512], help="comma list for a sweep")
         p.add_argument("--decay", type=_numbers(float), default=[1.0], help="comma list for a sweep (sirllm only)")
-        p.add_argument("--score", choices=("text", "letter"), default="text",
-                       help="which option log-likelihood picks the reply appended to the conversation")
+        p.add_argument(
+            "--score",
+            choices=("text", "letter"),
+            default="text",
+            help="which option log-likelihood picks the reply appended to the conversation",
+        )
         p.add_argument("--model", default=None, help="model folder, hub id or .gguf file (default: embedded SmolLM2)")
         _common(p)
-    recall = tasks.add_parser("recall", help="the project's recall suite: generated conversations, cloze and generation")
+    recall = tasks.add_parser(
+        "recall", help="the project's recall suite: generated conversations, cloze and generation"
+    )
     recall.add_argument("--conversations", type=int, default=100, help="conversations per length")
     recall.add_argument("--length", type=_numbers(int), default=[1000], help="tokens per conversation (comma list)")
-    recall.add_argument("--budget", type=_numbers(float), default=[0.125, 0.25, 0.5, 1.0],
-                        help="cache size as a share of the conversation (comma list)")
+    recall.add_argument(
+        "--budget",
+        type=_numbers(float),
+        default=[0.125, 0.25, 0.5, 1.0],
+        help="cache size as a share of the conversation (comma list)",
+    )
     recall.add_argument("--policies", default="full,streaming,sirllm,truncate")
     recall.add_argument("--decay", type=_numbers(float), default=[1.0], help="comma list (entropy policies)")
-    recall.add_argument("--recent", type=_numbers(float), default=[0.0],
-                        help="share of the cache kept for the newest tokens (comma list; entropy policies)")
+    recall.add_argument(
+        "--recent",
+        type=_numbers(float),
+        default=[0.0],
+        help="share of the cache kept for the newest tokens (comma list; entropy policies)",
+    )
     recall.add_argument("--facts", type=int, default=3, help="facts per conversation (the first is later updated)")
     recall.add_argument("--no-update", action="store_true", help="state every fact once, never updated")
-    recall.add_argument("--kinds", default=",".join(SUBJECTS), help=f"fact kinds to draw from (of {', '.join(SUBJECTS)})")
+    recall.add_argument(
+        "--kinds", default=",".join(SUBJECTS), help=f"fact kinds to draw from (of {', '.join(SUBJECTS)})"
+    )
     recall.add_argument("--seed", type=int, default=0, help="the first conversation's seed")
-    recall.add_argument("--no-generation", action="store_true",
-                        help="cloze only: skip the greedy replies (most of a small model's time)")
+    recall.add_argument(
+        "--no-generation",
+        action="store_true",
+        help="cloze only: skip the greedy replies (most of a small model's time)",
+    )
     recall.add_argument("--model", default=None, help="model folder, hub id or .gguf file (default: embedded SmolLM2)")
     _common(recall)
     loop = tasks.add_parser("agent-loop", help="per-step latency and memory of SirLLM against stateless and llama.cpp")
@@ -174,10 +197,19 @@ def _memory(args: argparse.Namespace, threads: int) -> dict:
         for setting in settings:
             label = f"{args.task} {setting.policy} cache={setting.cache_size or 'max'} decay={setting.decay}"
             bar = progress.add_task(label, total=turns)
-            runs.append(run_setting(engine, args.task, episodes, setting, args.score,
-                                    lambda: progress.advance(bar)))
-    return {"task": args.task, "model": engine.model.name, "data": str(args.data), "limit": args.limit,
-            "episodes": len(episodes), "scoring": args.score, "threads": threads, "runs": runs}
+            runs.append(
+                run_setting(engine, args.task, episodes, setting, args.score, lambda bar=bar: progress.advance(bar))
+            )
+    return {
+        "task": args.task,
+        "model": engine.model.name,
+        "data": str(args.data),
+        "limit": args.limit,
+        "episodes": len(episodes),
+        "scoring": args.score,
+        "threads": threads,
+        "runs": runs,
+    }
 
 
 def _recall(args: argparse.Namespace, threads: int) -> dict:
@@ -202,23 +234,44 @@ def _recall(args: argparse.Namespace, threads: int) -> dict:
             settings.append(Setting("full", 1.0))
             continue
         entropy = policy not in ("streaming", "truncate")
-        settings += [Setting(policy, budget, decay, recent) for budget in args.budget
-                     for decay in (args.decay if entropy else [1.0]) for recent in (args.recent if entropy else [0.0])]
+        settings += [
+            Setting(policy, budget, decay, recent)
+            for budget in args.budget
+            for decay in (args.decay if entropy else [1.0])
+            for recent in (args.recent if entropy else [0.0])
+        ]
     engine = Engine(args.model)
     count = lambda text: len(engine.model.encode(text))  # noqa: E731
     runs = []
     with Progress() as progress:
         for length in args.length:
             seeds = range(args.seed, args.seed + args.conversations)
-            conversations = [generate(seed, length, count, facts=args.facts, update=not args.no_update, kinds=kinds)
-                             for seed in seeds]
+            conversations = [
+                generate(seed, length, count, facts=args.facts, update=not args.no_update, kinds=kinds)
+                for seed in seeds
+            ]
             for setting in settings:
                 label = f"recall {length} tok {setting.policy} budget={setting.budget} decay={setting.decay}"
-                bar = progress.add_task(label + (f" recent={setting.recent}" if setting.recent else ""),
-                                        total=len(conversations))
-                run = run_setting(engine, conversations, setting, lambda: progress.advance(bar),
-                                  generate=not args.no_generation)
+                bar = progress.add_task(
+                    label + (f" recent={setting.recent}" if setting.recent else ""), total=len(conversations)
+                )
+                run = run_setting(
+                    engine,
+                    conversations,
+                    setting,
+                    lambda bar=bar: progress.advance(bar),
+                    generate=not args.no_generation,
+                )
                 runs.append({"length": length, **run})
-    return {"task": "recall", "model": engine.model.name, "conversations": args.conversations, "seed": args.seed,
-            "facts": args.facts, "updates": not args.no_update, "kinds": kinds, "lengths": args.length,
-            "threads": threads, "runs": runs}
+    return {
+        "task": "recall",
+        "model": engine.model.name,
+        "conversations": args.conversations,
+        "seed": args.seed,
+        "facts": args.facts,
+        "updates": not args.no_update,
+        "kinds": kinds,
+        "lengths": args.length,
+        "threads": threads,
+        "runs": runs,
+    }

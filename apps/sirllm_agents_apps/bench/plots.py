@@ -40,8 +40,10 @@ def memory_plot(results: dict, path: Path) -> None:
     cloze = task == "grocery" and all("cloze" in run["metrics"] for run in results["runs"])
     metric = {"grocery": "ACC_g", "dailydialog": "accuracy", "rps": "win rate (mean over players)"}[task]
     _policy_lines(axes[0][0], results["runs"], lambda run: headline(task, run, scoring), CHANCE[task])
-    axes[0][0].set(ylabel=f"{metric} ({'cloze' if cloze else scoring} scoring)",
-                   title=f"{task}: {results['episodes']} episodes, {results['model']}")
+    axes[0][0].set(
+        ylabel=f"{metric} ({'cloze' if cloze else scoring} scoring)",
+        title=f"{task}: {results['episodes']} episodes, {results['model']}",
+    )
     if with_key:
         _policy_lines(axes[0][1], results["runs"], lambda run: run["key_in_cache"], None)
         axes[0][1].set(ylabel="share of the grocery's tokens in the cache", title="the key fact at the recall question")
@@ -106,8 +108,11 @@ def recall_plot(results: dict, path: Path) -> None:
     against the length at the budget closest to 1/4."""
     plt = _pyplot()
     lengths = results["lengths"]
-    panels = [("cloze", "cloze recall (best per token)"), ("generated", "generated recall (value in the reply)"),
-              ("kept", "share of the value's tokens kept")]
+    panels = [
+        ("cloze", "cloze recall (best per token)"),
+        ("generated", "generated recall (value in the reply)"),
+        ("kept", "share of the value's tokens kept"),
+    ]
     fig, axes = plt.subplots(1, len(panels) + (len(lengths) > 1), figsize=(5 * (len(panels) + (len(lengths) > 1)), 4.5))
     first = [run for run in results["runs"] if run["length"] == lengths[0]]
     for ax, (field, title) in zip(axes, panels):

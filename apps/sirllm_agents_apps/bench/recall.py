@@ -65,8 +65,13 @@ def run_conversation(engine: Engine, conversation: Conversation, setting: Settin
             return [base | _fact_fields(conversation, fact) | {"overflowed": True} for fact in conversation.facts]
         session = engine.session(policy="full")
     elif setting.policy != "truncate":
-        session = engine.session(cache_size=size, start_size=START_SIZE, recent_size=round(setting.recent * size),
-                                 decay=setting.decay, policy=setting.policy)
+        session = engine.session(
+            cache_size=size,
+            start_size=START_SIZE,
+            recent_size=round(setting.recent * size),
+            decay=setting.decay,
+            policy=setting.policy,
+        )
     if session is not None:
         for end in range(2, len(messages) + 1, 2):
             session.ingest(messages[:end])
@@ -84,17 +89,22 @@ def run_conversation(engine: Engine, conversation: Conversation, setting: Settin
         per_token = [lp / len(engine.model.encode(c)) for lp, c in zip(logprobs, fact.candidates)]
         per_char = [lp / len(c) for lp, c in zip(logprobs, fact.candidates)]
         pick = fact.candidates[_argmax(per_token)]
-        records.append(base | _fact_fields(conversation, fact) | {
-            "overflowed": False,
-            "messages_kept": len(asked),
-            "cloze": pick == fact.value,
-            "cloze_char": _argmax(per_char) == fact.answer,
-            "picked_previous": pick == fact.previous,
-            **(_generation_fields(reply, fact, fragments) if generate else dict.fromkeys(GENERATION_FIELDS)),
-            "kept": None if session is None else share_in_cache(fork, fact.message, fact.value),
-            "kept_previous": None if session is None or fact.previous is None
-            else share_in_cache(fork, fact.previous_message, fact.previous),
-        })
+        records.append(
+            base
+            | _fact_fields(conversation, fact)
+            | {
+                "overflowed": False,
+                "messages_kept": len(asked),
+                "cloze": pick == fact.value,
+                "cloze_char": _argmax(per_char) == fact.answer,
+                "picked_previous": pick == fact.previous,
+                **(_generation_fields(reply, fact, fragments) if generate else dict.fromkeys(GENERATION_FIELDS)),
+                "kept": None if session is None else share_in_cache(fork, fact.message, fact.value),
+                "kept_previous": None
+                if session is None or fact.previous is None
+                else share_in_cache(fork, fact.previous_message, fact.previous),
+            }
+        )
     return records
 
 
@@ -193,8 +203,11 @@ def summarize(records: list[dict]) -> dict:
     they replaced won instead)."""
     answered = [r for r in records if not r["overflowed"]]
     result = {"facts": len(records), "overflowed": len(records) - len(answered)}
-    for group, rows in (("all", answered), ("plain", [r for r in answered if not r["updated"]]),
-                        ("updated", [r for r in answered if r["updated"]])):
+    for group, rows in (
+        ("all", answered),
+        ("plain", [r for r in answered if not r["updated"]]),
+        ("updated", [r for r in answered if r["updated"]]),
+    ):
         if not rows:
             continue
         fields = ["cloze", "cloze_char", "generated", "well_formed"]
@@ -208,15 +221,28 @@ def summarize(records: list[dict]) -> dict:
     return result
 
 
-def run_setting(engine: Engine, conversations: list[Conversation], setting: Setting,
-                advance: Callable[[], None], generate: bool = True) -> dict:
+def run_setting(
+    engine: Engine,
+    conversations: list[Conversation],
+    setting: Setting,
+    advance: Callable[[], None],
+    generate: bool = True,
+) -> dict:
     """Every conversation under ``setting``: the setting, the summary, a few sample replies and every record."""
     start = time.perf_counter()
     records = []
     for conversation in conversations:
         records += run_conversation(engine, conversation, setting, generate)
         advance()
-    samples = [{"question": r["question"], "value": r["value"], "reply": r["reply"]}
-               for r in records if not r["overflowed"] and r["reply"] is not None][:4]
-    return {**asdict(setting), "summary": summarize(records), "samples": samples, "records": records,
-            "seconds": round(time.perf_counter() - start, 2)}
+    samples = [
+        {"question": r["question"], "value": r["value"], "reply": r["reply"]}
+        for r in records
+        if not r["overflowed"] and r["reply"] is not None
+    ][:4]
+    return {
+        **asdict(setting),
+        "summary": summarize(records),
+        "samples": samples,
+        "records": records,
+        "seconds": round(time.perf_counter() - start, 2),
+    }

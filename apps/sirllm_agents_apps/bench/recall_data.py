@@ -45,26 +45,125 @@ SUBJECTS: dict[str, list[tuple[str, str]]] = {
         ("my cousin's wedding is on {v}", "When is my cousin's wedding?"),
     ],
 }
-NAMES = ["Pickles", "Marlowe", "Juniper", "Tobias", "Rosalind", "Ferdinand", "Clementine", "Barnaby", "Odessa",
-         "Percival", "Wilhelmina", "Ignatius", "Saffron", "Leopold", "Marigold", "Cornelius", "Philippa", "Archibald",
-         "Delphine", "Evander", "Henrietta", "Lysander", "Rufus", "Tamsin"]
-CITIES = ["Lisbon", "Reykjavik", "Montreal", "Valparaiso", "Krakow", "Hobart", "Porto", "Tallinn",
-          "Cartagena", "Ljubljana", "Marrakesh", "Winnipeg", "Adelaide", "Bergen", "Cusco", "Gdansk", "Halifax",
-          "Seville", "Trieste", "Zanzibar", "Bruges", "Salzburg", "Dunedin"]
-WORDS = ["orchid", "falcon", "granite", "lantern", "copper", "meadow", "walrus", "tundra", "saffron", "harbor",
-         "quartz", "juniper", "cobalt", "pepper", "glacier", "nutmeg", "willow", "comet", "thistle", "marble"]
-MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-          "November", "December"]
+NAMES = [
+    "Pickles",
+    "Marlowe",
+    "Juniper",
+    "Tobias",
+    "Rosalind",
+    "Ferdinand",
+    "Clementine",
+    "Barnaby",
+    "Odessa",
+    "Percival",
+    "Wilhelmina",
+    "Ignatius",
+    "Saffron",
+    "Leopold",
+    "Marigold",
+    "Cornelius",
+    "Philippa",
+    "Archibald",
+    "Delphine",
+    "Evander",
+    "Henrietta",
+    "Lysander",
+    "Rufus",
+    "Tamsin",
+]
+CITIES = [
+    "Lisbon",
+    "Reykjavik",
+    "Montreal",
+    "Valparaiso",
+    "Krakow",
+    "Hobart",
+    "Porto",
+    "Tallinn",
+    "Cartagena",
+    "Ljubljana",
+    "Marrakesh",
+    "Winnipeg",
+    "Adelaide",
+    "Bergen",
+    "Cusco",
+    "Gdansk",
+    "Halifax",
+    "Seville",
+    "Trieste",
+    "Zanzibar",
+    "Bruges",
+    "Salzburg",
+    "Dunedin",
+]
+WORDS = [
+    "orchid",
+    "falcon",
+    "granite",
+    "lantern",
+    "copper",
+    "meadow",
+    "walrus",
+    "tundra",
+    "saffron",
+    "harbor",
+    "quartz",
+    "juniper",
+    "cobalt",
+    "pepper",
+    "glacier",
+    "nutmeg",
+    "willow",
+    "comet",
+    "thistle",
+    "marble",
+]
+MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
 
 STATE = ["Please remember this: {s}.", "A note for later: {s}.", "By the way, {s}.", "Keep this in mind: {s}."]
 UPDATE = ["Update: {s} now, not the old one.", "Correction, that changed: {s} now."]
 ACKNOWLEDGE = ["Got it, I'll remember that.", "Noted.", "Okay, I've made a note of it.", "Understood, thanks."]
 
-CAPITALS = [("France", "Paris"), ("Japan", "Tokyo"), ("Kenya", "Nairobi"), ("Canada", "Ottawa"), ("Peru", "Lima"),
-            ("Norway", "Oslo"), ("Egypt", "Cairo"), ("Chile", "Santiago"), ("Spain", "Madrid"), ("Italy", "Rome"),
-            ("Greece", "Athens"), ("Ireland", "Dublin"), ("Poland", "Warsaw"), ("Austria", "Vienna")]
-OPPOSITES = [("ancient", "modern"), ("generous", "selfish"), ("shallow", "deep"), ("narrow", "wide"),
-             ("rough", "smooth"), ("loud", "quiet"), ("early", "late"), ("heavy", "light"), ("fragile", "sturdy")]
+CAPITALS = [
+    ("France", "Paris"),
+    ("Japan", "Tokyo"),
+    ("Kenya", "Nairobi"),
+    ("Canada", "Ottawa"),
+    ("Peru", "Lima"),
+    ("Norway", "Oslo"),
+    ("Egypt", "Cairo"),
+    ("Chile", "Santiago"),
+    ("Spain", "Madrid"),
+    ("Italy", "Rome"),
+    ("Greece", "Athens"),
+    ("Ireland", "Dublin"),
+    ("Poland", "Warsaw"),
+    ("Austria", "Vienna"),
+]
+OPPOSITES = [
+    ("ancient", "modern"),
+    ("generous", "selfish"),
+    ("shallow", "deep"),
+    ("narrow", "wide"),
+    ("rough", "smooth"),
+    ("loud", "quiet"),
+    ("early", "late"),
+    ("heavy", "light"),
+    ("fragile", "sturdy"),
+]
 CHAT = [
     ("I had a long day at work today.", "Sorry to hear that. A short walk or a quiet evening might help you unwind."),
     ("I'm thinking about learning to paint.", "That sounds like a lovely hobby. Watercolours are a gentle start."),
@@ -146,7 +245,7 @@ def generate(
             messages.append({"role": role, "content": text})
             tokens += count_tokens(text) + 5  # the template's role markers and end of turn
     result = []
-    for index, (statement, question, values) in enumerate(drawn):
+    for index, (_, question, values) in enumerate(drawn):
         updated = update and index == 0
         value, previous = (values[1], values[0]) if updated else (values[0], None)
         wrong = [v for v in values if v != value]
@@ -154,16 +253,18 @@ def generate(
             wrong = wrong[1:]  # the spare second value is used only by an update
         options = wrong[: candidates - 1] + [value]
         rng.shuffle(options)
-        result.append(Fact(
-            kind=kinds[index],
-            question=question,
-            value=value,
-            candidates=tuple(options),
-            answer=options.index(value),
-            message=stated[facts] if updated else stated[index],
-            previous=previous,
-            previous_message=stated[index] if updated else None,
-        ))
+        result.append(
+            Fact(
+                kind=kinds[index],
+                question=question,
+                value=value,
+                candidates=tuple(options),
+                answer=options.index(value),
+                message=stated[facts] if updated else stated[index],
+                previous=previous,
+                previous_message=stated[index] if updated else None,
+            )
+        )
     return Conversation(f"recall-{seed}", tuple(messages), tuple(result))
 
 
@@ -212,14 +313,20 @@ def _distractor(rng: random.Random, used: set[str]) -> tuple[str, str]:
     number = _fresh_number(rng, used)
     if rng.random() < 0.5:
         service, seconds = rng.choice(SERVICES), rng.randint(3, 90)
-        log = (f"[job {number}] service={service} status=ok duration={seconds}s retries={rng.randint(0, 3)} "
-               f"records={rng.randint(100, 9000)}")
+        log = (
+            f"[job {number}] service={service} status=ok duration={seconds}s retries={rng.randint(0, 3)} "
+            f"records={rng.randint(100, 9000)}"
+        )
         return f"Here is the tool output:\n{log}\nSummarize it.", f"Job {number} of {service} finished in {seconds} s."
     temperature, condition = rng.randint(-5, 34), rng.choice(CONDITIONS)
-    output = (f'{{"station": {number}, "temperature_c": {temperature}, "conditions": "{condition}", '
-              f'"humidity": {rng.randint(20, 95)}}}')
-    return (f"The weather tool returned:\n{output}\nWhat is the weather like?",
-            f"It is {temperature} degrees Celsius and {condition}.")
+    output = (
+        f'{{"station": {number}, "temperature_c": {temperature}, "conditions": "{condition}", '
+        f'"humidity": {rng.randint(20, 95)}}}'
+    )
+    return (
+        f"The weather tool returned:\n{output}\nWhat is the weather like?",
+        f"It is {temperature} degrees Celsius and {condition}.",
+    )
 
 
 def _fresh_number(rng: random.Random, used: set[str]) -> int:

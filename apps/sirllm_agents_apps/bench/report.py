@@ -19,42 +19,62 @@ def _memory_table(results: dict) -> list[str]:
     head = f"### {task}: {results['episodes']} episodes, {results['model']}, `{scoring}` scoring (primary)"
     lines = [head, ""]
     if task == "grocery":
-        lines += [f"| policy | cache | decay | ACC_g cloze | ACC_g cloze (per char) | ACC_g ({scoring}) | "
-                  f"ACC_c ({scoring}) | ACC_g ({other}) | ACC_c ({other}) | grocery in cache | seconds |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [
+            f"| policy | cache | decay | ACC_g cloze | ACC_g cloze (per char) | ACC_g ({scoring}) | "
+            f"ACC_c ({scoring}) | ACC_g ({other}) | ACC_c ({other}) | grocery in cache | seconds |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
         for run in results["runs"]:
             m, o = run["metrics"][scoring], run["metrics"][other]
             # Neither the cloze form nor the grocery in cache was recorded before 2026-11-23.
             cloze = [_pct(run["metrics"][s]["acc_g"]) if s in run["metrics"] else "-" for s in ("cloze", "cloze_char")]
             key = _pct(run["key_in_cache"]) if "key_in_cache" in run else "-"
-            lines.append(f"| {run['policy']} | {run['cache_size'] or 'max'} | {run['decay']} | {cloze[0]} | "
-                         f"{cloze[1]} | {_pct(m['acc_g'])} | {_pct(m['acc_c'])} | {_pct(o['acc_g'])} | "
-                         f"{_pct(o['acc_c'])} | {key} | {run['seconds']:.0f} |")
-        lines += ["", "ACC_g cloze: the recall question asked without its options, each option's text scored as the "
-                  "reply (best per token). The other ACC_g columns: the paper's form, the options listed in the "
-                  "question. Grocery in cache: the share of the grocery's tokens from the first turn that the cache "
-                  "holds when the recall question is scored.", f"For reference, {PAPER_GROCERY}."]
+            lines.append(
+                f"| {run['policy']} | {run['cache_size'] or 'max'} | {run['decay']} | {cloze[0]} | "
+                f"{cloze[1]} | {_pct(m['acc_g'])} | {_pct(m['acc_c'])} | {_pct(o['acc_g'])} | "
+                f"{_pct(o['acc_c'])} | {key} | {run['seconds']:.0f} |"
+            )
+        lines += [
+            "",
+            "ACC_g cloze: the recall question asked without its options, each option's text scored as the "
+            "reply (best per token). The other ACC_g columns: the paper's form, the options listed in the "
+            "question. Grocery in cache: the share of the grocery's tokens from the first turn that the cache "
+            "holds when the recall question is scored.",
+            f"For reference, {PAPER_GROCERY}.",
+        ]
     elif task == "dailydialog":
-        lines += [f"| policy | cache | decay | accuracy | accuracy ({other}) | seconds |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [
+            f"| policy | cache | decay | accuracy | accuracy ({other}) | seconds |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
         for run in results["runs"]:
-            lines.append(f"| {run['policy']} | {run['cache_size'] or 'max'} | {run['decay']} | "
-                         f"{_pct(run['metrics'][scoring]['accuracy'])} | {_pct(run['metrics'][other]['accuracy'])} | "
-                         f"{run['seconds']:.0f} |")
+            lines.append(
+                f"| {run['policy']} | {run['cache_size'] or 'max'} | {run['decay']} | "
+                f"{_pct(run['metrics'][scoring]['accuracy'])} | {_pct(run['metrics'][other]['accuracy'])} | "
+                f"{run['seconds']:.0f} |"
+            )
     else:
-        lines += ["| policy | cache | decay | player | win | tie | lose |", "| --- | ---: | ---: | --- | ---: | ---: | ---: |"]
+        lines += [
+            "| policy | cache | decay | player | win | tie | lose |",
+            "| --- | ---: | ---: | --- | ---: | ---: | ---: |",
+        ]
         for run in results["runs"]:
             for player, m in run["metrics"][scoring].items():
-                lines.append(f"| {run['policy']} | {run['cache_size'] or 'max'} | {run['decay']} | {player} | "
-                             f"{_pct(m['win'])} | {_pct(m['tie'])} | {_pct(m['lose'])} |")
+                lines.append(
+                    f"| {run['policy']} | {run['cache_size'] or 'max'} | {run['decay']} | {player} | "
+                    f"{_pct(m['win'])} | {_pct(m['tie'])} | {_pct(m['lose'])} |"
+                )
     return lines
 
 
 def _agent_table(results: dict) -> list[str]:
-    lines = [f"### agent loop: {results['steps']} steps, {results['threads']} threads, SirLLM cache {results['cache_size']}",
-             "", "| peer | backend | steps done | total s | last 10 / steps 10-20 | peak RSS MiB | RSS growth MiB | "
-             "past the context window | stopped early |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+    lines = [
+        f"### agent loop: {results['steps']} steps, {results['threads']} threads, SirLLM cache {results['cache_size']}",
+        "",
+        "| peer | backend | steps done | total s | last 10 / steps 10-20 | peak RSS MiB | RSS growth MiB | "
+        "past the context window | stopped early |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
     summary = results["summary"]
     for name, peer in results["peers"].items():
         if "skipped" in peer:
@@ -62,9 +82,11 @@ def _agent_table(results: dict) -> list[str]:
             continue
         s = summary[name]
         flat = f"{s['flatness']:.2f}" if "flatness" in s else "-"
-        lines.append(f"| {name} | {peer['backend']} | {s['steps_done']} | {s['total_seconds']:.1f} | {flat} | "
-                     f"{s['peak_rss_mib']:.0f} | {s['rss_growth_mib']:.0f} | {peer['overflow']} | "
-                     f"{peer['stopped'] or '-'} |")
+        lines.append(
+            f"| {name} | {peer['backend']} | {s['steps_done']} | {s['total_seconds']:.1f} | {flat} | "
+            f"{s['peak_rss_mib']:.0f} | {s['rss_growth_mib']:.0f} | {peer['overflow']} | "
+            f"{peer['stopped'] or '-'} |"
+        )
     for other in ("stateless", "llamacpp"):
         ratio = summary.get(f"{other}_over_sirllm")
         if ratio:
@@ -75,25 +97,35 @@ def _agent_table(results: dict) -> list[str]:
 def _recall_table(results: dict) -> list[str]:
     updated = " (one updated)" if results.get("updates", True) else ""
     kinds = f", kinds {', '.join(results['kinds'])}" if "kinds" in results else ""
-    lines = [f"### recall suite: {results['conversations']} conversations per length, {results['facts']} facts "
-             f"each{updated}{kinds}, {results['model']}", "",
-             "| length | policy | budget | decay | recent | cloze | cloze (per char) | generated | well-formed | "
-             "value kept | updated: cloze | updated: generated | updated: old value said | seconds |",
-             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"### recall suite: {results['conversations']} conversations per length, {results['facts']} facts "
+        f"each{updated}{kinds}, {results['model']}",
+        "",
+        "| length | policy | budget | decay | recent | cloze | cloze (per char) | generated | well-formed | "
+        "value kept | updated: cloze | updated: generated | updated: old value said | seconds |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for run in results["runs"]:
         summary = run["summary"]
         if "all" not in summary:
-            lines.append(f"| {run['length']} | {run['policy']} | {run['budget']} | | | overflowed: the conversation "
-                         "passes the model's length | | | | | | | | |")
+            lines.append(
+                f"| {run['length']} | {run['policy']} | {run['budget']} | | | overflowed: the conversation "
+                "passes the model's length | | | | | | | | |"
+            )
             continue
         a, u = summary["all"], summary.get("updated", {})
         kept = _pct(a.get("kept"))
         updated = [_pct(u.get(f)) for f in ("cloze", "generated", "generated_previous")]
-        lines.append(f"| {run['length']} | {run['policy']} | {run['budget']} | {run['decay']} | {run['recent']} | "
-                     f"{_pct(a['cloze'])} | {_pct(a['cloze_char'])} | {_pct(a.get('generated'))} | "
-                     f"{_pct(a.get('well_formed'))} | {kept} | {' | '.join(updated)} | {run['seconds']:.0f} |")
-    lines += ["", "Budget: the cache size as a share of the conversation's tokens. Recent: the share of the cache kept "
-              "for the newest tokens. Value kept: the share of the fact's value tokens still cached at the question."]
+        lines.append(
+            f"| {run['length']} | {run['policy']} | {run['budget']} | {run['decay']} | {run['recent']} | "
+            f"{_pct(a['cloze'])} | {_pct(a['cloze_char'])} | {_pct(a.get('generated'))} | "
+            f"{_pct(a.get('well_formed'))} | {kept} | {' | '.join(updated)} | {run['seconds']:.0f} |"
+        )
+    lines += [
+        "",
+        "Budget: the cache size as a share of the conversation's tokens. Recent: the share of the cache kept "
+        "for the newest tokens. Value kept: the share of the fact's value tokens still cached at the question.",
+    ]
     return lines
 
 

@@ -51,8 +51,13 @@ from sirllm_agents.replies import normalize_tool_choice
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 # Run-config keys that name the conversation a call belongs to, in order of precedence.
 SESSION_ID_KEYS = ("session_id", "thread_id")
-GENERATION_OPTIONS = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p",
-                      "top_k": "top_k", "seed": "seed"}
+GENERATION_OPTIONS = {
+    "max_tokens": "max_new_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "seed": "seed",
+}
 _TEXT_ONLY = "ChatSirLLM runs a text-only model"
 _SKIPPED_BLOCKS = ("tool_use", "tool_call", "tool_call_chunk", "function_call", "reasoning", "thinking")
 
@@ -279,25 +284,41 @@ class ChatSirLLM(BaseChatModel):
     # the session id from the config and pass it on as the call argument ``session_id``.
 
     def invoke(
-        self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
         **kwargs: Any,
     ) -> AIMessage:
         return super().invoke(input, config, stop=stop, **_with_session_id(config, kwargs))
 
     async def ainvoke(
-        self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
         **kwargs: Any,
     ) -> AIMessage:
         return await super().ainvoke(input, config, stop=stop, **_with_session_id(config, kwargs))
 
     def stream(
-        self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
         **kwargs: Any,
     ) -> Iterator[AIMessageChunk]:
         return super().stream(input, config, stop=stop, **_with_session_id(config, kwargs))
 
     def astream(
-        self, input: LanguageModelInput, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[AIMessageChunk]:
         return super().astream(input, config, stop=stop, **_with_session_id(config, kwargs))

@@ -163,9 +163,13 @@ def main() -> None:
     vocab = len(tokenizer)
     ids = tokenizer(json.dumps(TARGET), add_special_tokens=False)["input_ids"]
     logits = torch.randn(vocab)
-    print(f"vocab {vocab}; {len(ids)} tokens per call; {RUNS} runs; torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(
-        f"{'library':<20}{'tokenizer':>11}{'compile':>10}{'cold mask':>13}{'first mask':>12}{'mask p50':>11}{'mask max':>10}"
+        f"vocab {vocab}; {len(ids)} tokens per call; {RUNS} runs; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"{'library':<20}{'tokenizer':>11}{'compile':>10}{'cold mask':>13}{'first mask':>12}{'mask p50':>11}"
+        f"{'mask max':>10}"
         f"{'apply+accept':>12}"
     )
     for name, prepare in [

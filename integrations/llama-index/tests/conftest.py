@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from llama_index.llms.sirllm import SirLLM
+
 from sirllm_agents import Engine
 
 

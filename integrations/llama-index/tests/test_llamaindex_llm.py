@@ -9,7 +9,6 @@ import pytest
 from llama_index.core.base.llms.types import ChatMessage, ImageBlock, MessageRole, TextBlock, ToolCallBlock
 from llama_index.core.callbacks import CallbackManager, TokenCountingHandler
 from llama_index.core.chat_engine import SimpleChatEngine
-
 from llama_index.llms.sirllm import UNBOUNDED_CONTEXT_WINDOW, SirLLM
 from llama_index.llms.sirllm.utils import to_session_messages
 
@@ -32,7 +31,7 @@ def test_metadata_tells_llamaindex_not_to_trim_history(llm):
 
 
 def test_constructor_errors(engine):
-    with pytest.raises(ValueError, match="either engine= .* or model=, not both"):
+    with pytest.raises(ValueError, match=r"either engine= .* or model=, not both"):
         SirLLM(engine=engine, model="some/model")
     with pytest.raises(ValueError, match="cache_size must be at least start_size \\+ recent_size \\+ 16 = 20"):
         SirLLM(engine=engine, cache_size=10)
@@ -204,7 +203,9 @@ def test_conversion_reads_text_and_tool_calls():
     )
     block = ChatMessage(role="assistant", blocks=[ToolCallBlock(tool_call_id="c2", tool_name="add", tool_kwargs={})])
     result = ChatMessage(role="tool", content="2", additional_kwargs={"tool_call_id": "c1", "name": "add"})
-    assert to_session_messages([ChatMessage(role="developer", content="Be brief."), reply, edited, calls, block, result]) == [
+    assert to_session_messages(
+        [ChatMessage(role="developer", content="Be brief."), reply, edited, calls, block, result]
+    ) == [
         {"role": "system", "content": "Be brief."},
         {"role": "assistant", "content": "Hello!"},
         {"role": "assistant", "content": "Bye."},

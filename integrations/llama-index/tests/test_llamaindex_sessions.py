@@ -8,8 +8,8 @@ import asyncio
 import pytest
 from llama_index.core.base.llms.types import ChatMessage, MessageRole
 from llama_index.core.chat_engine import SimpleChatEngine
-
 from llama_index.llms.sirllm import SirLLM
+
 from sirllm_agents import Engine
 
 SETTINGS = dict(max_new_tokens=5, cache_size=128, decay=0.9)

@@ -7,9 +7,8 @@ from llama_index.core.agent.workflow import FunctionAgent
 from llama_index.core.base.llms.types import ChatMessage, ChatResponse
 from llama_index.core.prompts import PromptTemplate
 from llama_index.core.tools import FunctionTool
-from pydantic import BaseModel
-
 from llama_index.llms.sirllm import SirLLM
+from pydantic import BaseModel
 
 
 class Person(BaseModel):
@@ -115,7 +114,9 @@ def test_structured_predict_is_constrained_and_leaves_the_chat_session_alone(too
 
 @pytest.mark.asyncio
 async def test_astructured_predict(tool_llm):
-    person = await tool_llm.astructured_predict(Person, PromptTemplate("Extract the person: {text}"), text="Ada is 36 years old.")
+    person = await tool_llm.astructured_predict(
+        Person, PromptTemplate("Extract the person: {text}"), text="Ada is 36 years old."
+    )
     assert isinstance(person, Person) and person.age == 36
     assert tool_llm.stats.turns == 0
 
@@ -130,7 +131,7 @@ async def test_react_agent_runs_a_tool_step_end_to_end(engine):
         ChatMessage(role="user", content="What is 2 times 3?"),
         ChatMessage(
             role="assistant",
-            content='Thought: I need to use a tool to help me answer the question.\nAction: multiply\n'
+            content="Thought: I need to use a tool to help me answer the question.\nAction: multiply\n"
             'Action Input: {"a": 2, "b": 3}',
         ),
         ChatMessage(role="user", content="Observation: 6"),

@@ -8,7 +8,6 @@ from langchain.agents import create_agent
 from langchain.agents.middleware import wrap_model_call
 from langchain_core.messages import AIMessage, HumanMessage
 from langchain_core.tools import tool
-
 from langchain_sirllm import ChatSirLLM
 
 pytestmark = pytest.mark.slow

@@ -9,9 +9,8 @@ from typing import Any
 import pytest
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, HumanMessage
-from langchain_tests.integration_tests import ChatModelIntegrationTests
-
 from langchain_sirllm import ChatSirLLM
+from langchain_tests.integration_tests import ChatModelIntegrationTests
 
 pytestmark = pytest.mark.slow
 

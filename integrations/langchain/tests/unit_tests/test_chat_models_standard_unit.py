@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from langchain_tests.unit_tests import ChatModelUnitTests
-
 from langchain_sirllm import ChatSirLLM
+from langchain_tests.unit_tests import ChatModelUnitTests
 
 
 class TestChatSirLLMUnit(ChatModelUnitTests):

@@ -10,10 +10,9 @@ from typing import Literal
 import pytest
 from langchain_core.messages import AIMessage, ChatMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.tools import tool
-from pydantic import BaseModel
-
 from langchain_sirllm import ChatSirLLM
 from langchain_sirllm.chat_models import _to_chat_message
+from pydantic import BaseModel
 
 
 @tool
@@ -49,7 +48,10 @@ def test_message_conversion():
     assert _to_chat_message(HumanMessage([{"type": "text", "text": "a"}, "b"]), 0) == {"role": "user", "content": "ab"}
     assert _to_chat_message(ChatMessage(role="human", content="hi"), 0) == {"role": "user", "content": "hi"}
     assert _to_chat_message(ToolMessage("3", tool_call_id="c1", name="add"), 0) == {
-        "role": "tool", "content": "3", "tool_call_id": "c1", "name": "add"
+        "role": "tool",
+        "content": "3",
+        "tool_call_id": "c1",
+        "name": "add",
     }
     ai = AIMessage(
         [{"type": "text", "text": "some text"}, {"type": "tool_use", "id": "c1", "name": "add", "input": {"a": 1}}],
@@ -84,7 +86,9 @@ def test_our_own_tool_call_sent_back_reuses_the_cache_and_an_edited_one_restarts
     level = call.tool_calls[0]["args"]["level"]
     edited = call.model_copy(update={"tool_calls": [{**call.tool_calls[0], "args": {"level": (level + 1) % 10}}]})
     assert _to_chat_message(edited, 0)["tool_calls"][0]["function"]["arguments"] == {"level": (level + 1) % 10}
-    assert bound.invoke([question, edited, HumanMessage("Once more.")], max_tokens=40).response_metadata["restarts"] == 1
+    assert (
+        bound.invoke([question, edited, HumanMessage("Once more.")], max_tokens=40).response_metadata["restarts"] == 1
+    )
 
 
 # -- parameters -------------------------------------------------------------------------------------------------
@@ -106,10 +110,15 @@ def test_ls_params_and_identifying_params(tiny_engine):
 
 
 def test_bind_tools_checks_tool_choice(llm):
-    with pytest.raises(ValueError, match=r"tool_choice must be 'auto', 'none', 'any', 'required' or one of the tool "
-                                         r"names \['set_level'\], got 'get_weather'"):
+    with pytest.raises(
+        ValueError,
+        match=r"tool_choice must be 'auto', 'none', 'any', 'required' or one of the tool "
+        r"names \['set_level'\], got 'get_weather'",
+    ):
         llm.bind_tools([set_level], tool_choice="get_weather")
-    assert llm.bind_tools([set_level], tool_choice=True).kwargs["tool_choice"] == "required"  # one normaliser, OpenAI's word
+    assert (
+        llm.bind_tools([set_level], tool_choice=True).kwargs["tool_choice"] == "required"
+    )  # one normaliser, OpenAI's word
     named = {"type": "function", "function": {"name": "set_level"}}
     assert llm.bind_tools([set_level], tool_choice=named).kwargs["tool_choice"] == "set_level"
 

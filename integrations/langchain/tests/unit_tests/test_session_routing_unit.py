@@ -9,8 +9,8 @@ import uuid
 import pytest
 from langchain_core.messages import BaseMessage, HumanMessage
 from langchain_core.runnables import RunnableLambda
-
 from langchain_sirllm import ChatSirLLM
+
 from sirllm_agents import Engine
 
 SETTINGS = dict(max_tokens=6, cache_size=96, decay=0.9)  # small enough that the conversations below evict

@@ -20,11 +20,12 @@ from llama_index.core.base.llms.types import (
     MessageRole,
 )
 from llama_index.core.bridge.pydantic import Field, PrivateAttr, model_validator
-from pydantic import InstanceOf
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 from llama_index.core.types import Model
+from pydantic import InstanceOf
+
 from sirllm_agents import AsyncReplyStream, Engine, Reply, ReplyStream, Session, SessionConfig, SessionStats, TextDelta
 from sirllm_agents.replies import normalize_tool_choice
 
@@ -205,7 +206,9 @@ class SirLLM(FunctionCallingLLM):
         cache stays valid) but reads no call from the reply."""
         messages = list(chat_history or [])
         if user_msg is not None:
-            messages.append(ChatMessage(role=MessageRole.USER, content=user_msg) if isinstance(user_msg, str) else user_msg)
+            messages.append(
+                ChatMessage(role=MessageRole.USER, content=user_msg) if isinstance(user_msg, str) else user_msg
+            )
         specs = [tool.metadata.to_openai_tool(skip_length_check=True) for tool in tools]
         if tool_choice is None and tool_required:
             tool_choice = "required"
@@ -224,16 +227,18 @@ class SirLLM(FunctionCallingLLM):
             response.message.additional_kwargs["tool_calls"] = calls[:1]
         return response
 
-    def predict_and_call(self, tools: Sequence[BaseTool], *args: Any, error_on_no_tool_call: bool = True,
-                         **kwargs: Any) -> Any:
+    def predict_and_call(
+        self, tools: Sequence[BaseTool], *args: Any, error_on_no_tool_call: bool = True, **kwargs: Any
+    ) -> Any:
         """Like LlamaIndex's, but when no call is an error (the default) the call is required, so decoding is
         constrained to a valid one instead of hoping for it."""
         return super().predict_and_call(
             tools, *args, error_on_no_tool_call=error_on_no_tool_call, **_require_call(error_on_no_tool_call, kwargs)
         )
 
-    async def apredict_and_call(self, tools: Sequence[BaseTool], *args: Any, error_on_no_tool_call: bool = True,
-                                **kwargs: Any) -> Any:
+    async def apredict_and_call(
+        self, tools: Sequence[BaseTool], *args: Any, error_on_no_tool_call: bool = True, **kwargs: Any
+    ) -> Any:
         """Async :meth:`predict_and_call`."""
         return await super().apredict_and_call(
             tools, *args, error_on_no_tool_call=error_on_no_tool_call, **_require_call(error_on_no_tool_call, kwargs)
@@ -297,9 +302,7 @@ class SirLLM(FunctionCallingLLM):
         return _completion(await asyncio.to_thread(call.chat))
 
     @llm_completion_callback()
-    async def astream_complete(
-        self, prompt: str, formatted: bool = False, **kwargs: Any
-    ) -> CompletionResponseAsyncGen:
+    async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
         """Async streaming :meth:`complete`."""
         call = self._call(self._prompt_messages(prompt, formatted), kwargs, one_off=True)
         chat_responses = call.aresponses(call.astream())
@@ -323,7 +326,8 @@ class SirLLM(FunctionCallingLLM):
         unknown = sorted(set(kwargs) - CALL_KWARGS)
         if unknown:
             raise TypeError(
-                f"SirLLM got unexpected keyword argument(s) {', '.join(unknown)}; it takes {', '.join(sorted(CALL_KWARGS))}"
+                f"SirLLM got unexpected keyword argument(s) {', '.join(unknown)}; "
+                f"it takes {', '.join(sorted(CALL_KWARGS))}"
             )
         if one_off and "session_id" in kwargs:
             raise TypeError("completions run on SirLLM's side session: session_id= names a chat session")

@@ -4,6 +4,7 @@ whitespace stripped by chat engines included, so nothing about them needs carryi
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
@@ -17,6 +18,7 @@ from llama_index.core.base.llms.types import (
     ThinkingBlock,
     ToolCallBlock,
 )
+
 from sirllm_agents import Session, TurnStats
 
 # LlamaIndex roles, including other providers' names for the same ones, to the roles a chat template knows.
@@ -93,10 +95,8 @@ def _normalize_tool_call(index: int, call: Any) -> dict[str, Any]:
 
 def _tool_call_dict(call_id: str | None, name: str, arguments: Any) -> dict[str, Any]:
     if isinstance(arguments, str):
-        try:
+        with contextlib.suppress(json.JSONDecodeError):  # else kept as the model wrote it
             arguments = json.loads(arguments) if arguments.strip() else {}
-        except json.JSONDecodeError:
-            pass  # kept as the model wrote it
     call: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": arguments or {}}}
     if call_id is not None:
         call["id"] = call_id
