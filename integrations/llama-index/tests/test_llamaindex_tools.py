@@ -61,6 +61,16 @@ def test_predict_and_call_with_tool_required(tool_llm):
     assert response.sources[0].tool_name == "multiply"
 
 
+def test_predict_and_call_by_default_constrains_decoding_to_a_call(tool_llm):
+    """Its default error_on_no_tool_call=True treats a missing call as an error, so a call is required, not hoped for
+    (on the embedded model the unconstrained reply is prose and LlamaIndex raised "expected at least one tool
+    call")."""
+    calls: list[tuple[int, int]] = []
+    response = tool_llm.predict_and_call([multiply_tool(calls)], user_msg="What is 3 times 5?")
+    assert len(calls) == 1 and response.sources[0].tool_name == "multiply"
+    assert response.response == str(calls[0][0] * calls[0][1])
+
+
 def test_chat_with_tools_fills_tool_calls_and_tool_selections(tool_llm):
     calls: list[tuple[int, int]] = []
     tool = multiply_tool(calls)
