@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from collections.abc import AsyncIterator, Generator, Mapping, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -118,7 +118,8 @@ class Engine:
         closed."""
 
         def events() -> Generator[Event, None, Reply]:
-            with self.pool.use(messages, options.get("tools"), session_id, config) as session:
+            tools, response_format = options.get("tools"), options.get("response_format")
+            with self.pool.use(messages, tools, session_id, config, response_format) as session:
                 stream.session = session
                 return (yield from session.stream(messages, **options))
 
@@ -144,7 +145,7 @@ class Engine:
         *,
         config: SessionConfig | None = None,
         **options: Any,
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncReplyStream:
         """:meth:`stream` for an event loop (see :meth:`Session.astream`)."""
         return AsyncReplyStream(lambda: self.stream(messages, session_id, config=config, **options))
 
@@ -155,11 +156,12 @@ class Engine:
         *,
         tools: list[dict] | None = None,
         config: SessionConfig | None = None,
+        response_format: Mapping[str, Any] | None = None,
     ) -> Session:
         """The pooled session a call with these arguments would use (created or read back when needed), for
         inspection. Call through :meth:`chat` / :meth:`stream`: a session used directly may be spilled to disk once
         idle, and the pool would not see what it did afterwards."""
-        return self.pool.route(messages, tools, session_id, config)
+        return self.pool.route(messages, tools, session_id, config, response_format)
 
     def load_session(self, path: str | os.PathLike, session_id: str | None = None) -> Session:
         """Resume a session saved with :meth:`Session.save` (by this or another process) and add it to the pool

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import SessionConfig
 from .persistence import SessionFileError
+from .replies import messages_as_held
 from .session import Session
 from .tools import normalize_tools
 from .transcript import Message, normalize_messages, starts_with
@@ -82,9 +83,10 @@ class SessionPool:
         tools: list[dict] | None = None,
         session_id: str | None = None,
         config: SessionConfig | None = None,
+        response_format: Mapping[str, Any] | None = None,
     ) -> Iterator[Session]:
         """The session for a call, pinned in memory until the block ends."""
-        session = self.route(messages, tools, session_id, config, pin=True)
+        session = self.route(messages, tools, session_id, config, response_format, pin=True)
         try:
             yield session
         finally:
@@ -100,17 +102,20 @@ class SessionPool:
         tools: list[dict] | None = None,
         session_id: str | None = None,
         config: SessionConfig | None = None,
+        response_format: Mapping[str, Any] | None = None,
         *,
         pin: bool = False,
     ) -> Session:
         """The session ``session_id`` names (created when new; ``messages`` are then not read), else the one whose
         transcript is the longest prefix of ``messages`` (rendered with the same ``tools``), else a new one. Spilled
         sessions are read back. A session made here takes ``config`` (default: the pool's); one that exists keeps
-        its own settings."""
+        its own settings. With a ``response_format`` the messages are matched as the session holds them (see
+        :func:`~sirllm_agents.replies.messages_as_held`)."""
         if session_id is not None and not (isinstance(session_id, str) and session_id):
             raise ValueError(f"session_id must be a non-empty string, got {session_id!r}")
         if session_id is None:
-            messages, tools = normalize_messages(messages), normalize_tools(tools) if tools else None
+            messages = messages_as_held(normalize_messages(messages), response_format)
+            tools = normalize_tools(tools) if tools else None
         with self._lock:
             if session_id is None:
                 session_id = self._longest_prefix(messages, tools)

@@ -162,9 +162,9 @@ def plan_request(
     specs = normalize_tools(tools) if tools else None
     choice = normalize_tool_choice(tool_choice, specs)
     constraint = None
+    messages = messages_as_held(messages, response_format)
     if response_format is not None:
         schema = response_schema(response_format)
-        messages = _with_format_instructions(messages, schema)
         constraint = json_schema_constraint(model, schema) if schema is not None else json_object_constraint(model)
     elif specs and choice not in ("auto", "none"):
         constraint = tool_call_constraint(model, specs, choice)
@@ -173,8 +173,13 @@ def plan_request(
     return Request(messages, specs, read_calls, constraint, mode)
 
 
-def _with_format_instructions(messages: list[dict], schema: dict | None) -> list[dict]:
-    """Tell the model the JSON it is held to (the grammar enforces the shape; the prompt gives it the meaning)."""
+def messages_as_held(messages: list[dict], response_format: Mapping[str, Any] | None) -> list[dict]:
+    """``messages`` as a session ingests them: with a ``response_format``, the system message tells the model the
+    JSON it is held to (the grammar enforces the shape; the prompt gives it the meaning). The pool routes on these,
+    so a resent JSON conversation finds its session."""
+    if response_format is None:
+        return messages
+    schema = response_schema(response_format)
     if schema is None:
         instruction = "Reply with a JSON object."
     else:

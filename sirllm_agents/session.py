@@ -512,6 +512,7 @@ class AsyncReplyStream:
         self._queue: asyncio.Queue[Any] | None = None
         self._cancelled = threading.Event()
         self._thread: threading.Thread | None = None
+        self._finished = False
         self.reply: Reply | None = None
         self.session: Session | None = None
 
@@ -519,12 +520,16 @@ class AsyncReplyStream:
         return self
 
     async def __anext__(self) -> Event:
+        if self._finished:
+            raise StopAsyncIteration
         if self._thread is None:
             self._start()
         item = await self._queue.get()
         if item is self._DONE:
+            self._finished = True
             raise StopAsyncIteration
         if isinstance(item, BaseException):
+            self._finished = True
             raise item
         return item
 
@@ -543,11 +548,11 @@ class AsyncReplyStream:
             stream = None
             try:
                 stream = self._open()
-                self.session = stream.session
                 for event in stream:
+                    self.session = stream.session  # known once the first event was asked for
                     if self._cancelled.is_set() or not post(event):
                         break
-                    self.session = stream.session
+                self.session = stream.session
                 self.reply = stream.reply
                 item: Any = self._DONE
             except BaseException as error:  # handed to the consumer, who raises it

@@ -61,6 +61,31 @@ def test_calls_are_routed_to_the_longest_transcript_prefix(tiny_engine, tmp_path
     assert reply.stats.restarts == 0 and reply.stats.reused_tokens == ingested
 
 
+def test_a_resent_json_conversation_finds_its_session(tiny_engine, tmp_path):
+    """The session holds the format instructions the core adds; routing matches the resent messages the same way."""
+    engine = pooled_engine(tiny_engine, tmp_path)
+    json_mode = {"response_format": {"type": "json_object"}, "max_new_tokens": 8}
+    messages = [{"role": "user", "content": "A colour as JSON."}]
+    first = engine.chat(messages, **json_mode)
+    messages += [first.as_message(), {"role": "user", "content": "Another."}]
+    second = engine.chat(messages, **json_mode)
+    assert second.session_id == first.session_id and len(engine.pool.live_ids()) == 1
+    assert second.stats.restarts == 0 and second.stats.reused_tokens > first.stats.input_tokens
+
+
+def test_an_async_stream_names_its_session_with_the_first_event_and_finishes_twice(tiny_engine, tmp_path):
+    engine = pooled_engine(tiny_engine, tmp_path)
+
+    async def run():
+        stream = engine.astream([{"role": "user", "content": "Hi"}], "named", max_new_tokens=4)
+        async for _ in stream:
+            assert stream.session is not None and stream.session.session_id == "named"
+        assert (await asyncio.wait_for(stream.finish(), 5)) is stream.reply  # exhausted already: returns at once
+        return stream.reply
+
+    assert asyncio.run(run()).stats.generated_tokens > 0
+
+
 def test_spilled_sessions_come_back_with_the_same_replies(tiny_engine, tmp_path, expected):
     engine = pooled_engine(tiny_engine, tmp_path, max_live_sessions=2)
     history = {name: [] for name in SCRIPTS}
