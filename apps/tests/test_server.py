@@ -148,6 +148,17 @@ def test_models_health_and_metrics(base_url, client, model):
 # -- replies ----------------------------------------------------------------------------------------------------------
 
 
+def test_content_parts_and_the_developer_role_are_read(client, model, engine):
+    opening = _unique("Parts")
+    messages = [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": opening}, {"type": "text", "text": " joined"}]},
+    ]
+    completion = client.chat.completions.create(model=model, messages=messages, max_tokens=6)
+    plain = [{"role": "system", "content": "Be brief."}, _user(opening + " joined")]
+    assert completion.choices[0].message.content == engine.session().chat(plain, max_new_tokens=6).content
+
+
 def test_a_plain_reply_in_openai_format(client, model, engine):
     messages = [_user(_unique("Tell me about the sea."))]
     raw = client.chat.completions.with_raw_response.create(model=model, messages=messages, max_tokens=12)
@@ -368,7 +379,7 @@ def test_a_client_leaving_mid_stream_rolls_the_reply_back(base_url, client, mode
 # -- faults -----------------------------------------------------------------------------------------------------------
 
 
-def test_bad_requests_are_answered_in_openai_format_and_the_server_keeps_serving(base_url, client, model):
+def test_bad_requests_are_answered_in_openai_format_and_the_server_keeps_serving(base_url, client, model, engine):
     error = _error(_post(base_url, b'{"model": "sirllm", "messages": ['), 400)
     assert "JSON" in error["message"]
     error = _error(_post(base_url, {"model": model, "messages": [{"role": "wizard", "content": "hi"}]}), 400)
@@ -381,6 +392,15 @@ def test_bad_requests_are_answered_in_openai_format_and_the_server_keeps_serving
     assert error["param"] == "max_tokens"
     error = _error(_post(base_url, {"model": model, "messages": [_user("hi")], "tool_choice": "required"}), 400)
     assert "needs tools" in error["message"]
+    before = set(engine.pool.live_ids())
+    body = {
+        "model": model,
+        "messages": [_user(_unique("hi"))],
+        "tools": [WEATHER],
+        "tool_choice": {"type": "function", "function": {"name": "nope"}},
+    }
+    error = _error(_post(base_url, body), 400)
+    assert "'nope'" in error["message"] and set(engine.pool.live_ids()) == before  # no empty session left behind
     error = _error(_post(base_url, {"model": "gpt-4o", "messages": [_user("hi")]}), 404)
     assert error["code"] == "model_not_found" and error["param"] == "model"
     with pytest.raises(openai.NotFoundError):

@@ -158,7 +158,11 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
 
     @app.post(CHAT_PATH)
     async def chat_completions(request: Request):
-        check_key(request)
+        try:
+            check_key(request)
+        except APIError as error:
+            state.metrics.request_done(CHAT_PATH, error.status, 0.0)
+            raise
         if state.in_flight >= settings.max_queue:
             state.metrics.request_done(CHAT_PATH, 429, 0.0)
             raise APIError(
@@ -216,6 +220,12 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
             session = await asyncio.to_thread(engine.route, messages, session_header, tools=options.get("tools"))
         except ValueError as error:
             raise _bad_request(error) from None
+        new_session = session_header is None and not session.transcript.messages
+
+        def forget_new_session() -> None:  # a refused first call leaves no empty session behind
+            if new_session and not session.transcript.messages:
+                engine.drop_session(session.session_id)
+
         stream = engine.astream(messages, session.session_id, **options)
         headers = {"X-Session-Id": session.session_id}
         created = int(time.time())
@@ -224,6 +234,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
             try:
                 reply = await stream.finish()
             except ValueError as error:
+                forget_new_session()
                 raise _bad_request(error) from None
             finally:
                 with anyio.CancelScope(shield=True):
@@ -240,6 +251,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
             with anyio.CancelScope(shield=True):
                 await stream.aclose()
             if isinstance(error, ValueError):
+                forget_new_session()
                 raise _bad_request(error) from None
             raise
         chunk = _Chunks(completion_id, created, served, chat.stream_options and chat.stream_options.include_usage)

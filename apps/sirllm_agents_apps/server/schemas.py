@@ -60,14 +60,16 @@ class ChatCompletionRequest(BaseModel):
 
     def core_messages(self) -> list[dict[str, Any]]:
         """The messages as the core takes them: content given as a list of text parts is joined into one string
-        (other parts are refused); ``content: null`` on an assistant message with tool calls becomes ``""``. The
-        core reads tool-call arguments sent as JSON strings itself and checks roles and content."""
+        (other parts are refused), and a ``developer`` message is a system message. The core reads tool-call
+        arguments sent as JSON strings and ``content: null`` beside tool calls itself, and checks roles and content."""
         messages = []
         for i, message in enumerate(self.messages):
             message = dict(message)
             content = message.get("content")
             if isinstance(content, list):
                 message["content"] = _join_parts(i, content)
+            if message.get("role") == "developer":  # OpenAI's newer name for system instructions
+                message["role"] = "system"
             messages.append(message)
         return messages
 
