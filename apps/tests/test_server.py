@@ -497,3 +497,32 @@ def test_serve_without_the_extra_says_how_to_install_it(monkeypatch, capsys):
     assert exit_info.value.code == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert "fastapi" in line and 'pip install "sirllm-agents-apps[serve]"' in line
+
+
+# -- a framework's OpenAI client --------------------------------------------------------------------------------------
+
+
+def test_langchain_chat_openai_tool_loop_continues_one_session(base_url, model, engine):
+    langchain_openai = pytest.importorskip("langchain_openai", reason="pip install langchain-openai")
+    from langchain_core.messages import HumanMessage, ToolMessage
+
+    llm = langchain_openai.ChatOpenAI(
+        base_url=f"{base_url}/v1", api_key="unused", model=model, temperature=0, max_tokens=60, max_retries=0
+    )
+    agent = llm.bind_tools([WEATHER], tool_choice="required")
+    messages = [HumanMessage(_unique("Check the weather in a few cities."))]
+    sessions_before = set(engine.pool.live_ids())
+    cache_reads = []
+    for step in range(6):
+        reply = agent.invoke(messages)
+        [call] = reply.tool_calls
+        assert call["name"] == "get_weather" and isinstance(call["args"]["city"], str)
+        cache_reads.append(reply.usage_metadata["input_token_details"]["cache_read"])
+        messages += [reply, ToolMessage(f"{10 + step} degrees", tool_call_id=call["id"])]
+    assert cache_reads[0] == 0 and all(a < b for a, b in itertools.pairwise(cache_reads))
+    assert len(set(engine.pool.live_ids()) - sessions_before) == 1  # the whole loop on one session
+
+    messages.append(HumanMessage("Thanks."))
+    plain = llm.invoke(messages, max_tokens=8)
+    streamed = "".join(chunk.content for chunk in llm.stream(messages, max_tokens=8))
+    assert plain.content and streamed == plain.content
