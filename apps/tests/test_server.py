@@ -295,6 +295,16 @@ def test_response_format_json_schema_and_json_object(client, model):
         assert completion.choices[0].message.content.lstrip().startswith("{")
 
 
+def test_a_structured_output_loop_continues_the_session_it_names(base_url, model):
+    session_id = uuid.uuid4().hex
+    messages = [_user("Give me JSON.")]
+    body = {"model": model, "response_format": {"type": "json_object"}, "max_tokens": 20}
+    first = _post(base_url, {**body, "messages": messages}, **{"X-Session-Id": session_id}).json()
+    messages += [first["choices"][0]["message"], _user("Another.")]
+    second = _post(base_url, {**body, "messages": messages}, **{"X-Session-Id": session_id}).json()
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] > first["usage"]["prompt_tokens"]
+
+
 def test_cached_tokens_grow_over_a_five_step_loop(client, model, engine):
     messages, cached, reused = [], [], []
     session = engine.session()
