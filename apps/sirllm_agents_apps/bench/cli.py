@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
 import time
 from pathlib import Path
 
+from .. import extras
 from .recall_data import SUBJECTS
 
 MEMORY_TASKS = ("grocery", "dailydialog", "rps")
@@ -114,10 +113,7 @@ def needs(args: argparse.Namespace) -> list[str]:
 def require(task: str, modules: list[str]) -> None:
     """Exit at once (status 2, one line naming what is missing and the install that fixes it) when any of
     ``modules`` is not installed: a run must not fail at its plot after its hours of work."""
-    missing = [name for name in dict.fromkeys(modules) if importlib.util.find_spec(name) is None]
-    if missing:
-        print(f"sirllm-agents bench {task} needs {', '.join(missing)}, not installed: {BENCH_EXTRA}", file=sys.stderr)
-        raise SystemExit(2)
+    extras.require(f"sirllm-agents bench {task}", modules, BENCH_EXTRA)
 
 
 def main(args: argparse.Namespace) -> None:

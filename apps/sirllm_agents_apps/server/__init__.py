@@ -1,0 +1,6 @@
+"""An OpenAI-compatible HTTP server on an :class:`~sirllm_agents.Engine` (``sirllm-agents serve``; needs the
+``serve`` extra: ``pip install "sirllm-agents-apps[serve]"``)."""
+
+from .app import APIError, ServerSettings, create_app
+
+__all__ = ["APIError", "ServerSettings", "create_app"]

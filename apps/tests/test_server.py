@@ -1,0 +1,538 @@
+"""The OpenAI-compatible server (``sirllm-agents serve``), tested through live uvicorn servers on 127.0.0.1 with the
+official ``openai`` client and raw HTTP, on a tiny random-weight engine (greedy replies are deterministic)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import socket
+import threading
+import time
+import uuid
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the server needs the serve extra")
+pytest.importorskip("uvicorn", reason="the server needs the serve extra")
+openai = pytest.importorskip("openai", reason="the server tests use the official client (the apps test extra)")
+
+import httpx  # noqa: E402  (comes with openai)
+import uvicorn  # noqa: E402
+from sirllm_agents_apps.server import ServerSettings, create_app  # noqa: E402
+from sirllm_fixtures import tiny_llama  # noqa: E402
+
+from sirllm_agents import Engine  # noqa: E402
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 10}},
+            "required": ["city"],
+        },
+    },
+}
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+KEY = "test-key-123"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _serving(app):
+    """A uvicorn server for ``app`` in a thread, on a free port of 127.0.0.1; yields its base URL."""
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def engine(tokenizer) -> Engine:
+    return Engine(tiny_llama(tokenizer), tokenizer=tokenizer, max_live_sessions=64)
+
+
+@pytest.fixture(scope="module")
+def base_url(engine):
+    with _serving(create_app(engine, ServerSettings(max_queue=8))) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def model(engine) -> str:
+    return engine.model.name
+
+
+def _user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def _unique(text: str) -> str:
+    """A first message no other test sends, so prefix routing starts a fresh session for it."""
+    return f"{text} [{uuid.uuid4().hex[:8]}]"
+
+
+def _post(base_url: str, body, **headers) -> httpx.Response:
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(
+        f"{base_url}/v1/chat/completions",
+        content=content,
+        headers={"Content-Type": "application/json", **headers},
+        timeout=60,
+    )
+
+
+def _error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    return error
+
+
+# -- the plain endpoints ----------------------------------------------------------------------------------------------
+
+
+def test_models_health_and_metrics(base_url, client, model):
+    assert [m.id for m in client.models.list().data] == [model, "sirllm"]
+    health = httpx.get(f"{base_url}/health").json()
+    assert health["status"] == "ok" and health["model"] == model
+    client.chat.completions.create(model="sirllm", messages=[_user(_unique("hi"))], max_tokens=4)
+    text = httpx.get(f"{base_url}/metrics").text
+    for name in (
+        "sessions_live",
+        "sessions_spilled",
+        "tokens_prefilled_total",
+        "tokens_reused_total",
+        "tokens_evicted_total",
+        "tokens_generated_total",
+        "request_latency_seconds_count",
+    ):
+        assert f"\nsirllm_{name} " in text or text.startswith(f"# HELP sirllm_{name} ")
+    assert 'sirllm_requests_total{endpoint="/v1/chat/completions",code="200"}' in text
+    generated = next(line for line in text.splitlines() if line.startswith("sirllm_tokens_generated_total "))
+    assert int(generated.split()[1]) >= 4
+
+
+# -- replies ----------------------------------------------------------------------------------------------------------
+
+
+def test_content_parts_and_the_developer_role_are_read(client, model, engine):
+    opening = _unique("Parts")
+    messages = [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": opening}, {"type": "text", "text": " joined"}]},
+    ]
+    completion = client.chat.completions.create(model=model, messages=messages, max_tokens=6)
+    plain = [{"role": "system", "content": "Be brief."}, _user(opening + " joined")]
+    assert completion.choices[0].message.content == engine.session().chat(plain, max_new_tokens=6).content
+
+
+def test_a_plain_reply_in_openai_format(client, model, engine):
+    messages = [_user(_unique("Tell me about the sea."))]
+    raw = client.chat.completions.with_raw_response.create(model=model, messages=messages, max_tokens=12)
+    completion = raw.parse()
+    assert completion.object == "chat.completion" and completion.model == model
+    choice = completion.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason == "length"
+    assert choice.message.content and choice.message.tool_calls is None
+    reference = engine.session().chat(messages, max_new_tokens=12)  # the core, on a session of its own
+    assert choice.message.content == reference.content
+    usage = completion.usage
+    assert usage.prompt_tokens == reference.stats.input_tokens and usage.completion_tokens == 12
+    assert usage.total_tokens == usage.prompt_tokens + 12 and usage.prompt_tokens_details.cached_tokens == 0
+    assert raw.headers["X-Session-Id"] in engine.pool.live_ids()
+
+
+def test_streamed_deltas_join_to_the_plain_reply(client, model):
+    messages = [_user(_unique("Write a line about rivers."))]
+    plain = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=24, extra_headers={"X-Session-Id": uuid.uuid4().hex}
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model=model,
+            messages=messages,
+            max_tokens=24,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_headers={"X-Session-Id": uuid.uuid4().hex},
+        )
+    )
+    assert all(chunk.object == "chat.completion.chunk" for chunk in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert text == plain.choices[0].message.content
+    finals = [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices and chunk.choices[0].finish_reason]
+    assert finals == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 24
+    assert chunks[-1].usage.prompt_tokens == plain.usage.prompt_tokens
+    assert all(chunk.usage is None for chunk in chunks[:-1])
+
+
+def test_the_async_client_plain_and_streamed(base_url, model):
+    async def run():
+        client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
+        messages = [_user(_unique("Async hello"))]
+        plain = await client.chat.completions.create(
+            model=model, messages=messages, max_tokens=10, extra_headers={"X-Session-Id": uuid.uuid4().hex}
+        )
+        stream = await client.chat.completions.create(
+            model=model,
+            messages=messages,
+            max_tokens=10,
+            stream=True,
+            extra_headers={"X-Session-Id": uuid.uuid4().hex},
+        )
+        pieces = [chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices]
+        await client.close()
+        return plain.choices[0].message.content, "".join(pieces)
+
+    plain, streamed = asyncio.run(run())
+    assert plain and streamed == plain
+
+
+def test_a_required_tool_call_and_the_loop_continuing_its_session(client, model, engine):
+    messages = [_user(_unique("What is the weather in Oslo?"))]
+    first = client.chat.completions.with_raw_response.create(
+        model=model, messages=messages, tools=[WEATHER], tool_choice="required", max_tokens=60
+    )
+    completion = first.parse()
+    message = completion.choices[0].message
+    assert completion.choices[0].finish_reason == "tool_calls" and message.content is None
+    [call] = message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id
+    arguments = json.loads(call.function.arguments)  # a JSON string, as in OpenAI's API
+    assert isinstance(arguments["city"], str)
+
+    # The client sends the call back as it came (arguments as a JSON string) with the tool's result.
+    messages += [
+        message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 12}'},
+    ]
+    second = client.chat.completions.with_raw_response.create(
+        model=model, messages=messages, tools=[WEATHER], max_tokens=8
+    )
+    assert second.headers["X-Session-Id"] == first.headers["X-Session-Id"]  # routed by prefix to the same session
+    cached = second.parse().usage.prompt_tokens_details.cached_tokens
+
+    # What the core reuses over the same two calls.
+    session = engine.session()
+    reply = session.chat(messages[:1], tools=[WEATHER], tool_choice="required", max_new_tokens=60)
+    assert reply.tool_calls[0].arguments == arguments
+    tool_message = {"role": "tool", "tool_call_id": reply.tool_calls[0].id, "content": '{"temperature": 12}'}
+    again = session.chat([messages[0], reply.as_message(), tool_message], tools=[WEATHER], max_new_tokens=8)
+    assert cached > 0 and cached == again.stats.reused_tokens
+
+
+def test_named_tool_choice_streams_a_structured_call(client, model):
+    chunks = list(
+        client.chat.completions.create(
+            model=model,
+            messages=[_user(_unique("Oslo weather, please"))],
+            tools=[WEATHER],
+            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+            max_tokens=60,
+            stream=True,
+        )
+    )
+    calls = [call for chunk in chunks if chunk.choices for call in chunk.choices[0].delta.tool_calls or []]
+    assert [(call.index, call.function.name) for call in calls] == [(0, "get_weather")] and calls[0].id
+    assert "city" in json.loads(calls[0].function.arguments)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_response_format_json_schema_and_json_object(client, model):
+    completion = client.chat.completions.create(
+        model=model,
+        messages=[_user(_unique("Describe a person."))],
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}},
+        max_tokens=60,
+    )
+    person = json.loads(completion.choices[0].message.content)
+    assert set(person) == {"name", "age"} and isinstance(person["name"], str) and len(person["name"]) <= 8
+    assert isinstance(person["age"], int) and 0 <= person["age"] <= 150
+    completion = client.chat.completions.create(
+        model=model,
+        messages=[_user(_unique("Any JSON object."))],
+        response_format={"type": "json_object"},
+        max_tokens=60,
+    )
+    if completion.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(completion.choices[0].message.content), dict)
+    else:  # cut off by max_tokens: still the start of an object
+        assert completion.choices[0].message.content.lstrip().startswith("{")
+
+
+def test_a_structured_output_loop_continues_the_session_it_names(base_url, model):
+    session_id = uuid.uuid4().hex
+    messages = [_user("Give me JSON.")]
+    body = {"model": model, "response_format": {"type": "json_object"}, "max_tokens": 20}
+    first = _post(base_url, {**body, "messages": messages}, **{"X-Session-Id": session_id}).json()
+    messages += [first["choices"][0]["message"], _user("Another.")]
+    second = _post(base_url, {**body, "messages": messages}, **{"X-Session-Id": session_id}).json()
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] > first["usage"]["prompt_tokens"]
+
+
+def test_cached_tokens_grow_over_a_five_step_loop(client, model, engine):
+    messages, cached, reused = [], [], []
+    session = engine.session()
+    for step in range(5):
+        messages.append(_user(_unique(f"Step {step}: go on.") if step == 0 else f"Step {step}: go on."))
+        completion = client.chat.completions.create(model=model, messages=messages, max_tokens=8, stop=["\n\n"])
+        cached.append(completion.usage.prompt_tokens_details.cached_tokens)
+        reused.append(session.chat(messages, max_new_tokens=8, stop=["\n\n"]).stats.reused_tokens)
+        messages.append({"role": "assistant", "content": completion.choices[0].message.content})
+    assert cached == reused
+    assert cached[0] == 0 and all(a < b for a, b in itertools.pairwise(cached))
+
+
+def test_x_session_id_names_the_session(base_url, model, engine):
+    session_id = f"user-{uuid.uuid4().hex[:8]}"
+    body = {"model": model, "messages": [_user("Hello, named session")], "max_tokens": 4}
+    response = _post(base_url, body, **{"X-Session-Id": session_id})
+    assert response.status_code == 200 and response.headers["X-Session-Id"] == session_id
+    assert session_id in engine.pool.live_ids()
+    body["messages"] += [response.json()["choices"][0]["message"], _user("And again")]
+    again = _post(base_url, body, **{"X-Session-Id": session_id})
+    assert again.headers["X-Session-Id"] == session_id
+    assert again.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+
+
+def test_four_concurrent_clients_get_the_serial_replies(client, model):
+    openings = [_unique(f"Conversation {i} begins.") for i in range(4)]
+
+    def converse(i: int, named: bool) -> tuple[list[str], list[str]]:
+        messages, replies, sessions = [_user(openings[i])], [], []
+        headers = {"X-Session-Id": uuid.uuid4().hex} if named else {}
+        for turn in range(2):
+            raw = client.chat.completions.with_raw_response.create(
+                model=model, messages=messages, max_tokens=12, extra_headers=headers
+            )
+            content = raw.parse().choices[0].message.content
+            replies.append(content)
+            sessions.append(raw.headers["X-Session-Id"])
+            messages += [{"role": "assistant", "content": content}, _user(f"Turn {turn + 1}.")]
+        return replies, sessions
+
+    serial = [converse(i, named=True)[0] for i in range(4)]
+    results: dict[int, tuple[list[str], list[str]]] = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, converse(i, named=False))) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert [results[i][0] for i in range(4)] == serial
+    sessions = [results[i][1] for i in range(4)]
+    assert all(a == b for a, b in sessions) and len({a for a, _ in sessions}) == 4  # routed by prefix, one each
+
+
+def test_a_client_leaving_mid_stream_rolls_the_reply_back(base_url, client, model, engine):
+    messages = [_user(_unique("A long story, please."))]
+    session_id = uuid.uuid4().hex
+    body = {"model": model, "messages": messages, "max_tokens": 200, "stream": True}
+    with httpx.stream(
+        "POST", f"{base_url}/v1/chat/completions", json=body, headers={"X-Session-Id": session_id}, timeout=60
+    ) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: ") and '"content": "' in line and '"content": ""' not in line:
+                break  # the first piece of content: hang up
+    # The next identical request waits for the session, then finds the prompt rolled back to: reused, and the
+    # full greedy reply follows.
+    retry = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=200, extra_headers={"X-Session-Id": session_id}
+    )
+    # The core, the same way: a stream abandoned after its first event, then the same messages again.
+    session = engine.session()
+    abandoned = session.stream(messages, max_new_tokens=200)
+    next(abandoned)
+    abandoned.close()
+    reference = session.chat(messages, max_new_tokens=200)
+    assert retry.choices[0].message.content == reference.content
+    assert retry.usage.completion_tokens == 200
+    # Had the partial reply stayed, these messages would not extend the session's transcript: nothing reused.
+    assert retry.usage.prompt_tokens_details.cached_tokens == reference.stats.reused_tokens > 0
+
+
+# -- faults -----------------------------------------------------------------------------------------------------------
+
+
+def test_bad_requests_are_answered_in_openai_format_and_the_server_keeps_serving(base_url, client, model, engine):
+    error = _error(_post(base_url, b'{"model": "sirllm", "messages": ['), 400)
+    assert "JSON" in error["message"]
+    error = _error(_post(base_url, {"model": model, "messages": [{"role": "wizard", "content": "hi"}]}), 400)
+    assert "unknown role 'wizard'" in error["message"]  # the core's own message
+    error = _error(_post(base_url, {"model": model, "messages": [_user("hi")], "n": 2}), 400)
+    assert error["param"] == "n" and "n=2" in error["message"]
+    error = _error(_post(base_url, {"model": model, "messages": []}), 400)
+    assert error["param"] == "messages"
+    error = _error(_post(base_url, {"model": model, "messages": [_user("hi")], "max_tokens": 0}), 400)
+    assert error["param"] == "max_tokens"
+    error = _error(_post(base_url, {"model": model, "messages": [_user("hi")], "tool_choice": "required"}), 400)
+    assert "needs tools" in error["message"]
+    before = set(engine.pool.live_ids())
+    body = {
+        "model": model,
+        "messages": [_user(_unique("hi"))],
+        "tools": [WEATHER],
+        "tool_choice": {"type": "function", "function": {"name": "nope"}},
+    }
+    error = _error(_post(base_url, body), 400)
+    assert "'nope'" in error["message"] and set(engine.pool.live_ids()) == before  # no empty session left behind
+    error = _error(_post(base_url, {"model": "gpt-4o", "messages": [_user("hi")]}), 404)
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=[_user("hi")])
+    with pytest.raises(openai.BadRequestError, match="unknown role"):
+        client.chat.completions.create(model=model, messages=[{"role": "wizard", "content": "hi"}])
+    error = _error(_post(base_url, {"model": model, "messages": [_user("hi")], "stream": True, "stop": [""]}), 400)
+    assert "stop" in error["message"]  # a stream refused before it starts: a plain 400
+    assert httpx.get(f"{base_url}/v1/nowhere").status_code == 404
+    assert client.chat.completions.create(model=model, messages=[_user("still here")], max_tokens=2).choices
+
+
+def test_keys_body_size_and_overload(engine, model):
+    app = create_app(engine, ServerSettings(api_key=KEY, max_queue=1, max_body_bytes=4096))
+    with _serving(app) as url:
+        body = {"model": model, "messages": [_user(_unique("keyed"))], "max_tokens": 2}
+        error = _error(_post(url, body), 401)
+        assert error["code"] == "invalid_api_key"
+        _error(_post(url, body, Authorization="Bearer wrong"), 401)
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        assert httpx.get(f"{url}/health").status_code == 200  # open, for load balancers
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+        keyed = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+        assert keyed.chat.completions.create(**body).choices
+
+        big = {"model": model, "messages": [_user("x" * 5000)]}
+        error = _error(_post(url, big, Authorization=f"Bearer {KEY}"), 413)
+        assert "4096" in error["message"]
+
+        # One request held in flight (its routing blocked) fills the queue: the next is refused with 429.
+        gate, entered = threading.Event(), threading.Event()
+        route = engine.route
+
+        def held_route(*args, **kwargs):
+            entered.set()
+            gate.wait(30)
+            return route(*args, **kwargs)
+
+        engine.route = held_route
+        try:
+            held = threading.Thread(target=lambda: keyed.chat.completions.create(**body))
+            held.start()
+            assert entered.wait(30)
+            response = _post(url, body, Authorization=f"Bearer {KEY}")
+            error = _error(response, 429)
+            assert response.headers["Retry-After"] == "1" and error["type"] == "rate_limit_error"
+            with pytest.raises(openai.RateLimitError):
+                keyed.chat.completions.create(**body)
+        finally:
+            gate.set()
+            del engine.route
+        held.join(30)
+        assert keyed.chat.completions.create(**body).choices  # served again once the queue has room
+
+
+# -- the command ------------------------------------------------------------------------------------------------------
+
+
+def test_serve_builds_the_engine_warns_off_loopback_and_runs_uvicorn(monkeypatch, capsys, engine):
+    from sirllm_agents_apps.cli import main
+
+    import sirllm_agents
+
+    made, ran = {}, {}
+
+    def fake_engine(model, config, max_live_sessions):
+        made.update(model=model, config=config, max_live_sessions=max_live_sessions)
+        return engine
+
+    monkeypatch.setattr(sirllm_agents, "Engine", fake_engine)
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: ran.update(app=app, host=host, port=port))
+    main(["serve", "--cache-size", "256", "--policy", "streaming", "--max-live-sessions", "3"])
+    assert made["config"].cache_size == 256 and made["config"].policy == "streaming" and made["max_live_sessions"] == 3
+    assert ran["host"] == "127.0.0.1" and ran["port"] == 8000
+    assert "warning" not in capsys.readouterr().err
+    main(["serve", "--host", "0.0.0.0", "--port", "9001"])
+    assert "warning" in capsys.readouterr().err and ran["host"] == "0.0.0.0"
+    main(["serve", "--host", "0.0.0.0", "--api-key", KEY])
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_serve_without_the_extra_says_how_to_install_it(monkeypatch, capsys):
+    import importlib.util
+
+    from sirllm_agents_apps.cli import main
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else find_spec(name, *a)
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve"])
+    assert exit_info.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "fastapi" in line and 'pip install "sirllm-agents-apps[serve]"' in line
+
+
+# -- a framework's OpenAI client --------------------------------------------------------------------------------------
+
+
+def test_langchain_chat_openai_tool_loop_continues_one_session(base_url, model, engine):
+    langchain_openai = pytest.importorskip("langchain_openai", reason="pip install langchain-openai")
+    from langchain_core.messages import HumanMessage, ToolMessage
+
+    llm = langchain_openai.ChatOpenAI(
+        base_url=f"{base_url}/v1", api_key="unused", model=model, temperature=0, max_tokens=60, max_retries=0
+    )
+    agent = llm.bind_tools([WEATHER], tool_choice="required")
+    messages = [HumanMessage(_unique("Check the weather in a few cities."))]
+    sessions_before = set(engine.pool.live_ids())
+    cache_reads = []
+    for step in range(6):
+        reply = agent.invoke(messages)
+        [call] = reply.tool_calls
+        assert call["name"] == "get_weather" and isinstance(call["args"]["city"], str)
+        cache_reads.append(reply.usage_metadata["input_token_details"]["cache_read"])
+        messages += [reply, ToolMessage(f"{10 + step} degrees", tool_call_id=call["id"])]
+    assert cache_reads[0] == 0 and all(a < b for a, b in itertools.pairwise(cache_reads))
+    assert len(set(engine.pool.live_ids()) - sessions_before) == 1  # the whole loop on one session
+
+    messages.append(HumanMessage("Thanks."))
+    plain = llm.invoke(messages, max_tokens=8)
+    streamed = "".join(chunk.content for chunk in llm.stream(messages, max_tokens=8))
+    assert plain.content and streamed == plain.content
