@@ -20,20 +20,19 @@ def reply_ids(model: Model, asked: Transcript, options: Sequence[str]) -> list[l
     the generation prompt and the end-of-turn marker (found by rendering an empty reply)."""
     template, tools = model.template, asked.tools
 
-    def render_reply(text: str) -> str:
-        return template.render(asked.messages + [{"role": "assistant", "content": text}], False, tools)
-
     prompt = template.render(asked.messages, add_generation_prompt=True, tools=tools)
-    end = render_reply("")
-    if not end.startswith(prompt):
-        raise ValueError("the chat template does not render a reply after its own generation prompt")
-    end = end[len(prompt) :]
+
+    def after_prompt(text: str) -> str:
+        """The rendering of ``text`` as the reply, past the generation prompt."""
+        rendered = template.render(asked.messages + [{"role": "assistant", "content": text}], False, tools)
+        if not rendered.startswith(prompt):
+            raise ValueError("the chat template does not render a reply after its own generation prompt")
+        return rendered[len(prompt) :]
+
+    end = after_prompt("")
     option_ids = []
     for option in options:
-        reply = render_reply(option)
-        if not reply.startswith(prompt):
-            raise ValueError("the chat template does not render a reply after its own generation prompt")
-        reply = reply[len(prompt) :]
+        reply = after_prompt(option)
         if end and reply.endswith(end):
             reply = reply[: -len(end)]
         ids = model.encode(reply)

@@ -310,7 +310,6 @@ class Session:
                 reply.session_id = self.session_id
                 self._close_turn(asked, prompt_ids, reply, turn)
                 self.cache.decay(self.config.decay)
-            turn.cache_len = len(self.cache)
             self._record(turn, completed=True)
             yield from shown.rest(reply)
             return reply
@@ -360,9 +359,8 @@ class Session:
             self.model.encode_marked(segment.text, [messages[i]["content"] for i in segment.messages])
             for segment in segments
         ]
-        new_tokens = (
-            sum(len(ids) for ids, _ in encoded) + 1
-        )  # +1: after a rollback the newest cached token is fed again
+        # +1: after a rollback the newest cached token is fed again.
+        new_tokens = sum(len(ids) for ids, _ in encoded) + 1
         if new_tokens + reserve <= self.cache.max_chunk:
             # Make room for the whole turn before any of it is cached, as StreamingLLM and SirLLM do: the turn's
             # own tokens (low-entropy template tokens included) then never compete for a place while it is running.

@@ -1,39 +1,14 @@
-"""Shared fixtures of the langchain-sirllm tests: a tiny random-weight engine for fast tests, and the embedded model
-(loaded once per test session through ``Engine.shared``)."""
+"""Shared fixtures of the langchain-sirllm tests: the repository's tiny random-weight engine for fast tests
+(``tests/sirllm_fixtures.py``), and the embedded model (loaded once per test session through ``Engine.shared``)."""
 
 from __future__ import annotations
 
 import inspect
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from sirllm_fixtures import tiny_engine, tokenizer  # noqa: F401  (the repository's shared tiny Llama engine)
 
 from sirllm_agents import Engine
-from sirllm_agents.loading import embedded_tokenizer
-
-
-@pytest.fixture(scope="session")
-def tiny_engine() -> Engine:
-    """A 2-layer random Llama over SmolLM2's tokenizer and chat template: fast, deterministic, and (under a grammar
-    constraint) as valid as a real model."""
-    tokenizer = embedded_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True,
-        initializer_range=0.3,
-    )
-    config._attn_implementation = "eager"
-    return Engine(LlamaForCausalLM(config).eval(), tokenizer=tokenizer)
 
 
 @pytest.fixture(scope="session")
