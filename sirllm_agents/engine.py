@@ -29,7 +29,9 @@ class Engine:
 
     ``Engine()`` loads the embedded SmolLM2-135M-Instruct (offline); ``Engine(model=...)`` takes a local folder, a hub
     id, a ``.gguf`` file, an already loaded ``PreTrainedModel`` together with ``tokenizer=``, or a
-    :class:`~sirllm_agents.model.Model`.
+    :class:`~sirllm_agents.model.Model`. ``backend`` picks what runs it: ``"torch"``, ``"llamacpp"`` (GGUF files, CPU)
+    or ``"auto"``, llama.cpp for a GGUF when it is installed (see :meth:`Model.load`, which takes the other loading
+    arguments).
 
     The engine also holds a pool of conversations for :meth:`chat` / :meth:`stream` / :meth:`achat`: each call goes
     to the session named by ``session_id``, else to the one whose transcript is the longest prefix of its messages.
@@ -44,9 +46,11 @@ class Engine:
         self,
         model: str | os.PathLike | PreTrainedModel | Model | None = None,
         *,
+        backend: str = "auto",
         tokenizer=None,
         device: str | torch.device = "cpu",
-        dtype: str | torch.dtype = torch.float32,
+        dtype: str | torch.dtype | None = None,
+        threads: int | None = None,
         trust_remote_code: bool = False,
         chat_template: str | None = None,
         max_live_sessions: int = DEFAULT_MAX_LIVE_SESSIONS,
@@ -59,9 +63,11 @@ class Engine:
         else:
             self.model = Model.load(
                 model,
+                backend=backend,
                 tokenizer=tokenizer,
                 device=device,
                 dtype=dtype,
+                threads=threads,
                 trust_remote_code=trust_remote_code,
                 chat_template=chat_template,
             )

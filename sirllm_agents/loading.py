@@ -1,7 +1,8 @@
 """Finding and loading a model: the embedded default, a GGUF file, a local folder or a hub id.
 
-GGUF files are dequantized by transformers (about 20 s for the embedded model), so the result is kept as
-safetensors in a user cache folder and later loads read that instead.
+The llama.cpp backend reads a GGUF file itself; only its tokenizer is converted (for transformers' chat templates).
+For the PyTorch backend, GGUF files are dequantized by transformers (about 20 s for the embedded model), so the
+result is kept as safetensors in a user cache folder and later loads read that instead.
 """
 
 from __future__ import annotations
@@ -64,7 +65,32 @@ def embedded_model_path() -> Path:
 
 def embedded_tokenizer() -> PreTrainedTokenizerBase:
     """The embedded model's tokenizer and chat template, without loading its weights."""
-    return AutoTokenizer.from_pretrained(_converted_gguf(embedded_model_path()))
+    return gguf_tokenizer(embedded_model_path())
+
+
+def gguf_file(model: str | os.PathLike | None) -> Path | None:
+    """The GGUF file ``model`` names (None: the embedded model's), or None when it names no GGUF file."""
+    if model is None:
+        return embedded_model_path()
+    if not str(model).endswith(".gguf"):
+        return None
+    path = Path(model).expanduser()
+    if not path.is_file():
+        raise ModelLoadError(f"model path not found: {model}")
+    return path
+
+
+def model_name(model: str | os.PathLike | None) -> str:
+    """How ``model`` is named in stats, session files and the server's model list."""
+    if model is None:
+        return "SmolLM2-135M-Instruct"
+    return Path(model).stem if str(model).endswith(".gguf") else str(model)
+
+
+def gguf_tokenizer(gguf: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer and chat template of a GGUF file, converted once into the user cache (its weights are not
+    read)."""
+    return AutoTokenizer.from_pretrained(_converted_gguf(gguf, weights=False))
 
 
 def load(
@@ -76,16 +102,9 @@ def load(
 ):
     """Load (model, tokenizer, name) for ``model``: None for the embedded default, a ``.gguf`` path, a local folder
     or a hub id."""
-    if model is None:
-        gguf = embedded_model_path()
-        folder, name = _converted_gguf(gguf), "SmolLM2-135M-Instruct"
-    elif str(model).endswith(".gguf"):
-        gguf = Path(model).expanduser()
-        if not gguf.is_file():
-            raise ModelLoadError(f"model path not found: {model}")
-        folder, name = _converted_gguf(gguf), gguf.stem
-    else:
-        folder, name = _local_or_hub(model), str(model)
+    gguf = gguf_file(model)
+    folder = _converted_gguf(gguf, weights=True) if gguf else _local_or_hub(model)
+    name = model_name(model)
     config = _checked_config(folder, trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     weights = AutoModelForCausalLM.from_pretrained(
@@ -122,29 +141,35 @@ def _checked_config(folder: str, trust_remote_code: bool):
     return config
 
 
-def _converted_gguf(gguf: Path) -> str:
-    """Dequantize a GGUF file once into a safetensors folder in the user cache, keyed by the file's identity."""
+def _converted_gguf(gguf: Path, weights: bool) -> str:
+    """Convert a GGUF file once into a folder in the user cache, keyed by the file's identity: its tokenizer, and
+    with ``weights`` its weights dequantized to safetensors (the PyTorch backend's input)."""
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     folder = cache_home() / "gguf" / f"{gguf.stem}-{key}"
     if (folder / "config.json").is_file():
-        return str(folder)
+        return str(folder)  # the full conversion holds the tokenizer too
+    if not weights:
+        folder = folder.with_name(f"{folder.name}-tokenizer")
+        if (folder / "tokenizer_config.json").is_file():
+            return str(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        weights = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # The weights are plain float32 now; transformers refuses to save a model still marked as GGUF-quantized, so
-        # write the config without that mark and the tensors with safetensors directly.
-        del weights.config.quantization_config
-        weights.config.save_pretrained(staging)
-        weights.generation_config.save_pretrained(staging)
-        save_model(weights, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        if weights:
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            # The weights are plain float32 now; transformers refuses to save a model still marked as
+            # GGUF-quantized, so write the config without that mark and the tensors with safetensors directly.
+            del model.config.quantization_config
+            model.config.save_pretrained(staging)
+            model.generation_config.save_pretrained(staging)
+            save_model(model, str(staging / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(staging)
         # Rename into place so a crash or a concurrent load never sees a half-written folder.
         os.replace(staging, folder)
     except OSError:
-        if not (folder / "config.json").is_file():
+        if not (folder / ("config.json" if weights else "tokenizer_config.json")).is_file():
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -4,6 +4,7 @@ once for it. Everything above (sessions, the pool) shares one :class:`Model`."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 from collections.abc import Sequence
@@ -46,14 +47,34 @@ class Model:
         cls,
         model: str | os.PathLike | PreTrainedModel | None = None,
         *,
+        backend: str = "auto",
         tokenizer=None,
         device: str | torch.device = "cpu",
-        dtype: str | torch.dtype = torch.float32,
+        dtype: str | torch.dtype | None = None,
+        threads: int | None = None,
         trust_remote_code: bool = False,
         chat_template: str | None = None,
     ) -> Model:
-        """Load ``model`` (see the class docstring) for the PyTorch backend."""
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        """Load ``model`` (see the class docstring) on ``backend``:
+
+        * ``"torch"``: transformers weights on ``device`` in ``dtype`` (float32 by default);
+        * ``"llamacpp"``: a GGUF file run by llama.cpp on the CPU with ``threads`` threads (default: torch's
+          intra-op thread count), needing the ``llamacpp`` extra;
+        * ``"auto"``: llama.cpp for a GGUF file (the embedded model is one) when ``llama-cpp-python`` is installed
+          and neither a device other than the CPU nor a torch dtype is asked for, else torch.
+        """
+        backend = _chosen_backend(backend, model, device, dtype)
+        if backend == "llamacpp":
+            from .runners.llamacpp import LlamaCppBackend  # optional: imported only when asked for
+
+            gguf = loading.gguf_file(model) if not isinstance(model, PreTrainedModel) else None
+            if gguf is None:
+                raise loading.ModelLoadError(
+                    f"backend='llamacpp' runs GGUF files; {model!r} is not one (use backend='torch')"
+                )
+            tokenizer = tokenizer or loading.gguf_tokenizer(gguf)
+            return cls(LlamaCppBackend(gguf, threads), tokenizer, loading.model_name(model), chat_template)
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.float32)
         if isinstance(model, PreTrainedModel):
             if tokenizer is None:
                 raise ValueError("an already loaded model needs its tokenizer: Engine(model, tokenizer=...)")
@@ -64,8 +85,9 @@ class Model:
             )
         return cls(TorchBackend(weights), tokenizer, name, chat_template)
 
-    def new_runner(self) -> ModelRunner:
-        return self.backend.new_runner()
+    def new_runner(self, capacity: int) -> ModelRunner:
+        """A runner for one conversation of at most ``capacity`` cached tokens."""
+        return self.backend.new_runner(capacity)
 
     @property
     def device(self) -> torch.device:
@@ -105,3 +127,27 @@ class Model:
         """The tokenizer as llguidance sees it, for grammar-constrained decoding (about a second for 49k tokens)."""
         vocab = max(len(self.tokenizer), self.backend.vocab_size)
         return llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=vocab, eos_token=sorted(self.stop_token_ids))
+
+
+BACKENDS = ("auto", "torch", "llamacpp")
+
+
+def _chosen_backend(backend: str, model, device, dtype) -> str:
+    """The backend ``backend`` names, with ``"auto"`` resolved (see :meth:`Model.load`)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    installed = importlib.util.find_spec("llama_cpp") is not None
+    if backend == "llamacpp":
+        if not installed:
+            raise loading.ModelLoadError(
+                "backend='llamacpp' needs llama-cpp-python: pip install 'sirllm-agents[llamacpp]' "
+                "(it builds from source, about 8 minutes)"
+            )
+        if torch.device(device).type != "cpu" or dtype is not None:
+            raise ValueError("the llama.cpp backend runs the GGUF's own weights on the CPU: drop device= and dtype=")
+        return backend
+    if backend == "auto":
+        on_cpu = torch.device(device).type == "cpu" and dtype is None
+        is_gguf = model is None or (isinstance(model, (str, os.PathLike)) and str(model).endswith(".gguf"))
+        return "llamacpp" if installed and on_cpu and is_gguf else "torch"
+    return backend

@@ -465,7 +465,9 @@ class Session:
             raise
 
     def _new_cache(self) -> SirLLMCache:
-        return SirLLMCache(self.model.new_runner(), self.policy, self.cache_size, self.model.token_shapes)
+        return SirLLMCache(
+            self.model.new_runner(self.cache_size), self.policy, self.cache_size, self.model.token_shapes
+        )
 
     def _reset(self) -> None:
         self.cache = self._new_cache()

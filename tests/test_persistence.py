@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from sirllm_fixtures import make_engine, write_gguf
 
 from sirllm_agents import Engine
 from sirllm_agents.persistence import SessionFileError
@@ -36,8 +37,8 @@ def test_a_loaded_session_equals_the_original_and_continues_with_the_same_reply(
     assert session.cache.template.any() and not session.cache.template.all()
     for name in ("token_ids", "scores", "positions", "turns", "template", "history_ids", "history_turns"):
         assert torch.equal(getattr(loaded.cache, name), getattr(session.cache, name)), name
-    for mine, theirs in zip(loaded.cache.runner.kv.layers, session.cache.runner.kv.layers):
-        assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)
+    for name, tensor in session.cache.runner.state().items():  # keys and values, or llama.cpp's sequence state
+        assert torch.equal(loaded.cache.runner.state()[name], tensor), name
     assert loaded.transcript == session.transcript and loaded.stats == session.stats
     assert (loaded.config, loaded.policy) == (session.config, session.policy)
 
@@ -48,18 +49,17 @@ def test_a_loaded_session_equals_the_original_and_continues_with_the_same_reply(
     tiny_engine.drop_session("conv-1")
 
 
-def test_a_session_resumed_in_a_new_process_gives_the_same_reply(tiny_engine, saved):
+def test_a_session_resumed_in_a_new_process_gives_the_same_reply(tiny_engine, tiny_gguf, saved):
     session, messages, path = saved
+    backend = tiny_engine.model.backend.name
     messages.append({"role": "user", "content": QUESTIONS[3]})
     expected = session.chat(messages, max_new_tokens=12).token_ids
     script = f"""
 import json, sys
 sys.path.insert(0, {str(TESTS)!r})
-from sirllm_fixtures import tiny_llama
-from sirllm_agents import Engine
+from sirllm_fixtures import make_engine
 from sirllm_agents.loading import embedded_tokenizer
-tokenizer = embedded_tokenizer()
-engine = Engine(tiny_llama(tokenizer), tokenizer=tokenizer)
+engine = make_engine({backend!r}, embedded_tokenizer(), {str(tiny_gguf)!r})
 session = engine.load_session({str(path)!r})
 print(json.dumps(session.chat(json.loads(sys.argv[1]), max_new_tokens=12).token_ids))
 """
@@ -149,12 +149,16 @@ def test_a_plain_safetensors_file_is_not_a_session(tiny_engine, tmp_path):
         tiny_engine.load_session(path)
 
 
-def test_another_model_or_dtype_is_refused(tokenizer, make_tiny_llama, saved):
+def test_another_model_or_dtype_is_refused(tokenizer, make_tiny_llama, tiny_engine, saved, tmp_path):
     _, _, path = saved
-    other = Engine(make_tiny_llama(seed=1), tokenizer=tokenizer)
-    with pytest.raises(SessionFileError, match=r"saved from another model \('llama', llama, 2 layers\)"):
+    backend = tiny_engine.model.backend.name
+    weights = make_tiny_llama(seed=1)
+    other = make_engine(backend, tokenizer, write_gguf(weights, tmp_path / "tiny-llama.gguf"), weights)
+    with pytest.raises(SessionFileError, match=r"saved from another model \('[^']+', llama.*, 2 layers\)"):
         other.load_session(path)
     assert other.pool.live_ids() == []
+    if backend == "llamacpp":
+        return  # a GGUF file fixes its own types
     half = Engine(make_tiny_llama().to(torch.bfloat16), tokenizer=tokenizer)
     with pytest.raises(SessionFileError, match="saved from a float32 model; this engine runs bfloat16"):
         half.load_session(path)

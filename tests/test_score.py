@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from sirllm_fixtures import held_lengths, score_atol
 
 from sirllm_agents.policies import CachedTokens
 
@@ -34,18 +35,16 @@ def conversation(session, turns: list[str]) -> list[dict]:
     return messages
 
 
-def test_option_logprobs_equal_one_forward_over_prompt_and_option(tiny_engine):
+def test_option_logprobs_equal_one_forward_over_prompt_and_option(tiny_engine, tiny_weights):
     session = tiny_engine.session(policy="full")
     messages = conversation(session, QUESTIONS[:2]) + [{"role": "user", "content": "What is the capital of France?"}]
     prompt = rendered_ids(tiny_engine, messages, add_generation_prompt=True)
     # SmolLM2's template writes an assistant message's content verbatim, so the option's tokens are its encoding.
-    expected = [
-        plain_logprob(tiny_engine.model.backend.weights, prompt, tiny_engine.model.encode(option)) for option in OPTIONS
-    ]
+    expected = [plain_logprob(tiny_weights, prompt, tiny_engine.model.encode(option)) for option in OPTIONS]
 
     scores = session.score(messages, OPTIONS)
 
-    assert scores == pytest.approx(expected, abs=1e-4)
+    assert scores == pytest.approx(expected, abs=score_atol(tiny_engine) * 4)  # a sum over the option's tokens
     assert all(s < 0 for s in scores)
 
 
@@ -59,7 +58,7 @@ def test_scoring_leaves_the_no_reply_state_and_the_next_call_prefills_only_the_n
     # Exactly the messages, no generation prompt, no option, and keys/values for every recorded token.
     assert session.cache.token_ids.tolist() == rendered_ids(tiny_engine, messages)
     assert session.transcript.messages == messages
-    assert [layer.keys.shape[2] for layer in session.cache.runner.kv.layers] == [len(session.cache)] * 2
+    assert held_lengths(session.cache.runner) == {len(session.cache)}
     assert session.stats.turns == turns_before  # no reply was recorded
 
     # The same as a session whose stream on these messages was abandoned.
@@ -70,8 +69,9 @@ def test_scoring_leaves_the_no_reply_state_and_the_next_call_prefills_only_the_n
     stream.close()
     assert torch.equal(session.cache.token_ids, other.cache.token_ids)
     assert torch.allclose(session.cache.scores, other.cache.scores, atol=1e-5)
-    for mine, theirs in zip(session.cache.runner.kv.layers, other.cache.runner.kv.layers):
-        assert torch.allclose(mine.keys, theirs.keys, atol=1e-5)
+    if tiny_engine.model.backend.name == "torch":  # llama.cpp's cells may sit in other slots after a rollback
+        for mine, theirs in zip(session.cache.runner.kv.layers, other.cache.runner.kv.layers):
+            assert torch.allclose(mine.keys, theirs.keys, atol=1e-5)
 
     # Appending the chosen answer and a new question prefills just those, and replies as a fresh session would.
     messages += [{"role": "assistant", "content": "B"}, {"role": "user", "content": "Why?"}]
@@ -109,7 +109,7 @@ def test_cache_bound_and_decay_hold_over_many_scored_turns(tiny_engine):
         scores = session.score(messages, options)
         assert len(scores) == 3 and all(s < 0 for s in scores)
         assert len(session.cache) <= cache_size
-        assert [layer.keys.shape[2] for layer in session.cache.runner.kv.layers] == [len(session.cache)] * 2
+        assert held_lengths(session.cache.runner) == {len(session.cache)}
         # Tokens that were cached before this call and stayed were decayed exactly once.
         stayed = torch.isin(session.cache.positions, kept_before)
         old = torch.isin(kept_before, session.cache.positions)

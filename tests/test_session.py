@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sirllm_fixtures import held_lengths, score_atol
 
 from sirllm_agents import ContextOverflowError, Engine
 from sirllm_agents.policies import CachedTokens, SirLLMPolicy
@@ -24,7 +25,7 @@ def surprisal_of_sequence(model, ids: list[int]) -> torch.Tensor:
     return -logprobs.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
 
 
-def test_full_policy_matches_generate_and_prefills_only_new_tokens(tiny_engine):
+def test_full_policy_matches_generate_and_prefills_only_new_tokens(tiny_engine, tiny_weights):
     session = tiny_engine.session(policy="full")
     messages = []
     for turn, text in enumerate(QUESTIONS):
@@ -34,7 +35,7 @@ def test_full_policy_matches_generate_and_prefills_only_new_tokens(tiny_engine):
         reply = session.chat(messages, max_new_tokens=12)
 
         with torch.no_grad():
-            expected = tiny_engine.model.backend.weights.generate(
+            expected = tiny_weights.generate(
                 torch.tensor([prompt]),
                 max_new_tokens=12,
                 do_sample=False,
@@ -53,26 +54,27 @@ def test_full_policy_matches_generate_and_prefills_only_new_tokens(tiny_engine):
         messages.append({"role": "assistant", "content": reply.text})
         # Nothing evicted: the cache holds exactly the rendering of the whole conversation.
         assert session.cache.token_ids.tolist() == rendered_ids(tiny_engine, messages)
-        assert [len(layer.keys[0, 0]) for layer in session.cache.runner.kv.layers] == [len(session)] * 2
+        assert held_lengths(session.cache.runner) == {len(session)}
     assert session.stats.turns == len(QUESTIONS)
     assert session.stats.restarts == 0
 
 
-def test_scores_are_token_surprisal_decayed_once_per_turn(converse, tiny_engine):
+def test_scores_are_token_surprisal_decayed_once_per_turn(converse, tiny_engine, tiny_weights):
     decay = 0.5
     session = tiny_engine.session(cache_size=2048, decay=decay)
     messages, _ = converse(session, QUESTIONS[:4])
     ids = session.cache.token_ids.tolist()
     assert ids == rendered_ids(tiny_engine, messages)
 
-    raw = surprisal_of_sequence(tiny_engine.model.backend.weights, ids)
+    raw = surprisal_of_sequence(tiny_weights, ids)
+    atol = score_atol(tiny_engine)
     completed = session.stats.turns
     assert completed == 4
     expected = raw * decay ** (completed - session.cache.turns[1:]).float()
-    torch.testing.assert_close(session.cache.scores[1:], expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(session.cache.scores[1:], expected, atol=atol, rtol=1e-4)
     # The very first token has nothing before it: it takes the highest score of its turn.
     first_turn = raw[session.cache.turns[1:] == 0]
-    torch.testing.assert_close(session.cache.scores[0], first_turn.max() * decay**completed, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(session.cache.scores[0], first_turn.max() * decay**completed, atol=atol, rtol=1e-4)
 
 
 def test_cache_bound_sinks_and_sirllm_kept_set_over_200_turns(converse, tiny_engine, monkeypatch):
@@ -98,7 +100,7 @@ def test_cache_bound_sinks_and_sirllm_kept_set_over_200_turns(converse, tiny_eng
     def checked_record(cache, *args, **kwargs):
         original_record(cache, *args, **kwargs)
         assert len(cache) <= 128
-        assert all(layer.keys.shape[2] == len(cache) for layer in cache.runner.kv.layers)
+        assert held_lengths(cache.runner) == {len(cache)}
 
     monkeypatch.setattr(cache_cls, "make_room", checked_make_room)
     monkeypatch.setattr(cache_cls, "_record", checked_record)
@@ -117,14 +119,14 @@ def test_policy_keeps_sinks_recent_and_top_scores():
     assert kept.tolist() == [0, 1, 3, 5, 8, 9]
 
 
-def test_retained_keys_equal_keys_computed_at_their_new_index(converse, tiny_engine):
+def test_retained_keys_equal_keys_computed_at_their_new_index(converse, tiny_torch_engine):
     """Layer 0 keys depend only on the token and its position, so after eviction and re-rotation they must equal
     the keys of the kept tokens computed afresh at cache indices 0..n-1."""
-    session = tiny_engine.session(cache_size=64, start_size=4)
+    session = tiny_torch_engine.session(cache_size=64, start_size=4)
     converse(session, QUESTIONS * 3, max_new_tokens=6)
     assert session.stats.evicted_tokens > 0
     ids = session.cache.token_ids.tolist()
-    fresh = tiny_engine.session(policy="full")
+    fresh = tiny_torch_engine.session(policy="full")
     with torch.no_grad():
         fresh.cache.ingest(ids, range(len(ids)), 0, [False] * len(ids))
     torch.testing.assert_close(
@@ -205,11 +207,11 @@ def test_abandoned_stream_rolls_back_the_partial_reply(converse, tiny_engine):
     assert retried.token_ids == fresh.token_ids
 
 
-def test_interrupt_inside_a_forward_leaves_the_session_consistent(converse, tiny_engine, monkeypatch):
-    session = tiny_engine.session(cache_size=256)
+def test_interrupt_inside_a_forward_leaves_the_session_consistent(converse, tiny_torch_engine, monkeypatch):
+    session = tiny_torch_engine.session(cache_size=256)
     messages, _ = converse(session, QUESTIONS[:2])
     messages.append({"role": "user", "content": QUESTIONS[2]})
-    layer = tiny_engine.model.backend.weights.model.layers[1]
+    layer = tiny_torch_engine.model.backend.weights.model.layers[1]
     calls = {"n": 0}
     original = layer.forward
 
@@ -223,10 +225,10 @@ def test_interrupt_inside_a_forward_leaves_the_session_consistent(converse, tiny
     with pytest.raises(KeyboardInterrupt):
         session.chat(messages, max_new_tokens=20)
     monkeypatch.undo()
-    assert [lay.keys.shape[2] for lay in session.cache.runner.kv.layers] == [len(session)] * 2
-    assert session.cache.token_ids.tolist() == rendered_ids(tiny_engine, messages)
+    assert held_lengths(session.cache.runner) == {len(session)}
+    assert session.cache.token_ids.tolist() == rendered_ids(tiny_torch_engine, messages)
     reply = session.chat(messages, max_new_tokens=10)
-    assert reply.token_ids == tiny_engine.session(cache_size=256).chat(messages, max_new_tokens=10).token_ids
+    assert reply.token_ids == tiny_torch_engine.session(cache_size=256).chat(messages, max_new_tokens=10).token_ids
 
 
 def test_streaming_pieces_join_to_the_reply(tiny_engine):
@@ -350,4 +352,4 @@ def test_a_fork_continues_like_the_original_and_never_changes_it(converse, tiny_
     assert (session.cache.token_ids.tolist(), session.transcript.length) == (before[0].tolist(), before[2])
     assert torch.equal(session.cache.scores, before[1])
     assert session.chat(question, max_new_tokens=10).token_ids == forked_reply.token_ids
-    assert [len(layer.keys[0, 0]) for layer in fork.cache.runner.kv.layers] == [len(fork)] * 2
+    assert held_lengths(fork.cache.runner) == {len(fork)}

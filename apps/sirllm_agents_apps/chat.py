@@ -146,6 +146,7 @@ class ChatLoop:
 def main(
     model: str | None = None,
     *,
+    backend: str = "auto",
     cache_size: int | None = None,
     policy: str = "sirllm",
     decay: float = 1.0,
@@ -155,6 +156,6 @@ def main(
 ) -> None:
     console = Console()
     with console.status("loading the model"):
-        engine = Engine(model)
+        engine = Engine(model, backend=backend)
     session = engine.load_session(load) if load else engine.session(cache_size=cache_size, policy=policy, decay=decay)
     ChatLoop(engine, session, console=console, system=system, max_new_tokens=max_new_tokens).run()

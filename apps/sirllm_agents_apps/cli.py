@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from sirllm_agents.model import BACKENDS
+
 from .bench import cli as bench_cli
 
 
@@ -18,10 +20,12 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--length", type=int, default=1200, help="the conversation's tokens")
     demo.add_argument("--budget", type=float, default=0.25, help="cache size as a share of the conversation")
     demo.add_argument("--model", default=None, help="model folder, hub id or .gguf file (default: embedded SmolLM2)")
+    demo.add_argument("--backend", default="auto", choices=BACKENDS, help="llamacpp for GGUF files, else torch")
     bench_cli.add_parser(commands)
 
     chat = commands.add_parser("chat", help="an interactive chat with /stats, /memory, /save, /load, /reset")
     chat.add_argument("--model", default=None, help="model folder, hub id or .gguf file (default: embedded SmolLM2)")
+    chat.add_argument("--backend", default="auto", choices=BACKENDS, help="llamacpp for GGUF files, else torch")
     chat.add_argument("--cache-size", type=int, default=None)
     chat.add_argument("--policy", default="sirllm", choices=("sirllm", "streaming", "full"))
     chat.add_argument("--decay", type=float, default=1.0)
@@ -36,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
 
     serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the serve extra)")
     serve.add_argument("--model", default=None, help="model folder, hub id or .gguf file (default: embedded SmolLM2)")
+    serve.add_argument("--backend", default="auto", choices=BACKENDS, help="llamacpp for GGUF files, else torch")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (also $SIRLLM_API_KEY)")
@@ -52,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "demo":
         from .demo import main as demo_main
 
-        demo_main(seed=args.seed, length=args.length, budget=args.budget, model=args.model)
+        demo_main(seed=args.seed, length=args.length, budget=args.budget, model=args.model, backend=args.backend)
     elif args.command == "bench":
         bench_cli.main(args)
     elif args.command == "chat":
@@ -60,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
 
         chat_main(
             args.model,
+            backend=args.backend,
             cache_size=args.cache_size,
             policy=args.policy,
             decay=args.decay,
@@ -104,7 +110,7 @@ def _serve(args: argparse.Namespace) -> None:
         config = SessionConfig(
             cache_size=args.cache_size, policy=args.policy, decay=args.decay, recent_size=args.recent_size
         )
-        engine = Engine(args.model, config=config, max_live_sessions=args.max_live_sessions)
+        engine = Engine(args.model, backend=args.backend, config=config, max_live_sessions=args.max_live_sessions)
     except ValueError as error:
         raise SystemExit(f"sirllm-agents serve: {error}") from None
     settings = ServerSettings(

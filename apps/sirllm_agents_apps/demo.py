@@ -38,10 +38,12 @@ def feed(session: Session, conversation: Conversation, on_turn) -> None:
         on_turn(end // 2, session.ingest(messages[:end]), len(session))
 
 
-def main(seed: int = 0, length: int = 1200, budget: float = 0.25, model: str | None = None) -> None:
+def main(
+    seed: int = 0, length: int = 1200, budget: float = 0.25, model: str | None = None, backend: str = "auto"
+) -> None:
     console = Console(highlight=False)
     with console.status("loading the model"):
-        engine = Engine(model)
+        engine = Engine(model, backend=backend)
     encode, template = engine.model.encode, engine.model.template
     conversation = generate(seed, length, lambda text: len(encode(text)), facts=1, update=False, kinds=KINDS)
     fact = conversation.facts[0]

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from sirllm_agents_apps.bench import agent_loop, data
+from sirllm_agents_apps.bench import agent_loop, backends, data
 from sirllm_agents_apps.bench.memory import POLICIES, Player, Setting, cloze_picks, key_share_in_cache, run_setting
 from sirllm_agents_apps.bench.plots import agent_loop_plot, memory_plot
 from sirllm_agents_apps.bench.report import report
@@ -205,7 +205,8 @@ def test_cli_writes_json_and_png_and_the_report_tables(tmp_path):
 @pytest.mark.slow
 def test_agent_loop_runs_each_available_peer_and_reports_what_it_skipped(tmp_path, capsys):
     pytest.importorskip("langchain_huggingface", reason="the stateless peer needs the bench extra")
-    results = agent_loop.run(["sirllm", "stateless", "llamacpp"], steps=3, cache_size=256, threads=1, time_limit=None)
+    peers = ["sirllm", "sirllm-llamacpp", "stateless", "llamacpp"]
+    results = agent_loop.run(peers, steps=3, cache_size=256, threads=1, time_limit=None)
     for name in ("sirllm", "stateless"):
         peer = results["peers"][name]
         assert len(peer["steps"]) == 3 and peer["stopped"] is None
@@ -214,12 +215,15 @@ def test_agent_loop_runs_each_available_peer_and_reports_what_it_skipped(tmp_pat
         assert histories == sorted(histories) and histories[0] > 60
         assert results["summary"][name]["peak_rss_mib"] > 100
     assert results["summary"]["stateless_over_sirllm"]["steps"] == 3
-    llamacpp = results["peers"]["llamacpp"]
-    if "skipped" in llamacpp:
-        assert "llama_cpp is not installed" in llamacpp["skipped"]
-        assert "llamacpp: skipped" in capsys.readouterr().out
-    else:
-        assert len(llamacpp["steps"]) == 3
+    printed = capsys.readouterr().out
+    for name in ("sirllm-llamacpp", "llamacpp"):
+        peer = results["peers"][name]
+        if "skipped" in peer:
+            assert "llama_cpp is not installed" in peer["skipped"]
+            assert f"{name}: skipped" in printed
+        else:
+            assert len(peer["steps"]) == 3 and peer["stopped"] is None
+            assert results["summary"][name]["decile_medians"][0] > 0
     (tmp_path / "agent-loop.json").write_text(json.dumps(results))
     assert "| sirllm |" in report(tmp_path)
 
@@ -380,3 +384,19 @@ def test_an_unknown_agent_loop_peer_is_refused_before_any_work(tmp_path):
     with pytest.raises(SystemExit, match="unknown peers"):
         cli(["bench", "agent-loop", "--peers", "sirllm,vllm", "--out", str(tmp_path / "results")])
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.slow
+def test_backends_bench_measures_each_variant_against_float32(tmp_path):
+    results = backends.run(n_prompts=2, tokens=4, threads=1)
+    variants = results["variants"]
+    assert variants["torch float32"]["decode_tokens_per_s"] > 0
+    for label in ("torch bfloat16", "torch int8 dynamic"):
+        agree = variants[label]["agreement_with_float32"]
+        assert 0 <= agree["identical_replies"] <= agree["mean_shared_prefix"] <= 1
+    if "llamacpp Q4_1" in variants:
+        assert results["llamacpp_session_overhead"]["ratio"] > 0
+    else:
+        assert results["llamacpp"].startswith("skipped")
+    (tmp_path / "backends-20261123-000000.json").write_text(json.dumps(results))
+    assert "| torch bfloat16 |" in report(tmp_path)

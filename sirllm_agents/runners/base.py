@@ -56,12 +56,23 @@ class ModelRunner(Protocol):
 class Backend(Protocol):
     """Weights loaded once, shared by every runner made from them."""
 
-    name: str  # "torch", "llamacpp"
+    name: str  # "torch" or "llamacpp"
     max_length: int  # positions the model was trained on
     vocab_size: int  # rows of its logits
 
-    def new_runner(self) -> ModelRunner: ...
+    def new_runner(self, capacity: int) -> ModelRunner:
+        """A runner for one conversation that will never hold more than ``capacity`` tokens."""
+        ...
+
+    def eos_token_ids(self) -> set[int]:
+        """The end-of-generation token ids the weights' own config names."""
+        ...
 
     def identity(self) -> dict[str, Any]:
         """What a cached state is only valid for: the architecture, dtype and a fingerprint of the weights."""
         ...
+
+
+def surprisal(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``-log softmax(logits)[target]`` per row, without materializing the log-softmax."""
+    return logits.logsumexp(-1) - logits.gather(-1, targets[:, None].to(logits.device))[:, 0]

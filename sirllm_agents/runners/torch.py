@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from .base import surprisal
 from .rope import KeyRotator
 
 
@@ -27,7 +28,8 @@ class TorchBackend:
         self.vocab_size: int = weights.get_output_embeddings().weight.shape[0]
         self._identity: dict[str, Any] | None = None
 
-    def new_runner(self) -> TorchRunner:
+    def new_runner(self, capacity: int) -> TorchRunner:
+        # A DynamicCache grows as needed: the capacity is the cache's to enforce.
         return TorchRunner(self)
 
     def eos_token_ids(self) -> set[int]:
@@ -76,13 +78,13 @@ class TorchRunner:
             input_ids=input_ids, position_ids=index[None], past_key_values=self.kv, use_cache=True
         )
         logits = out.logits[0].float()
-        surprisal = torch.empty(len(ids), dtype=torch.float32, device=logits.device)
+        scores = torch.empty(len(ids), dtype=torch.float32, device=logits.device)
         if len(ids) > 1:
-            surprisal[1:] = _surprisal(logits[:-1], input_ids[0, 1:])
-        surprisal[0] = torch.inf if self.logits is None else _surprisal(self.logits[None], input_ids[0, :1])[0]
+            scores[1:] = surprisal(logits[:-1], input_ids[0, 1:])
+        scores[0] = torch.inf if self.logits is None else surprisal(self.logits[None], input_ids[0, :1])[0]
         self.length += len(ids)
         self.logits = logits[-1]
-        return surprisal.cpu()
+        return scores.cpu()
 
     def retain(self, keep: torch.Tensor) -> None:
         delta = torch.arange(keep.numel()) - keep
@@ -130,8 +132,3 @@ class TorchRunner:
 
     def _filled_layers(self) -> list:
         return [layer for layer in self.kv.layers if layer.keys is not None and layer.keys.numel()]
-
-
-def _surprisal(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``-log softmax(logits)[target]`` per row, without materializing the log-softmax."""
-    return logits.logsumexp(-1) - logits.gather(-1, targets[:, None].to(logits.device))[:, 0]

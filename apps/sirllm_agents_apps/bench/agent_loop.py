@@ -3,7 +3,9 @@
 Each step appends a ~60-token tool result (as a user message: ``ChatHuggingFace`` takes no tool messages) and asks
 for a reply of at most 24 tokens, greedily. Peers:
 
-* ``sirllm``: ``ChatSirLLM`` (``langchain_sirllm``): only the new messages are prefilled, into a bounded cache;
+* ``sirllm``: ``ChatSirLLM`` (``langchain_sirllm``) on the PyTorch backend (float32 weights dequantized from the
+  GGUF): only the new messages are prefilled, into a bounded cache;
+* ``sirllm-llamacpp``: the same on the llama.cpp backend (the GGUF's own Q4_1 weights);
 * ``stateless``: ``ChatHuggingFace`` over a local ``HuggingFacePipeline`` (``langchain-huggingface``), which
   re-prefills the whole history every step;
 * ``llamacpp``: ``llama-cpp-python`` on the GGUF file the embedded model ships in, which reuses the prompt prefix it
@@ -25,15 +27,16 @@ import tempfile
 import time
 from pathlib import Path
 
-PEERS = ("sirllm", "stateless", "llamacpp")
+PEERS = ("sirllm", "sirllm-llamacpp", "stateless", "llamacpp")
 # The modules each peer imports beyond the library. The LangChain ones come with the bench extra (``bench`` checks
 # them before any work); llama-cpp-python is optional (the library's ``llamacpp`` extra): its peer is skipped without.
 PEER_NEEDS = {
     "sirllm": ["langchain_core", "langchain_sirllm"],
+    "sirllm-llamacpp": ["langchain_core", "langchain_sirllm", "llama_cpp"],
     "stateless": ["langchain_core", "langchain_huggingface"],
     "llamacpp": ["llama_cpp"],
 }
-OPTIONAL_PEERS = ("llamacpp",)
+OPTIONAL_PEERS = ("sirllm-llamacpp", "llamacpp")
 REPLY_TOKENS = 24
 SYSTEM = "You are an order-tracking agent. After each tool result, state the next action in one short sentence."
 TASK = "Track every order in my account and tell me what to do about each one."
@@ -61,14 +64,15 @@ class Peer:
 
 
 class SirLLMPeer(Peer):
-    def __init__(self, cache_size: int):
+    def __init__(self, cache_size: int, backend: str, threads: int):
         from langchain_sirllm import ChatSirLLM
 
         from sirllm_agents.engine import Engine
 
         self.overflow = f"nothing: SirLLM evicts within a cache of {cache_size} tokens"
-        self.chat = ChatSirLLM(engine=Engine(), max_tokens=REPLY_TOKENS, cache_size=cache_size)
-        self.backend = "langchain_sirllm.ChatSirLLM"
+        engine = Engine(backend=backend, threads=threads)
+        self.chat = ChatSirLLM(engine=engine, max_tokens=REPLY_TOKENS, cache_size=cache_size)
+        self.backend = f"langchain_sirllm.ChatSirLLM on the {backend} backend"
 
     def reply(self, messages: list[dict]) -> str:
         return self.chat.invoke(_langchain_messages(messages)).content
@@ -125,8 +129,8 @@ def _langchain_messages(messages: list[dict]):
 
 
 def make_peer(name: str, cache_size: int, threads: int) -> Peer:
-    if name == "sirllm":
-        return SirLLMPeer(cache_size)
+    if name in ("sirllm", "sirllm-llamacpp"):
+        return SirLLMPeer(cache_size, "torch" if name == "sirllm" else "llamacpp", threads)
     if name == "stateless":
         return StatelessPeer()
     return LlamaCppPeer(threads)
@@ -259,9 +263,12 @@ def summarize(results: dict) -> dict:
         }
         if len(steps) >= 30:
             entry["flatness"] = statistics.median(seconds[-10:]) / statistics.median(seconds[10:20])
+        # By tenths of the steps asked for, so peers that stopped early compare on the steps they did.
+        tenths = [seconds[i * results["steps"] // 10 : (i + 1) * results["steps"] // 10] for i in range(10)]
+        entry["decile_medians"] = [statistics.median(t) if t else None for t in tenths]
         summary[name] = entry
     base = summary.get("sirllm")
-    for other in ("stateless", "llamacpp"):
+    for other in ("sirllm-llamacpp", "stateless", "llamacpp"):
         if base and other in summary:
             done = min(base["steps_done"], summary[other]["steps_done"])
             mine = sum(s["seconds"] for s in results["peers"]["sirllm"]["steps"][:done])

@@ -7,6 +7,8 @@ import json
 import time
 from pathlib import Path
 
+from sirllm_agents.model import BACKENDS
+
 from .. import extras
 from .recall_data import SUBJECTS
 
@@ -41,6 +43,7 @@ def add_parser(commands) -> None:
             help="which option log-likelihood picks the reply appended to the conversation",
         )
         p.add_argument("--model", default=None, help="model folder, hub id or .gguf file (default: embedded SmolLM2)")
+        p.add_argument("--backend", default="auto", choices=BACKENDS, help="llamacpp for GGUF files, else torch")
         _common(p)
     recall = tasks.add_parser(
         "recall", help="the project's recall suite: generated conversations, cloze and generation"
@@ -73,6 +76,7 @@ def add_parser(commands) -> None:
         help="cloze only: skip the greedy replies (most of a small model's time)",
     )
     recall.add_argument("--model", default=None, help="model folder, hub id or .gguf file (default: embedded SmolLM2)")
+    recall.add_argument("--backend", default="auto", choices=BACKENDS, help="llamacpp for GGUF files, else torch")
     _common(recall)
     loop = tasks.add_parser("agent-loop", help="per-step latency and memory of SirLLM against stateless and llama.cpp")
     loop.add_argument("--steps", type=int, default=100)
@@ -80,6 +84,12 @@ def add_parser(commands) -> None:
     loop.add_argument("--cache-size", type=int, default=1024)
     loop.add_argument("--time-limit", type=float, default=None, help="seconds after which a peer stops early")
     _common(loop)
+    backends = tasks.add_parser(
+        "backends", help="llama.cpp session overhead; PyTorch float32, bfloat16 and int8: speed and greedy agreement"
+    )
+    backends.add_argument("--prompts", type=int, default=50, help="one-turn conversations to decode")
+    backends.add_argument("--tokens", type=int, default=32, help="greedy tokens per reply")
+    _common(backends)
     report = tasks.add_parser("report", help="the markdown tables of every JSON result in a folder")
     report.add_argument("--results", default="bench-results")
 
@@ -141,6 +151,11 @@ def main(args: argparse.Namespace) -> None:
 
         results = _recall(args, threads)
         plot = plots.recall_plot
+    elif args.task == "backends":
+        from . import backends, plots
+
+        results = backends.run(args.prompts, args.tokens, threads, progress=lambda label: print(f"measuring {label}"))
+        plot = plots.backends_plot
     else:
         from . import plots
 
@@ -186,7 +201,7 @@ def _memory(args: argparse.Namespace, threads: int) -> dict:
         sizes = [None] if policy == "full" else args.cache_size
         decays = args.decay if policy == "sirllm" else [1.0]
         settings += [Setting(policy, size, decay) for size in sizes for decay in decays]
-    engine = Engine(args.model)
+    engine = Engine(args.model, backend=args.backend)
     turns = sum(len(e.turns) for e in episodes)
     runs = []
     with Progress() as progress:
@@ -236,7 +251,7 @@ def _recall(args: argparse.Namespace, threads: int) -> dict:
             for decay in (args.decay if entropy else [1.0])
             for recent in (args.recent if entropy else [0.0])
         ]
-    engine = Engine(args.model)
+    engine = Engine(args.model, backend=args.backend)
     count = lambda text: len(engine.model.encode(text))  # noqa: E731
     runs = []
     with Progress() as progress:

@@ -151,3 +151,19 @@ def recall_plot(results: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def backends_plot(results: dict, path: Path) -> None:
+    """Decode speed per backend variant, and greedy agreement with PyTorch float32."""
+    plt = _pyplot()
+    variants = results["variants"]
+    labels = list(variants)
+    fig, (speed, agree) = plt.subplots(1, 2, figsize=(11, 4))
+    speed.barh(labels, [variants[v]["decode_tokens_per_s"] for v in labels])
+    speed.set(xlabel="decode tokens / s (median)", title=f"speed ({results['threads']} threads)")
+    scored = [v for v in labels if "agreement_with_float32" in variants[v]]
+    agree.barh(scored, [variants[v]["agreement_with_float32"]["identical_replies"] for v in scored])
+    agree.set(xlim=(0, 1), xlabel=f"replies equal to float32's ({results['tokens']} tokens)", title="agreement")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

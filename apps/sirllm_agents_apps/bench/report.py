@@ -87,10 +87,18 @@ def _agent_table(results: dict) -> list[str]:
             f"{s['peak_rss_mib']:.0f} | {s['rss_growth_mib']:.0f} | {peer['overflow']} | "
             f"{peer['stopped'] or '-'} |"
         )
-    for other in ("stateless", "llamacpp"):
+    for other in ("sirllm-llamacpp", "stateless", "llamacpp"):
         ratio = summary.get(f"{other}_over_sirllm")
         if ratio:
             lines.append(f"\n{other} time / sirllm time over the first {ratio['steps']} steps: {ratio['ratio']:.2f}")
+    deciles = {name: s["decile_medians"] for name, s in summary.items() if "decile_medians" in s}
+    if deciles:
+        lines += ["", "Median step latency (s) per tenth of the loop:", ""]
+        lines.append("| peer | " + " | ".join(f"{10 * i}-{10 * i + 10}%" for i in range(10)) + " |")
+        lines.append("| --- |" + " ---: |" * 10)
+        for name, medians in deciles.items():
+            cells = " | ".join("-" if m is None else f"{m:.2f}" for m in medians)
+            lines.append(f"| {name} | {cells} |")
     return lines
 
 
@@ -129,12 +137,34 @@ def _recall_table(results: dict) -> list[str]:
     return lines
 
 
+def _backends_table(results: dict) -> list[str]:
+    lines = [
+        f"### Backends: {results['prompts']} prompts, {results['tokens']} greedy tokens, {results['threads']} threads",
+        "",
+        "| variant | prefill tok/s | decode tok/s | replies equal to float32's | shared prefix |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for label, v in results["variants"].items():
+        agree = v.get("agreement_with_float32")
+        same = f"{agree['identical_replies']:.0%} | {agree['mean_shared_prefix']:.0%}" if agree else "(reference) | "
+        lines.append(f"| {label} | {v['prefill_tokens_per_s']:.0f} | {v['decode_tokens_per_s']:.1f} | {same} |")
+    overhead = results.get("llamacpp_session_overhead")
+    if overhead:
+        lines.append(
+            f"\nllama.cpp session decode: {overhead['session_s_per_token'] * 1000:.1f} ms/token against a bare "
+            f"llama.cpp loop's {overhead['bare_s_per_token'] * 1000:.1f} ms (x{overhead['ratio']:.2f})"
+        )
+    elif "llamacpp" in results:
+        lines.append(f"\nllama.cpp: {results['llamacpp']}")
+    return lines
+
+
 def report(folder: str | Path) -> str:
     """Markdown for every ``*.json`` result in ``folder``, by task, oldest first."""
     sections = []
     for path in sorted(Path(folder).glob("*.json")):  # names are TASK-TIMESTAMP
         results = json.loads(path.read_text())
-        tables = {"agent-loop": _agent_table, "recall": _recall_table}
+        tables = {"agent-loop": _agent_table, "recall": _recall_table, "backends": _backends_table}
         table = tables.get(results["task"], _memory_table)(results)
         sections.append("\n".join(table + ["", f"(from `{path.name}`)"]))
     return "\n\n".join(sections) + "\n"

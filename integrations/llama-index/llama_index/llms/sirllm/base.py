@@ -95,8 +95,13 @@ class SirLLM(FunctionCallingLLM):
         description="What LlamaIndex is told the model takes. Unbounded by default: eviction keeps any history "
         "within cache_size. Set it (e.g. to cache_size) to make LlamaIndex pack prompts that fit without eviction.",
     )
-    device: str = Field(default="cpu", description="Where the model runs when SirLLM loads it.")
-    dtype: str = Field(default="float32", description="Weights' dtype when SirLLM loads the model.")
+    backend: str = Field(
+        default="auto",
+        description="What runs the model when SirLLM loads it: 'torch', 'llamacpp' (GGUF files, CPU), or 'auto' "
+        "(llama.cpp for a GGUF when installed and no torch device or dtype is asked for).",
+    )
+    device: str = Field(default="cpu", description="Where the model runs when SirLLM loads it (torch backend).")
+    dtype: str | None = Field(default=None, description="Weights' dtype when SirLLM loads the model (torch backend).")
     session_id: str | None = Field(
         default=None,
         min_length=1,
@@ -113,7 +118,9 @@ class SirLLM(FunctionCallingLLM):
         if engine is not None and kwargs.get("model") is not None:
             raise ValueError("pass either engine= (an already loaded model) or model=, not both")
         super().__init__(**kwargs)
-        self._engine = engine if engine is not None else Engine(self.model, device=self.device, dtype=self.dtype)
+        if engine is None:
+            engine = Engine(self.model, backend=self.backend, device=self.device, dtype=self.dtype)
+        self._engine = engine
         self._session = self._engine.session(self.config)
         self._side_session = self._engine.session(self.config)
 
