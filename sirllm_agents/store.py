@@ -10,8 +10,9 @@ Two replicas must never serve one session at once, so a shared store grants **le
 session's lease to have it in memory, serve it, save it or delete it:
 
 - ``<key>.lease`` is a JSON record ``{"session_id", "owner", "token", "expires"}``; ``expires`` is wall-clock time.
-  Every read-modify-write of it happens under an exclusive ``fcntl.flock`` on ``<key>.lock``, so two processes never
-  both see a lease free and take it.
+  Every read-modify-write of it happens under an exclusive ``fcntl.flock`` on one of 256 lock files in ``.locks/``
+  (chosen by the key's first two hex digits, so their number stays fixed however many sessions come and go), so two
+  processes never both see a lease free and take it.
 - Taking a lease that another owner holds and that has not expired raises :class:`SessionBusyError` with a
   ``retry_after``. An expired lease (its holder died or stalled) may be taken over.
 - The holder renews its leases every third of ``lease_seconds`` from a background thread, for as long as the session
@@ -233,8 +234,11 @@ class SharedDirectoryStore(DirectoryStore):
 
     @contextmanager
     def _guard(self, session_id: str) -> Iterator[None]:
-        """Exclusive access to the session's lease record, across processes."""
-        with open(self.folder / f"{file_key(session_id)}.lock", "a") as file:
+        """Exclusive access to the session's lease record, across processes (and threads: each call opens its own
+        file description, and flock excludes between descriptions)."""
+        locks = self.folder / ".locks"
+        locks.mkdir(exist_ok=True)
+        with open(locks / f"{file_key(session_id)[:2]}.lock", "a") as file:
             fcntl.flock(file.fileno(), fcntl.LOCK_EX)
             try:
                 yield

@@ -137,8 +137,8 @@ def test_two_replica_processes_hand_a_conversation_over_and_never_share_it(model
             third = raw.parse()
             assert third.choices[0].message.content == expected[2]
             assert third.usage.prompt_tokens_details.cached_tokens > body["usage"]["prompt_tokens"]
-    leftovers = sorted({path.suffix for path in store.iterdir()})
-    assert leftovers == [".lock", ".safetensors"]  # every lease given up when the replicas stopped
+    leftovers = sorted(path.suffix for path in store.iterdir() if path.is_file())
+    assert leftovers == [".safetensors"]  # one session, and every lease given up when the replicas stopped
 
 
 @pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed (apt-get install nginx)")
