@@ -666,3 +666,27 @@ def test_eight_clients_driving_four_conversations_get_the_serial_replies(base_ur
         assert conversation["cached"][0] == 0 and all(cached > 0 for cached in conversation["cached"][1:])
         assert len(set(conversation["sessions"])) == 1
     assert len({c["sessions"][0] for c in conversations}) == 4
+
+
+# -- the load benchmark -----------------------------------------------------------------------------------------------
+
+
+def test_the_load_benchmark_compares_stateful_and_stateless_runs(base_url):
+    from sirllm_agents_apps.bench import serve_load
+
+    assert serve_load.percentile([4.0, 1.0, 3.0, 2.0], 0.5) == 2.5 and serve_load.percentile([1.0, 2.0], 0.95) == 1.95
+    results = serve_load.run(conversations=2, turns=3, max_tokens=4, url=base_url)
+    stateful, stateless = results["modes"]
+    assert (stateful["mode"], stateless["mode"]) == ("stateful", "stateless")
+    for mode in (stateful, stateless):
+        assert mode["requests"] == 6 and mode["latency_p50"] <= mode["latency_p95"]
+        assert [(r["conversation"], r["turn"]) for r in mode["per_request"]] == [
+            (c, t) for c in (0, 1) for t in (0, 1, 2)
+        ]
+    # The same greedy conversations both ways: equal prompts; only the stateful run reuses them.
+    assert [r["prompt_tokens"] for r in stateful["per_request"]] == [
+        r["prompt_tokens"] for r in stateless["per_request"]
+    ]
+    assert stateless["cached_tokens"] == 0
+    assert all((r["cached_tokens"] > 0) == (r["turn"] > 0) for r in stateful["per_request"])
+    assert "| stateful | 6 |" in serve_load.table(results)
