@@ -156,7 +156,7 @@ class SessionPool:
     def _revive(self, session_id: str | None, config: SessionConfig | None, named: bool) -> Session:
         """Read a spilled session back, or start a new one (also when its file cannot be read: the caller's messages
         hold the whole conversation, so a fresh session still gives the right reply, only slower). Takes the
-        session's lease first (see the class docstring)."""
+        session's lease first (see the module docstring)."""
         if session_id is not None:
             try:
                 self.store.acquire(session_id)

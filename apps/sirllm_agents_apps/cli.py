@@ -117,6 +117,8 @@ def _serve(args: argparse.Namespace) -> None:
     for name in ("max_queue", "max_body_bytes", "max_tokens"):
         if getattr(args, name) < 1:
             raise SystemExit(f"sirllm-agents serve: --{name.replace('_', '-')} must be at least 1")
+    if args.handoff_idle < 0:
+        raise SystemExit("sirllm-agents serve: --handoff-idle must be at least 0")
     try:
         config = SessionConfig(
             cache_size=args.cache_size, policy=args.policy, decay=args.decay, recent_size=args.recent_size
