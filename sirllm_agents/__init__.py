@@ -11,11 +11,13 @@ from .policies import ContextOverflowError, FullPolicy, Policy, SirLLMPolicy, St
 from .replies import Reply, ReplyStream, TextDelta, ToolCallDelta
 from .runners.rope import UnsupportedModelError
 from .session import AsyncReplyStream, Session, SessionStats, TurnStats
+from .store import DirectoryStore, SessionBusyError, SessionStore, SharedDirectoryStore
 from .tools import ToolCall
 
 __all__ = [
     "AsyncReplyStream",
     "ContextOverflowError",
+    "DirectoryStore",
     "Engine",
     "FullPolicy",
     "GenerationConfig",
@@ -27,9 +29,12 @@ __all__ = [
     "Reply",
     "ReplyStream",
     "Session",
+    "SessionBusyError",
     "SessionConfig",
     "SessionFileError",
     "SessionStats",
+    "SessionStore",
+    "SharedDirectoryStore",
     "SirLLMPolicy",
     "StreamingPolicy",
     "TextDelta",

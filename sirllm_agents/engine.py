@@ -16,6 +16,7 @@ from .model import Model
 from .pool import SessionPool
 from .replies import Event, Reply, ReplyStream
 from .session import AsyncReplyStream, Session
+from .store import SessionStore
 
 DEFAULT_MAX_LIVE_SESSIONS = 16
 DEFAULT_MAX_SPILLED_SESSIONS = 1024
@@ -39,7 +40,8 @@ class Engine:
     private temporary folder by default) and read back when its conversation returns. At most
     ``max_spilled_sessions`` files are kept: past that the longest-idle one is deleted, and if its conversation
     returns it starts afresh from the messages sent (the right reply, after a full re-prefill). Pooled sessions are
-    made with ``config`` (a :class:`SessionConfig`).
+    made with ``config`` (a :class:`SessionConfig`). ``store`` replaces ``spill_dir`` with any
+    :class:`~sirllm_agents.store.SessionStore`, e.g. a ``SharedDirectoryStore`` shared by several server processes.
     """
 
     def __init__(
@@ -57,6 +59,7 @@ class Engine:
         max_spilled_sessions: int = DEFAULT_MAX_SPILLED_SESSIONS,
         spill_dir: str | os.PathLike | None = None,
         config: SessionConfig | None = None,
+        store: SessionStore | None = None,
     ):
         if isinstance(model, Model):
             self.model = model
@@ -77,6 +80,7 @@ class Engine:
             max_spilled_sessions=max_spilled_sessions,
             spill_dir=spill_dir,
             config=config or SessionConfig(),
+            store=store,
         )
 
     @classmethod

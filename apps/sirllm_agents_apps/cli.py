@@ -52,6 +52,23 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--max-queue", type=int, default=16, help="chat requests in flight or waiting; past it, 429")
     serve.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="largest request body; past it, 413")
     serve.add_argument("--max-tokens", type=int, default=512, help="a reply's bound when the request gives none")
+    serve.add_argument(
+        "--session-store",
+        default=None,
+        metavar="DIR",
+        help="a folder shared with other replicas: sessions spill there and move between servers, one at a time",
+    )
+    serve.add_argument("--replica-name", default=None, help="this server's name in session leases (default host:pid)")
+    serve.add_argument(
+        "--lease-seconds", type=float, default=30.0, help="a session lease's length, renewed while held (default 30)"
+    )
+    serve.add_argument(
+        "--handoff-idle",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="with --session-store, hand a session idle this long to the store (default 30)",
+    )
 
     args = parser.parse_args(argv)
     if args.command == "demo":
@@ -92,7 +109,7 @@ def _serve(args: argparse.Namespace) -> None:
     require("sirllm-agents serve", ["fastapi", "uvicorn"], SERVE_EXTRA)
     import uvicorn
 
-    from sirllm_agents import Engine, SessionConfig
+    from sirllm_agents import Engine, SessionConfig, SharedDirectoryStore
 
     from .server import ServerSettings, create_app
 
@@ -106,11 +123,18 @@ def _serve(args: argparse.Namespace) -> None:
     for name in ("max_queue", "max_body_bytes", "max_tokens"):
         if getattr(args, name) < 1:
             raise SystemExit(f"sirllm-agents serve: --{name.replace('_', '-')} must be at least 1")
+    if args.handoff_idle < 0:
+        raise SystemExit("sirllm-agents serve: --handoff-idle must be at least 0")
     try:
         config = SessionConfig(
             cache_size=args.cache_size, policy=args.policy, decay=args.decay, recent_size=args.recent_size
         )
-        engine = Engine(args.model, backend=args.backend, config=config, max_live_sessions=args.max_live_sessions)
+        store = None
+        if args.session_store is not None:
+            store = SharedDirectoryStore(args.session_store, owner=args.replica_name, lease_seconds=args.lease_seconds)
+        engine = Engine(
+            args.model, backend=args.backend, config=config, max_live_sessions=args.max_live_sessions, store=store
+        )
     except ValueError as error:
         raise SystemExit(f"sirllm-agents serve: {error}") from None
     settings = ServerSettings(
@@ -118,6 +142,7 @@ def _serve(args: argparse.Namespace) -> None:
         max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes,
         default_max_tokens=args.max_tokens,
+        handoff_idle_seconds=args.handoff_idle,
     )
     print(f"sirllm-agents serve: {engine.model.name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level="info")

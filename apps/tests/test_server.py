@@ -477,14 +477,15 @@ def test_serve_builds_the_engine_warns_off_loopback_and_runs_uvicorn(monkeypatch
 
     made, ran = {}, {}
 
-    def fake_engine(model, config, max_live_sessions):
-        made.update(model=model, config=config, max_live_sessions=max_live_sessions)
+    def fake_engine(model, config, max_live_sessions, store):
+        made.update(model=model, config=config, max_live_sessions=max_live_sessions, store=store)
         return engine
 
     monkeypatch.setattr(sirllm_agents, "Engine", fake_engine)
     monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: ran.update(app=app, host=host, port=port))
     main(["serve", "--cache-size", "256", "--policy", "streaming", "--max-live-sessions", "3"])
     assert made["config"].cache_size == 256 and made["config"].policy == "streaming" and made["max_live_sessions"] == 3
+    assert made["store"] is None  # a private spill folder unless --session-store names a shared one
     assert ran["host"] == "127.0.0.1" and ran["port"] == 8000
     assert "warning" not in capsys.readouterr().err
     main(["serve", "--host", "0.0.0.0", "--port", "9001"])
@@ -512,27 +513,180 @@ def test_serve_without_the_extra_says_how_to_install_it(monkeypatch, capsys):
 # -- a framework's OpenAI client --------------------------------------------------------------------------------------
 
 
-def test_langchain_chat_openai_tool_loop_continues_one_session(base_url, model, engine):
+def test_langchain_chat_openai_30_step_tool_loop_reuses_the_history_each_step(base_url, model, engine):
     langchain_openai = pytest.importorskip("langchain_openai", reason="pip install langchain-openai")
     from langchain_core.messages import HumanMessage, ToolMessage
 
     llm = langchain_openai.ChatOpenAI(
-        base_url=f"{base_url}/v1", api_key="unused", model=model, temperature=0, max_tokens=60, max_retries=0
+        base_url=f"{base_url}/v1", api_key="unused", model=model, temperature=0, max_tokens=40, max_retries=0
     )
     agent = llm.bind_tools([WEATHER], tool_choice="required")
     messages = [HumanMessage(_unique("Check the weather in a few cities."))]
     sessions_before = set(engine.pool.live_ids())
-    cache_reads = []
-    for step in range(6):
+    prompts, cache_reads = [], []
+    for step in range(30):
         reply = agent.invoke(messages)
         [call] = reply.tool_calls
         assert call["name"] == "get_weather" and isinstance(call["args"]["city"], str)
+        prompts.append(reply.usage_metadata["input_tokens"])
         cache_reads.append(reply.usage_metadata["input_token_details"]["cache_read"])
         messages += [reply, ToolMessage(f"{10 + step} degrees", tool_call_id=call["id"])]
-    assert cache_reads[0] == 0 and all(a < b for a, b in itertools.pairwise(cache_reads))
+    assert cache_reads[0] == 0
+    # Each step reuses the whole previous prompt and the call it got back; only the tool's result and the next
+    # assistant header are prefilled (a few tokens, not the growing history).
+    for step in range(1, 30):
+        assert prompts[step - 1] < cache_reads[step] < prompts[step], step
+        assert prompts[step] - cache_reads[step] <= 20, (step, prompts[step], cache_reads[step])
     assert len(set(engine.pool.live_ids()) - sessions_before) == 1  # the whole loop on one session
 
     messages.append(HumanMessage("Thanks."))
     plain = llm.invoke(messages, max_tokens=8)
     streamed = "".join(chunk.content for chunk in llm.stream(messages, max_tokens=8))
     assert plain.content and streamed == plain.content
+
+
+def test_llama_index_openai_like_chat_stream_and_async(base_url, model, engine):
+    openai_like = pytest.importorskip("llama_index.llms.openai_like", reason="pip install llama-index-llms-openai-like")
+    from llama_index.core.llms import ChatMessage
+
+    llm = openai_like.OpenAILike(
+        api_base=f"{base_url}/v1",
+        api_key="unused",
+        model=model,
+        is_chat_model=True,
+        is_function_calling_model=True,
+        temperature=0,
+        max_tokens=10,
+        max_retries=0,
+    )
+    opening = _unique("Say something about trees.")
+    messages = [ChatMessage(role="user", content=opening)]
+    first = llm.chat(messages)
+    reference = engine.session()
+    expected = reference.chat([_user(opening)], max_new_tokens=10)
+    assert first.message.content == expected.content
+    assert first.raw.usage.prompt_tokens_details.cached_tokens == 0
+
+    # The next turn continues the same session: its history comes from the cache.
+    messages += [first.message, ChatMessage(role="user", content="And about rivers?")]
+    streamed = list(llm.stream_chat(messages))
+    again = reference.chat(
+        [_user(opening), {"role": "assistant", "content": expected.content}, _user("And about rivers?")],
+        max_new_tokens=10,
+    )
+    assert streamed[-1].message.content == again.content
+    assert (
+        asyncio.run(llm.acomplete("Name a colour.")).text
+        == engine.session().chat([_user("Name a colour.")], max_new_tokens=10).content
+    )
+
+    # A tool call through LlamaIndex's function-calling path comes back structured.
+    from llama_index.core.tools import FunctionTool
+    from pydantic import BaseModel, Field
+
+    class City(BaseModel):
+        city: str = Field(max_length=10)  # a bound the random model's string needs to close
+
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        return f"12 degrees in {city}"
+
+    tool = FunctionTool.from_defaults(fn=get_weather, fn_schema=City)
+    llm.max_tokens = 60  # room for the whole call
+    response = llm.chat_with_tools([tool], user_msg=_unique("Weather in Oslo?"), tool_required=True)
+    [selection] = llm.get_tool_calls_from_response(response, error_on_no_tool_call=True)
+    assert selection.tool_name == "get_weather" and isinstance(selection.tool_kwargs["city"], str)
+
+
+def test_eight_clients_driving_four_conversations_get_the_serial_replies(base_url, model):
+    """Two clients per conversation take its turns in alternation, four conversations at once, routed by prefix (no
+    session header): every conversation's greedy replies equal a serial run's, and each turn after the first reuses the
+    history the other client's turn left in the cache."""
+    turns = 6
+    openings = [_unique(f"Conversation {i} begins.") for i in range(4)]
+
+    def turn_text(turn: int) -> str:
+        return f"Turn {turn}: tell me more."
+
+    def serial(i: int) -> list[str]:
+        client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
+        messages, replies = [_user(openings[i])], []
+        headers = {"X-Session-Id": uuid.uuid4().hex}  # a session of its own, apart from the concurrent run's
+        for turn in range(turns):
+            if turn:
+                messages.append(_user(turn_text(turn)))
+            content = (
+                client.chat.completions.create(model=model, messages=messages, max_tokens=8, extra_headers=headers)
+                .choices[0]
+                .message.content
+            )
+            replies.append(content)
+            messages.append({"role": "assistant", "content": content})
+        return replies
+
+    expected = [serial(i) for i in range(4)]
+
+    conversations = [{"messages": [_user(openings[i])], "replies": [], "cached": [], "sessions": []} for i in range(4)]
+    conditions = [threading.Condition() for _ in range(4)]
+    failures: list[BaseException] = []
+
+    def client_loop(i: int, parity: int) -> None:
+        client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)  # one client each
+        conversation, condition = conversations[i], conditions[i]
+        try:
+            for turn in range(parity, turns, 2):
+                with condition:
+                    assert condition.wait_for(lambda turn=turn: len(conversation["replies"]) == turn, timeout=120)
+                    messages = list(conversation["messages"])
+                if turn:
+                    messages.append(_user(turn_text(turn)))
+                raw = client.chat.completions.with_raw_response.create(model=model, messages=messages, max_tokens=8)
+                completion = raw.parse()
+                content = completion.choices[0].message.content
+                with condition:
+                    conversation["messages"] = [*messages, {"role": "assistant", "content": content}]
+                    conversation["replies"].append(content)
+                    conversation["cached"].append(completion.usage.prompt_tokens_details.cached_tokens)
+                    conversation["sessions"].append(raw.headers["X-Session-Id"])
+                    condition.notify_all()
+        except BaseException as error:  # reported by the test's assertion below
+            failures.append(error)
+            with condition:
+                conversation["replies"].append(None)  # lets the other client stop waiting
+                condition.notify_all()
+
+    threads = [threading.Thread(target=client_loop, args=(i, parity)) for i in range(4) for parity in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=240)
+    assert not failures, failures
+    assert [c["replies"] for c in conversations] == expected
+    for conversation in conversations:
+        assert conversation["cached"][0] == 0 and all(cached > 0 for cached in conversation["cached"][1:])
+        assert len(set(conversation["sessions"])) == 1
+    assert len({c["sessions"][0] for c in conversations}) == 4
+
+
+# -- the load benchmark -----------------------------------------------------------------------------------------------
+
+
+def test_the_load_benchmark_compares_stateful_and_stateless_runs(base_url):
+    from sirllm_agents_apps.bench import serve_load
+
+    assert serve_load.percentile([4.0, 1.0, 3.0, 2.0], 0.5) == 2.5 and serve_load.percentile([1.0, 2.0], 0.95) == 1.95
+    results = serve_load.run(conversations=2, turns=3, max_tokens=4, url=base_url)
+    stateful, stateless = results["modes"]
+    assert (stateful["mode"], stateless["mode"]) == ("stateful", "stateless")
+    for mode in (stateful, stateless):
+        assert mode["requests"] == 6 and mode["latency_p50"] <= mode["latency_p95"]
+        assert [(r["conversation"], r["turn"]) for r in mode["per_request"]] == [
+            (c, t) for c in (0, 1) for t in (0, 1, 2)
+        ]
+    # The same greedy conversations both ways: equal prompts; only the stateful run reuses them.
+    assert [r["prompt_tokens"] for r in stateful["per_request"]] == [
+        r["prompt_tokens"] for r in stateless["per_request"]
+    ]
+    assert stateless["cached_tokens"] == 0
+    assert all((r["cached_tokens"] > 0) == (r["turn"] > 0) for r in stateful["per_request"])
+    assert "| stateful | 6 |" in serve_load.table(results)

@@ -20,6 +20,9 @@ def _numbers(kind):
     return lambda text: [kind(x) for x in text.split(",")]
 
 
+SERVE_EXTRA = 'pip install "sirllm-agents-apps[serve]"'
+
+
 def add_parser(commands) -> None:
     """Add ``bench`` to the ``sirllm-agents`` subcommands."""
     bench = commands.add_parser("bench", help="benchmarks: the paper's memory tasks, the agent loop, the report")
@@ -90,6 +93,14 @@ def add_parser(commands) -> None:
     backends.add_argument("--prompts", type=int, default=50, help="one-turn conversations to decode")
     backends.add_argument("--tokens", type=int, default=32, help="greedy tokens per reply")
     _common(backends)
+    serve = tasks.add_parser("serve", help="load on the HTTP server: concurrent conversations, stateful and stateless")
+    serve.add_argument("--conversations", type=int, default=4, help="conversations sent concurrently")
+    serve.add_argument("--turns", type=int, default=6, help="turns per conversation")
+    serve.add_argument("--max-tokens", type=int, default=32, help="each reply's bound")
+    serve.add_argument("--url", default=None, help="a running server (default: one started here on 127.0.0.1)")
+    serve.add_argument("--model", default=None, help="the model of the server started here (default: embedded)")
+    serve.add_argument("--cache-size", type=int, default=None)
+    _common(serve)
     report = tasks.add_parser("report", help="the markdown tables of every JSON result in a folder")
     report.add_argument("--results", default="bench-results")
 
@@ -103,7 +114,7 @@ def needs(args: argparse.Namespace) -> list[str]:
     """The modules of the bench extra that ``args.task`` imports: matplotlib for every task's plot; for the agent
     loop also psutil and each chosen peer's (see ``agent_loop.PEER_NEEDS``; llama.cpp is not in the extra, and its peer
     is skipped when missing). The report needs none."""
-    if args.task == "report":
+    if args.task in ("report", "serve"):  # serve needs the serve extra, checked when it starts its server
         return []
     if args.task != "agent-loop":
         return ["matplotlib"]
@@ -141,6 +152,17 @@ def main(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y%m%d-%H%M%S")
+    if args.task == "serve":
+        from . import serve_load
+
+        if args.url is None:
+            extras.require("sirllm-agents bench serve", ["fastapi", "uvicorn"], SERVE_EXTRA)
+        results = serve_load.run(args.conversations, args.turns, args.max_tokens, args.url, args.model, args.cache_size)
+        results["threads"] = threads
+        stem = _write_new(out / f"serve-{started}", json.dumps(results, indent=1))
+        print(serve_load.table(results), end="")
+        print(f"wrote {stem}.json")
+        return
     if args.task == "agent-loop":
         from . import agent_loop, plots
 

@@ -159,12 +159,27 @@ def _backends_table(results: dict) -> list[str]:
     return lines
 
 
+def _serve_table(results: dict) -> list[str]:
+    from .serve_load import table
+
+    head = (
+        f"### serve: {results['conversations']} conversations x {results['turns']} turns, {results['model']}, "
+        f"replies of at most {results['max_tokens']} tokens"
+    )
+    return [head, "", table(results).rstrip("\n")]
+
+
 def report(folder: str | Path) -> str:
     """Markdown for every ``*.json`` result in ``folder``, by task, oldest first."""
     sections = []
     for path in sorted(Path(folder).glob("*.json")):  # names are TASK-TIMESTAMP
         results = json.loads(path.read_text())
-        tables = {"agent-loop": _agent_table, "recall": _recall_table, "backends": _backends_table}
+        tables = {
+            "agent-loop": _agent_table,
+            "recall": _recall_table,
+            "backends": _backends_table,
+            "serve": _serve_table,
+        }
         table = tables.get(results["task"], _memory_table)(results)
         sections.append("\n".join(table + ["", f"(from `{path.name}`)"]))
     return "\n\n".join(sections) + "\n"

@@ -6,6 +6,11 @@ transcript is the longest prefix of the messages (a client resending the whole c
 included, continues its session and only the new turn is prefilled), else a new one. The session's id comes back in
 the ``X-Session-Id`` response header. Decoding runs in the engine's worker threads, so the event loop keeps serving;
 a client that goes away mid-stream has its stream closed, and the session rolls the partial reply back.
+
+With a shared session store (``Engine(store=SharedDirectoryStore(...))``) several of these servers are replicas of one
+service: a session another replica holds is answered 409 with ``Retry-After``, sessions idle for
+``ServerSettings.handoff_idle_seconds`` are saved to the store and their leases given up, and every session is handed
+over when the server stops.
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +32,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sirllm_agents import ContextOverflowError, Engine, Reply, TextDelta, ToolCallDelta
+from sirllm_agents import ContextOverflowError, Engine, Reply, SessionBusyError, TextDelta, ToolCallDelta
 
 from .metrics import Metrics
 from .schemas import ChatCompletionRequest
@@ -39,7 +46,9 @@ class ServerSettings:
     """``api_key``: when set, ``/v1/*`` and ``/metrics`` need ``Authorization: Bearer <key>``. ``model_names``:
     the names a request's ``model`` may give besides the served model's own name (default ``sirllm``).
     ``max_queue``: chat requests being decoded or waiting, past which the server answers 429. ``max_body_bytes``:
-    the largest request body (413 past it). ``default_max_tokens``: a reply's bound when the request gives none."""
+    the largest request body (413 past it). ``default_max_tokens``: a reply's bound when the request gives none.
+    ``handoff_idle_seconds``: with a shared store, a session idle this long is saved to the store and its lease given
+    up, so another replica may continue it (None: only when spilled for room or when the server stops)."""
 
     api_key: str | None = None
     model_names: tuple[str, ...] = (MODEL_ALIAS,)
@@ -47,6 +56,7 @@ class ServerSettings:
     max_body_bytes: int = 8 * 1024 * 1024
     default_max_tokens: int = 512
     retry_after_seconds: int = 1
+    handoff_idle_seconds: float | None = 30.0
 
 
 class APIError(Exception):
@@ -103,7 +113,23 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     state = _State(engine, settings)
     served = engine.model.name
     accepted = {served, *settings.model_names}
-    app = FastAPI(title="sirllm-agents", docs_url=None, redoc_url=None, openapi_url=None)
+    replica = getattr(engine.pool.store, "owner", None)  # a shared store's name for this server
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        shared = engine.pool.store.shared
+        handoff = None
+        if shared and settings.handoff_idle_seconds is not None:
+            handoff = asyncio.create_task(_hand_off_idle(engine, settings.handoff_idle_seconds))
+        try:
+            yield
+        finally:
+            if handoff is not None:
+                handoff.cancel()
+            if shared:  # stopping: every session goes to the store, for the other replicas to continue
+                await asyncio.to_thread(engine.pool.spill_all)
+
+    app = FastAPI(title="sirllm-agents", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.sirllm = state
 
     @app.exception_handler(APIError)
@@ -140,6 +166,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
             "live_sessions": len(engine.pool.live_ids()),
             "spilled_sessions": len(engine.pool.spilled_ids()),
             "requests_in_flight": state.in_flight,
+            "replica": getattr(engine.pool.store, "owner", None),
         }
 
     @app.get("/v1/models")
@@ -220,6 +247,8 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
             session = await asyncio.to_thread(engine.route, messages, session_header, tools=options.get("tools"))
         except ValueError as error:
             raise _bad_request(error) from None
+        except SessionBusyError as error:
+            raise _busy(error) from None
         new_session = session_header is None and not session.transcript.messages
 
         def forget_new_session() -> None:  # a refused first call leaves no empty session behind
@@ -228,6 +257,8 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
 
         stream = engine.astream(messages, session.session_id, **options)
         headers = {"X-Session-Id": session.session_id}
+        if replica is not None:
+            headers["X-Replica"] = replica
         created = int(time.time())
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if not chat.stream:
@@ -236,6 +267,8 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
             except ValueError as error:
                 forget_new_session()
                 raise _bad_request(error) from None
+            except SessionBusyError as error:  # lost to another replica between routing and decoding
+                raise _busy(error) from None
             finally:
                 with anyio.CancelScope(shield=True):
                     await stream.aclose()
@@ -253,6 +286,8 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
             if isinstance(error, ValueError):
                 forget_new_session()
                 raise _bad_request(error) from None
+            if isinstance(error, SessionBusyError):
+                raise _busy(error) from None
             raise
         chunk = _Chunks(completion_id, created, served, chat.stream_options and chat.stream_options.include_usage)
 
@@ -311,6 +346,24 @@ async def _read_body(request: Request, limit: int) -> bytes:
         if len(body) > limit:
             raise too_large
     return bytes(body)
+
+
+async def _hand_off_idle(engine: Engine, idle_seconds: float) -> None:
+    """Save sessions idle for ``idle_seconds`` to the shared store and give their leases up, checking a few times
+    per period."""
+    while True:
+        await asyncio.sleep(max(idle_seconds / 4, 0.05))
+        await asyncio.to_thread(engine.pool.spill_idle, idle_seconds)
+
+
+def _busy(error: SessionBusyError) -> APIError:
+    return APIError(
+        409,
+        f"{error} (another replica is serving this session; route it there, or retry)",
+        type="conflict_error",
+        code="session_busy",
+        headers={"Retry-After": str(max(1, math.ceil(error.retry_after)))},
+    )
 
 
 def _bad_request(error: ValueError) -> APIError:
