@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from sirllm_fixtures import BACKENDS, LLAMACPP_MISSING, make_engine, tiny_llama, write_gguf
+from sirllm_fixtures import BACKENDS, LLAMACPP_MISSING, held_lengths, make_engine, tiny_llama, write_gguf
 
 from sirllm_agents import Engine
 from sirllm_agents.loading import ModelLoadError, embedded_model_path
@@ -150,3 +150,31 @@ def test_bad_backend_choices_name_the_problem(tokenizer):
         Engine(tiny_llama(tokenizer), tokenizer=tokenizer, backend="llamacpp")
     with pytest.raises(ValueError, match="drop device= and dtype="):
         Engine(backend="llamacpp", dtype="bfloat16")
+
+
+def test_an_interrupt_after_a_decode_leaves_the_session_consistent(tokenizer, tiny_gguf, monkeypatch):
+    """llama.cpp has cached a decode's tokens when the interrupt comes: the rollback must remove them too."""
+    import sirllm_agents.runners.llamacpp as backend
+
+    engine = Engine(tiny_gguf, backend="llamacpp", tokenizer=tokenizer)
+    session = engine.session(cache_size=256)
+    messages = [{"role": "user", "content": "Name three colours."}]
+    messages.append({"role": "assistant", "content": session.chat(messages, max_new_tokens=6).text})
+    messages.append({"role": "user", "content": "And three animals?"})
+    real, calls = backend.llama.llama_decode, {"n": 0}
+
+    def decode_then_interrupt(context, batch):
+        status = real(context, batch)
+        calls["n"] += 1
+        if calls["n"] == 4:  # mid-reply, after llama.cpp cached the token
+            raise KeyboardInterrupt
+        return status
+
+    monkeypatch.setattr(backend.llama, "llama_decode", decode_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        session.chat(messages, max_new_tokens=12)
+    monkeypatch.undo()
+    assert held_lengths(session.cache.runner) == {len(session)}
+    retried = session.chat(messages, max_new_tokens=8)
+    assert retried.stats.restarts == 0
+    assert retried.token_ids == engine.session(cache_size=256).chat(messages, max_new_tokens=8).token_ids

@@ -236,6 +236,7 @@ def _memory(args: argparse.Namespace, threads: int) -> dict:
     return {
         "task": args.task,
         "model": engine.model.name,
+        "backend": engine.model.backend.name,
         "data": str(args.data),
         "limit": args.limit,
         "episodes": len(episodes),
@@ -299,6 +300,7 @@ def _recall(args: argparse.Namespace, threads: int) -> dict:
     return {
         "task": "recall",
         "model": engine.model.name,
+        "backend": engine.model.backend.name,
         "conversations": args.conversations,
         "seed": args.seed,
         "facts": args.facts,
