@@ -161,24 +161,22 @@ class LlamaCppRunner:
 
     def retain(self, keep: torch.Tensor) -> None:
         keep = keep.tolist()
-        # Remove the gaps between kept indices, then move each kept run down to its new indices, oldest first (so a
-        # run never lands on cells another run still occupies).
-        runs, removed, start = [], 0, 0
+        # Remove the gaps between kept indices, then shift each run of consecutive kept indices down to its new
+        # indices, oldest first (a run never lands on cells another run still holds). The calls take microseconds;
+        # unlike the PyTorch runner's swap, an interrupt between two of them would leave the sequence half moved.
+        start = 0
         for index in keep + [self.length]:
             if index > start:
                 self._remove(start, index)
-                removed += index - start
             start = index + 1
         begin = 0
         while begin < len(keep):
             end = begin
             while end + 1 < len(keep) and keep[end + 1] == keep[end] + 1:
                 end += 1
-            runs.append((keep[begin], keep[end] + 1, begin - keep[begin]))
+            if keep[begin] != begin:
+                llama.llama_memory_seq_add(self.memory, SEQUENCE, keep[begin], keep[end] + 1, begin - keep[begin])
             begin = end + 1
-        for first, stop, delta in runs:
-            if delta:
-                llama.llama_memory_seq_add(self.memory, SEQUENCE, first, stop, delta)
         self.length = len(keep)
 
     def _remove(self, start: int, stop: int) -> None:
