@@ -72,7 +72,8 @@ class Model:
                 raise loading.ModelLoadError(
                     f"backend='llamacpp' runs GGUF files; {model!r} is not one (use backend='torch')"
                 )
-            tokenizer = tokenizer or loading.gguf_tokenizer(gguf)
+            if tokenizer is None:
+                tokenizer = loading.gguf_tokenizer(gguf)
             return cls(LlamaCppBackend(gguf, threads), tokenizer, loading.model_name(model), chat_template)
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.float32)
         if isinstance(model, PreTrainedModel):

@@ -9,7 +9,7 @@ from sirllm_agents_apps import demo
 
 
 def test_demo_shows_each_policy_and_what_its_cache_holds_of_the_fact(tiny_engine, monkeypatch, capsys):
-    monkeypatch.setattr(demo, "Engine", lambda model: tiny_engine)
+    monkeypatch.setattr(demo, "Engine", lambda model, backend: tiny_engine)
     monkeypatch.setattr(demo, "Console", lambda **options: Console(width=300, **options))
     demo.main(seed=1, length=400, budget=0.25)
     out = capsys.readouterr().out

@@ -477,8 +477,8 @@ def test_serve_builds_the_engine_warns_off_loopback_and_runs_uvicorn(monkeypatch
 
     made, ran = {}, {}
 
-    def fake_engine(model, config, max_live_sessions, store):
-        made.update(model=model, config=config, max_live_sessions=max_live_sessions, store=store)
+    def fake_engine(model, backend, config, max_live_sessions, store):
+        made.update(model=model, backend=backend, config=config, max_live_sessions=max_live_sessions, store=store)
         return engine
 
     monkeypatch.setattr(sirllm_agents, "Engine", fake_engine)
@@ -486,6 +486,7 @@ def test_serve_builds_the_engine_warns_off_loopback_and_runs_uvicorn(monkeypatch
     main(["serve", "--cache-size", "256", "--policy", "streaming", "--max-live-sessions", "3"])
     assert made["config"].cache_size == 256 and made["config"].policy == "streaming" and made["max_live_sessions"] == 3
     assert made["store"] is None  # a private spill folder unless --session-store names a shared one
+    assert made["backend"] == "auto"
     assert ran["host"] == "127.0.0.1" and ran["port"] == 8000
     assert "warning" not in capsys.readouterr().err
     main(["serve", "--host", "0.0.0.0", "--port", "9001"])
