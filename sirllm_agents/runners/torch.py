@@ -25,7 +25,7 @@ class TorchBackend:
         config = weights.config.get_text_config(decoder=True)
         self.config = config
         self.max_length: int = config.max_position_embeddings
-        self.vocab_size: int = weights.get_output_embeddings().weight.shape[0]
+        self.vocab_size: int = weights.get_output_embeddings().out_features  # also on quantized heads
         self._identity: dict[str, Any] | None = None
 
     def new_runner(self, capacity: int) -> TorchRunner:
