@@ -100,6 +100,11 @@ def add_parser(commands) -> None:
     serve.add_argument("--url", default=None, help="a running server (default: one started here on 127.0.0.1)")
     serve.add_argument("--model", default=None, help="the model of the server started here (default: embedded)")
     serve.add_argument("--cache-size", type=int, default=None)
+    serve.add_argument(
+        "--llamacpp-server",
+        action="store_true",
+        help="then the same conversations on llama-cpp-python's own server (needs llama-cpp-python[server])",
+    )
     _common(serve)
     report = tasks.add_parser("report", help="the markdown tables of every JSON result in a folder")
     report.add_argument("--results", default="bench-results")
@@ -157,7 +162,15 @@ def main(args: argparse.Namespace) -> None:
 
         if args.url is None:
             extras.require("sirllm-agents bench serve", ["fastapi", "uvicorn"], SERVE_EXTRA)
-        results = serve_load.run(args.conversations, args.turns, args.max_tokens, args.url, args.model, args.cache_size)
+        results = serve_load.run(
+            args.conversations,
+            args.turns,
+            args.max_tokens,
+            args.url,
+            args.model,
+            args.cache_size,
+            llamacpp_threads=threads if args.llamacpp_server else None,
+        )
         results["threads"] = threads
         stem = _write_new(out / f"serve-{started}", json.dumps(results, indent=1))
         print(serve_load.table(results), end="")

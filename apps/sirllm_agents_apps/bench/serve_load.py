@@ -37,6 +37,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def _conversation(url: str, index: int, turns: int, max_tokens: int, stateless: bool, out: list[dict]) -> None:
+    """One conversation's turns; llama.cpp's server reports no reused tokens, recorded as None."""
     import httpx
 
     session_id = f"bench-{uuid.uuid4().hex}"
@@ -59,14 +60,16 @@ def _conversation(url: str, index: int, turns: int, max_tokens: int, stateless: 
                     "turn": turn,
                     "seconds": seconds,
                     "prompt_tokens": usage["prompt_tokens"],
-                    "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"],
+                    "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens"),
                     "completion_tokens": usage["completion_tokens"],
                 }
             )
             messages.append({"role": "assistant", "content": data["choices"][0]["message"]["content"]})
 
 
-def run_mode(url: str, conversations: int, turns: int, max_tokens: int, stateless: bool) -> dict[str, Any]:
+def run_mode(
+    url: str, conversations: int, turns: int, max_tokens: int, stateless: bool, mode: str | None = None
+) -> dict[str, Any]:
     """One mode's figures over ``conversations`` concurrent conversations of ``turns`` turns."""
     requests: list[dict] = []
     threads = [
@@ -83,7 +86,7 @@ def run_mode(url: str, conversations: int, turns: int, max_tokens: int, stateles
         raise RuntimeError(f"only {len(requests)} of {conversations * turns} requests succeeded")
     latencies = [r["seconds"] for r in requests]
     return {
-        "mode": "stateless" if stateless else "stateful",
+        "mode": mode or ("stateless" if stateless else "stateful"),
         "requests": len(requests),
         "wall_seconds": wall,
         "requests_per_second": len(requests) / wall,
@@ -92,7 +95,9 @@ def run_mode(url: str, conversations: int, turns: int, max_tokens: int, stateles
         "latency_p95": percentile(latencies, 0.95),
         "latency_mean": statistics.fmean(latencies),
         "prompt_tokens": sum(r["prompt_tokens"] for r in requests),
-        "cached_tokens": sum(r["cached_tokens"] for r in requests),
+        "cached_tokens": None
+        if any(r["cached_tokens"] is None for r in requests)
+        else sum(r["cached_tokens"] for r in requests),
         "last_turn_latency_p50": percentile([r["seconds"] for r in requests if r["turn"] == turns - 1], 0.5),
         "per_request": sorted(requests, key=lambda r: (r["conversation"], r["turn"])),
     }
@@ -128,6 +133,40 @@ def local_server(model: str | None, cache_size: int | None, max_live_sessions: i
         thread.join(60)
 
 
+@contextlib.contextmanager
+def llamacpp_server(threads: int) -> Iterator[str]:
+    """llama-cpp-python's own OpenAI-compatible server on the embedded GGUF, in a child process on a free port of
+    127.0.0.1 (its context: the model's 8192 tokens); yields its URL."""
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    from sirllm_agents.loading import embedded_model_path
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_model_path())]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--n_ctx", "8192", "--n_threads", str(threads)]
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            if child.poll() is not None:
+                raise RuntimeError("llama.cpp's server exited at start: pip install 'llama-cpp-python[server]'")
+            try:
+                httpx.get(f"{url}/v1/models", timeout=1).raise_for_status()
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        yield url
+    finally:
+        child.terminate()
+        child.wait(30)
+
+
 def run(
     conversations: int,
     turns: int,
@@ -135,14 +174,20 @@ def run(
     url: str | None = None,
     model: str | None = None,
     cache_size: int | None = None,
+    llamacpp_threads: int | None = None,
 ) -> dict[str, Any]:
-    """Both modes, stateful first, against ``url`` or a server started here; the results as JSON data."""
+    """Both modes, stateful first, against ``url`` or a server started here; with ``llamacpp_threads``, then the same
+    conversations against llama.cpp's own server on the embedded model. The results as JSON data."""
     with contextlib.ExitStack() as stack:
         if url is None:
             url = stack.enter_context(local_server(model, cache_size, max_live_sessions=4 * conversations))
         # One short request first so that neither mode pays the first call's warm-up.
         run_mode(url, 1, 1, 2, stateless=True)
         modes = [run_mode(url, conversations, turns, max_tokens, stateless) for stateless in (False, True)]
+    if llamacpp_threads:
+        with llamacpp_server(llamacpp_threads) as cpp:
+            run_mode(cpp, 1, 1, 2, stateless=True)
+            modes.append(run_mode(cpp, conversations, turns, max_tokens, False, mode="llama.cpp server"))
     return {
         "task": "serve",
         "conversations": conversations,
@@ -163,6 +208,7 @@ def table(results: dict[str, Any]) -> str:
         lines.append(
             f"| {m['mode']} | {m['requests']} | {m['wall_seconds']:.1f} | {m['requests_per_second']:.2f} | "
             f"{m['generated_tokens_per_second']:.1f} | {m['latency_p50']:.2f} | {m['latency_p95']:.2f} | "
-            f"{m['last_turn_latency_p50']:.2f} | {m['prompt_tokens']} | {m['cached_tokens']} |"
+            f"{m['last_turn_latency_p50']:.2f} | {m['prompt_tokens']} | "
+            f"{'-' if m['cached_tokens'] is None else m['cached_tokens']} |"
         )
     return "\n".join(lines) + "\n"
