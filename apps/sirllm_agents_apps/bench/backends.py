@@ -58,9 +58,9 @@ def bare_llamacpp_per_token(model: Model, conversation: list[dict], tokens: int,
     params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as the backend runs
     context = llama.llama_init_from_model(model.backend.model, params)
     try:
-        prompt = model.encode(model.template.render(conversation, add_generation_prompt=True))
-        batch = llama.llama_batch_get_one((llama.llama_token * len(prompt))(*prompt), len(prompt))
-        if llama.llama_decode(context, batch) != 0:
+        ids = model.encode(model.template.render(conversation, add_generation_prompt=True))
+        prompt = (llama.llama_token * len(ids))(*ids)  # the batch points into it: keep it alive through the decode
+        if llama.llama_decode(context, llama.llama_batch_get_one(prompt, len(ids))) != 0:
             raise RuntimeError("llama_decode failed on the prompt")
         vocab = model.backend.vocab_size
         token = int(np.argmax(np.ctypeslib.as_array(llama.llama_get_logits_ith(context, -1), shape=(vocab,))))
