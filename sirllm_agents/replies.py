@@ -82,7 +82,8 @@ class ReplyStream:
         try:
             return next(self._events)
         except StopIteration as done:
-            self.reply = done.value
+            if self.reply is None:  # an exhausted generator stops again without the reply
+                self.reply = done.value
             raise
 
     def text(self) -> Iterator[str]:

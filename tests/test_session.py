@@ -237,6 +237,7 @@ def test_streaming_pieces_join_to_the_reply(tiny_engine):
     pieces = list(stream.text())
     assert "".join(pieces) == stream.reply.text
     assert all(pieces) and not any("\ufffd" in p for p in pieces)
+    assert stream.finish() is stream.reply  # finishing an exhausted stream still gives its reply
 
 
 def test_stop_string_is_cut_and_never_streamed(tiny_engine):

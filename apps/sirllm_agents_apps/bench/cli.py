@@ -92,6 +92,7 @@ def add_parser(commands) -> None:
     )
     backends.add_argument("--prompts", type=int, default=50, help="one-turn conversations to decode")
     backends.add_argument("--tokens", type=int, default=32, help="greedy tokens per reply")
+    backends.add_argument("--llamacpp-only", action="store_true", help="skip the PyTorch variants")
     _common(backends)
     serve = tasks.add_parser("serve", help="load on the HTTP server: concurrent conversations, stateful and stateless")
     serve.add_argument("--conversations", type=int, default=4, help="conversations sent concurrently")
@@ -189,7 +190,13 @@ def main(args: argparse.Namespace) -> None:
     elif args.task == "backends":
         from . import backends, plots
 
-        results = backends.run(args.prompts, args.tokens, threads, progress=lambda label: print(f"measuring {label}"))
+        results = backends.run(
+            args.prompts,
+            args.tokens,
+            threads,
+            progress=lambda label: print(f"measuring {label}"),
+            torch_variants=not args.llamacpp_only,
+        )
         plot = plots.backends_plot
     else:
         from . import plots

@@ -146,7 +146,10 @@ def _backends_table(results: dict) -> list[str]:
     ]
     for label, v in results["variants"].items():
         agree = v.get("agreement_with_float32")
-        same = f"{agree['identical_replies']:.0%} | {agree['mean_shared_prefix']:.0%}" if agree else "(reference) | "
+        if agree:
+            same = f"{agree['identical_replies']:.0%} | {agree['mean_shared_prefix']:.0%}"
+        else:
+            same = "(reference) | " if label == "torch float32" else "- | -"
         lines.append(f"| {label} | {v['prefill_tokens_per_s']:.0f} | {v['decode_tokens_per_s']:.1f} | {same} |")
     overhead = results.get("llamacpp_session_overhead")
     if overhead:
