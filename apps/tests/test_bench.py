@@ -223,7 +223,8 @@ def test_agent_loop_runs_each_available_peer_and_reports_what_it_skipped(tmp_pat
             assert f"{name}: skipped" in printed
         else:
             assert len(peer["steps"]) == 3 and peer["stopped"] is None
-            assert results["summary"][name]["decile_medians"][0] > 0
+            medians = [m for m in results["summary"][name]["decile_medians"] if m is not None]
+            assert len(medians) == 3 and all(m > 0 for m in medians)  # 3 steps: one in each of 3 tenths
     (tmp_path / "agent-loop.json").write_text(json.dumps(results))
     assert "| sirllm |" in report(tmp_path)
 

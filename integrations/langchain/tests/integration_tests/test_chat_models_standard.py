@@ -4,6 +4,7 @@ Every ChatSirLLM() here shares the one process-wide engine (``Engine.shared``), 
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import pytest
@@ -22,6 +23,21 @@ AUTO_TOOL_CHOICE = (
 REPEATS_IN_STRINGS = (
     "with the pydantic.v1 Joke schema in its prompt, the greedy 135M model repeats 'a cat is a cat,' inside the "
     "setup string until max_tokens cuts the JSON off (the grammar keeps it valid JSON, but it cannot make it end)"
+)
+
+# ChatSirLLM() runs the embedded model on llama.cpp when llama-cpp-python is installed (Engine's backend "auto"); its
+# Q4_1 arithmetic changes the 135M model's greedy choices on two joke prompts.
+ON_LLAMACPP = importlib.util.find_spec("llama_cpp") is not None
+LLAMACPP_REPEATS = (
+    "on the llama.cpp backend the greedy 135M model repeats \"I'm a cat,\" inside the Joke's setup string until "
+    "max_tokens cuts the JSON off (the grammar keeps it valid JSON, but it cannot make it end)"
+)
+LLAMACPP_JSON_MODE = (
+    "on the llama.cpp backend the 135M model, asked for a joke as a JSON object with no schema, closes the object "
+    "after 'setup' (valid JSON; the test also wants 'punchline')"
+)
+ON_LLAMACPP_PYDANTIC = pytest.param(
+    "pydantic", marks=pytest.mark.xfail(ON_LLAMACPP, reason=LLAMACPP_REPEATS, strict=True)
 )
 
 
@@ -65,3 +81,15 @@ class TestChatSirLLMStandard(ChatModelIntegrationTests):
     @pytest.mark.xfail(reason=REPEATS_IN_STRINGS, strict=True)
     def test_structured_output_pydantic_2_v1(self, model: BaseChatModel) -> None:
         super().test_structured_output_pydantic_2_v1(model)
+
+    @pytest.mark.parametrize("schema_type", [ON_LLAMACPP_PYDANTIC, "typeddict", "json_schema"])
+    def test_structured_output(self, model: BaseChatModel, schema_type: str) -> None:
+        super().test_structured_output(model, schema_type)
+
+    @pytest.mark.parametrize("schema_type", [ON_LLAMACPP_PYDANTIC, "typeddict", "json_schema"])
+    async def test_structured_output_async(self, model: BaseChatModel, schema_type: str) -> None:
+        await super().test_structured_output_async(model, schema_type)
+
+    @pytest.mark.xfail(ON_LLAMACPP, reason=LLAMACPP_JSON_MODE, strict=True)
+    def test_json_mode(self, model: BaseChatModel) -> None:
+        super().test_json_mode(model)
