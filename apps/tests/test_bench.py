@@ -71,19 +71,27 @@ def test_each_policy_plays_a_dialogue_with_sane_figures(tiny_engine, task):
         assert run["prefilled_tokens"] > 0
         # Only truncate can fail a turn: when the newest message alone passes the budget.
         assert run["overflowed_turns"] == 0 or policy == "truncate"
-        if policy in ("streaming", "sirllm"):
-            assert run["evicted_tokens"] > 0  # a dialogue does not fit 128 tokens
-        else:
+        if policy in ("full", "truncate"):
             assert run["evicted_tokens"] == 0
+        else:
+            assert run["evicted_tokens"] > 0  # a dialogue does not fit 128 tokens
         if task == "grocery":
             # The first turn's grocery: all there with no eviction; gone from the recent window and from the trimmed
-            # messages; SirLLM keeps whatever its scores say.
-            if policy == "sirllm":
-                assert 0.0 <= run["key_in_cache"] <= 1.0
-            else:
+            # messages; the entropy policies keep whatever their scores say.
+            if policy in ("full", "streaming", "truncate"):
                 assert run["key_in_cache"] == {"full": 1.0, "streaming": 0.0, "truncate": 0.0}[policy]
+            else:
+                assert 0.0 <= run["key_in_cache"] <= 1.0
         else:
             assert "key_in_cache" not in run
+
+
+def test_a_setting_keeps_its_share_of_the_cache_for_the_newest_tokens(tiny_engine):
+    player = Player(tiny_engine, Setting("words", 128, 0.9, recent=0.25))
+    player.new_episode()
+    policy = player.session.policy
+    assert (type(policy).__name__, policy.start_size, policy.recent_size) == ("WordsPolicy", 4, 32)
+    assert player.session.config.decay == 0.9
 
 
 @pytest.mark.parametrize("policy", ["sirllm", "truncate"])

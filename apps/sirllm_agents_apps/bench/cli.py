@@ -38,7 +38,15 @@ def add_parser(commands) -> None:
         )
         p.add_argument("--policies", default="full,streaming,sirllm,truncate")
         p.add_argument("--cache-size", type=_numbers(int), default=[512], help="comma list for a sweep")
-        p.add_argument("--decay", type=_numbers(float), default=[1.0], help="comma list for a sweep (sirllm only)")
+        p.add_argument(
+            "--decay", type=_numbers(float), default=[1.0], help="comma list for a sweep (entropy policies)"
+        )
+        p.add_argument(
+            "--recent",
+            type=_numbers(float),
+            default=[0.0],
+            help="share of the cache kept for the newest tokens (comma list; entropy policies)",
+        )
         p.add_argument(
             "--score",
             choices=("text", "letter"),
@@ -241,14 +249,20 @@ def _memory(args: argparse.Namespace, threads: int) -> dict:
     settings = []
     for policy in policies:
         sizes = [None] if policy == "full" else args.cache_size
-        decays = args.decay if policy == "sirllm" else [1.0]
-        settings += [Setting(policy, size, decay) for size in sizes for decay in decays]
+        entropy = policy not in ("full", "streaming", "truncate")
+        settings += [
+            Setting(policy, size, decay, recent)
+            for size in sizes
+            for decay in (args.decay if entropy else [1.0])
+            for recent in (args.recent if entropy else [0.0])
+        ]
     engine = Engine(args.model, backend=args.backend)
     turns = sum(len(e.turns) for e in episodes)
     runs = []
     with Progress() as progress:
         for setting in settings:
             label = f"{args.task} {setting.policy} cache={setting.cache_size or 'max'} decay={setting.decay}"
+            label += f" recent={setting.recent}" if setting.recent else ""
             bar = progress.add_task(label, total=turns)
             runs.append(
                 run_setting(engine, args.task, episodes, setting, args.score, lambda bar=bar: progress.advance(bar))

@@ -21,23 +21,26 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from sirllm_agents.engine import Engine
+from sirllm_agents.policies import POLICIES as LIBRARY_POLICIES
 from sirllm_agents.policies import ContextOverflowError
 from sirllm_agents.session import Session
 
 from .data import Episode, Turn
 
-POLICIES = ("full", "streaming", "sirllm", "truncate")
+POLICIES = (*LIBRARY_POLICIES, "truncate")
 SCORINGS = ("letter", "text")  # every turn; recall turns add "cloze" and "cloze_char"
 START_SIZE = 4  # attention sinks, as in the paper
 
 
 @dataclass
 class Setting:
-    """One column of a sweep: a policy, its cache budget in tokens, and SirLLM's per-turn decay."""
+    """One column of a sweep: a policy, its cache budget in tokens, the per-turn decay of the entropy policies, and
+    the share of the cache they keep for the newest tokens (``recent_size``)."""
 
     policy: str
     cache_size: int | None  # None for "full": the model's maximum length
     decay: float
+    recent: float = 0.0
 
 
 @dataclass
@@ -85,7 +88,13 @@ class Player:
             self.session = self.engine.session(cache_size=s.cache_size, policy="full")
         else:
             size = None if s.policy == "full" else s.cache_size
-            self.session = self.engine.session(cache_size=size, start_size=START_SIZE, decay=s.decay, policy=s.policy)
+            self.session = self.engine.session(
+                cache_size=size,
+                start_size=START_SIZE,
+                recent_size=round(s.recent * size) if size else 0,
+                decay=s.decay,
+                policy=s.policy,
+            )
 
     def score(self, messages: list[dict], options: list[str]) -> list[float] | None:
         """The options' log-likelihoods, or None when ``truncate`` cannot fit even the last message alone."""

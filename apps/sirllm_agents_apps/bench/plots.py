@@ -60,7 +60,9 @@ def _policy_lines(ax, runs: list[dict], value: Callable[[dict], float], chance: 
         if run["policy"] == "full":
             ax.axhline(value(run), color="black", linestyle="--", label="full (no eviction)")
             continue
-        label = run["policy"] + (f" decay={run['decay']}" if run["policy"] == "sirllm" else "")
+        label = run["policy"]
+        if run["policy"] not in ("streaming", "truncate"):  # the entropy policies
+            label += f" decay={run['decay']}" + (f" recent={run['recent']:g}" if run.get("recent") else "")
         lines.setdefault(label, []).append((run["cache_size"], value(run)))
     for label, points in sorted(lines.items()):
         points.sort()

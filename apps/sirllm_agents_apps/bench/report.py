@@ -13,6 +13,11 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
+def _policy(run: dict) -> str:
+    """A memory run's policy, with its recent window when it has one (runs before 2026-11-24 have none)."""
+    return run["policy"] + (f" + recent {run['recent']:g}" if run.get("recent") else "")
+
+
 def _memory_table(results: dict) -> list[str]:
     task, scoring = results["task"], results["scoring"]
     other = "letter" if scoring == "text" else "text"
@@ -30,7 +35,7 @@ def _memory_table(results: dict) -> list[str]:
             cloze = [_pct(run["metrics"][s]["acc_g"]) if s in run["metrics"] else "-" for s in ("cloze", "cloze_char")]
             key = _pct(run["key_in_cache"]) if "key_in_cache" in run else "-"
             lines.append(
-                f"| {run['policy']} | {run['cache_size'] or 'max'} | {run['decay']} | {cloze[0]} | "
+                f"| {_policy(run)} | {run['cache_size'] or 'max'} | {run['decay']} | {cloze[0]} | "
                 f"{cloze[1]} | {_pct(m['acc_g'])} | {_pct(m['acc_c'])} | {_pct(o['acc_g'])} | "
                 f"{_pct(o['acc_c'])} | {key} | {run['seconds']:.0f} |"
             )
@@ -49,7 +54,7 @@ def _memory_table(results: dict) -> list[str]:
         ]
         for run in results["runs"]:
             lines.append(
-                f"| {run['policy']} | {run['cache_size'] or 'max'} | {run['decay']} | "
+                f"| {_policy(run)} | {run['cache_size'] or 'max'} | {run['decay']} | "
                 f"{_pct(run['metrics'][scoring]['accuracy'])} | {_pct(run['metrics'][other]['accuracy'])} | "
                 f"{run['seconds']:.0f} |"
             )
@@ -61,7 +66,7 @@ def _memory_table(results: dict) -> list[str]:
         for run in results["runs"]:
             for player, m in run["metrics"][scoring].items():
                 lines.append(
-                    f"| {run['policy']} | {run['cache_size'] or 'max'} | {run['decay']} | {player} | "
+                    f"| {_policy(run)} | {run['cache_size'] or 'max'} | {run['decay']} | {player} | "
                     f"{_pct(m['win'])} | {_pct(m['tie'])} | {_pct(m['lose'])} |"
                 )
     return lines
