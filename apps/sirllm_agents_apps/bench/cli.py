@@ -38,9 +38,7 @@ def add_parser(commands) -> None:
         )
         p.add_argument("--policies", default="full,streaming,sirllm,truncate")
         p.add_argument("--cache-size", type=_numbers(int), default=[512], help="comma list for a sweep")
-        p.add_argument(
-            "--decay", type=_numbers(float), default=[1.0], help="comma list for a sweep (entropy policies)"
-        )
+        p.add_argument("--decay", type=_numbers(float), default=[1.0], help="comma list for a sweep (entropy policies)")
         p.add_argument(
             "--recent",
             type=_numbers(float),
