@@ -6,7 +6,7 @@ import json
 import re
 
 import pytest
-from sirllm_agents_apps.bench import recall, recall_data
+from sirllm_agents_apps.bench import pooled, recall, recall_data
 from sirllm_agents_apps.bench.plots import recall_plot
 from sirllm_agents_apps.bench.report import report
 from sirllm_agents_apps.cli import main as cli
@@ -171,3 +171,58 @@ def test_cli_runs_the_suite_on_the_embedded_model(tmp_path):
     assert [(r["policy"], r["budget"]) for r in results["runs"]] == [("full", 1.0), ("sirllm", 0.5), ("truncate", 0.5)]
     assert all(len(r["records"]) == 3 for r in results["runs"])
     assert "| 300 | sirllm | 0.5 |" in report(out)
+
+
+def _record(conversation: int, question: str, cloze: bool, reply: str | None, updated: bool = False) -> dict:
+    return {
+        "conversation": f"recall-{conversation}",
+        "question": question,
+        "overflowed": False,
+        "updated": updated,
+        "cloze": cloze,
+        "cloze_char": cloze,
+        "picked_previous": updated and not cloze,
+        "generated": None if reply is None else reply == "right",
+        "generated_previous": None if reply is None else False,
+        "well_formed": None if reply is None else True,
+        "reply": reply,
+        "kept": 1.0 if cloze else 0.0,
+    }
+
+
+def _results(model: str, runs: list[tuple[str, list[dict]]], backend: str | None = None, facts: int = 3) -> dict:
+    results = {"task": "recall", "model": model, "facts": facts, "updates": True, "lengths": [1000]}
+    results["runs"] = [
+        {"length": 1000, "policy": policy, "budget": 0.25, "decay": 1.0, "recent": 0.125, "records": records}
+        for policy, records in runs
+    ]
+    return results | ({"backend": backend} if backend else {})
+
+
+def test_pooling_counts_each_fact_once_per_setting_and_keeps_studies_apart(tmp_path):
+    first = [_record(0, "q1", True, None), _record(0, "q2", False, None, updated=True), _record(1, "q1", False, None)]
+    # A later file: conversation 1 again (its record replaces the first one's) and conversation 2, with replies.
+    second = [_record(1, "q1", True, "right"), _record(2, "q1", True, "wrong")]
+    files = {
+        "recall-20261124-000000": _results("m", [("words", first)]),  # no backend: a PyTorch run
+        "recall-20261124-010000": _results("m", [("words", second)], backend="llamacpp"),
+        "recall-20261124-020000": _results("m", [("words", [_record(0, "q1", False, None)])], facts=1),
+    }
+    for stem, results in files.items():
+        (tmp_path / f"{stem}.json").write_text(json.dumps(results))
+    (main, other) = sorted(pooled.pool(tmp_path), key=lambda study: study["facts"], reverse=True)
+    (run,) = main["runs"]
+    assert (run["conversations"], run["backends"]) == (3, ["llamacpp", "torch"])
+    assert run["files"] == ["recall-20261124-000000", "recall-20261124-010000"]
+    summary = run["summary"]
+    assert (summary["facts"], summary["all"]["cloze"], summary["updated"]["cloze"]) == (4, 0.75, 0.0)
+    assert (summary["all"]["replies"], summary["all"]["generated"]) == (2, 0.5)  # over the facts with a reply
+    assert other["facts"] == 1 and other["runs"][0]["summary"]["all"]["cloze"] == 0.0
+
+    markdown = pooled.write(tmp_path, tmp_path / "plots")
+    row = "| 1000 | words | 0.25 | 1.0 | 0.125 | 3 | 75.0 | 50.0 (2) | 100.0 | 75.0 | 100.0 | 0.0 | 100.0 |"
+    assert row in markdown
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        "recall-pooled-m-1facts-code-name-place-password-date.png",
+        "recall-pooled-m.png",
+    ]

@@ -115,6 +115,11 @@ def add_parser(commands) -> None:
     _common(serve)
     report = tasks.add_parser("report", help="the markdown tables of every JSON result in a folder")
     report.add_argument("--results", default="bench-results")
+    pool = tasks.add_parser(
+        "pool", help="the recall suite's results pooled across files: one table and one plot per model"
+    )
+    pool.add_argument("--results", default="bench-results", help="folder with the recall-*.json results")
+    pool.add_argument("--out", default=None, help="folder for the plots (default: --results)")
 
 
 def _common(parser) -> None:
@@ -155,6 +160,11 @@ def main(args: argparse.Namespace) -> None:
         from .report import report
 
         print(report(args.results), end="")
+        return
+    if args.task == "pool":
+        from .pooled import write
+
+        print(write(args.results, args.out or args.results), end="")
         return
     import torch
 

@@ -132,7 +132,8 @@ def recall_plot(results: dict, path: Path) -> None:
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
         ax.set(xlabel="cache budget (share of the conversation)", title=title, ylim=(0, 1.02))
         ax.set_xscale("log", base=2)
-        ax.legend(fontsize=7)
+        if lines or ax.get_legend_handles_labels()[0]:  # a cloze-only run has no generated recall to draw
+            ax.legend(fontsize=7)
     axes[0].set_ylabel(f"{results['conversations']} conversations of ~{lengths[0]} tokens, {results['model']}")
     if len(lengths) > 1:
         budgets = sorted({run["budget"] for run in results["runs"] if run["policy"] != "full"})

@@ -200,7 +200,8 @@ def share_in_cache(session: Session, message: int, value: str) -> float:
 def summarize(records: list[dict]) -> dict:
     """Shares over the facts that fit (``full`` may overflow): cloze and generated recall, well-formed replies and
     the value's tokens kept, for all facts, for facts never updated, and for updated ones (with how often the value
-    they replaced won instead)."""
+    they replaced won instead). Generation shares count the facts that have a reply (``replies``): records pooled
+    from cloze-only runs have none."""
     answered = [r for r in records if not r["overflowed"]]
     result = {"facts": len(records), "overflowed": len(records) - len(answered)}
     for group, rows in (
@@ -213,8 +214,14 @@ def summarize(records: list[dict]) -> dict:
         fields = ["cloze", "cloze_char", "generated", "well_formed"]
         if group == "updated":
             fields += ["picked_previous", "generated_previous"]
-        fields = [f for f in fields if rows[0][f] is not None]  # generation fields are None in a cloze-only run
-        result[group] = {f: sum(r[f] for r in rows) / len(rows) for f in fields} | {"facts": len(rows)}
+        result[group] = {"facts": len(rows)}
+        for f in fields:
+            values = [r[f] for r in rows if r[f] is not None]  # generation fields are None in a cloze-only run
+            if values:
+                result[group][f] = sum(values) / len(values)
+        replies = sum(r["reply"] is not None for r in rows)
+        if replies:
+            result[group]["replies"] = replies
         kept = [r["kept"] for r in rows if r["kept"] is not None]
         if kept:
             result[group]["kept"] = sum(kept) / len(kept)
