@@ -60,10 +60,7 @@ def _policy_lines(ax, runs: list[dict], value: Callable[[dict], float], chance: 
         if run["policy"] == "full":
             ax.axhline(value(run), color="black", linestyle="--", label="full (no eviction)")
             continue
-        label = run["policy"]
-        if run["policy"] not in ("streaming", "truncate"):  # the entropy policies
-            label += f" decay={run['decay']}" + (f" recent={run['recent']:g}" if run.get("recent") else "")
-        lines.setdefault(label, []).append((run["cache_size"], value(run)))
+        lines.setdefault(_setting_label(run), []).append((run["cache_size"], value(run)))
     for label, points in sorted(lines.items()):
         points.sort()
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
