@@ -38,13 +38,7 @@ def add_parser(commands) -> None:
         )
         p.add_argument("--policies", default="full,streaming,sirllm,truncate")
         p.add_argument("--cache-size", type=_numbers(int), default=[512], help="comma list for a sweep")
-        p.add_argument("--decay", type=_numbers(float), default=[1.0], help="comma list for a sweep (entropy policies)")
-        p.add_argument(
-            "--recent",
-            type=_numbers(float),
-            default=[0.0],
-            help="share of the cache kept for the newest tokens (comma list; entropy policies)",
-        )
+        _entropy_options(p)
         p.add_argument(
             "--score",
             choices=("text", "letter"),
@@ -66,13 +60,7 @@ def add_parser(commands) -> None:
         help="cache size as a share of the conversation (comma list)",
     )
     recall.add_argument("--policies", default="full,streaming,sirllm,truncate")
-    recall.add_argument("--decay", type=_numbers(float), default=[1.0], help="comma list (entropy policies)")
-    recall.add_argument(
-        "--recent",
-        type=_numbers(float),
-        default=[0.0],
-        help="share of the cache kept for the newest tokens (comma list; entropy policies)",
-    )
+    _entropy_options(recall)
     recall.add_argument("--facts", type=int, default=3, help="facts per conversation (the first is later updated)")
     recall.add_argument("--no-update", action="store_true", help="state every fact once, never updated")
     recall.add_argument(
@@ -120,6 +108,25 @@ def add_parser(commands) -> None:
     )
     pool.add_argument("--results", default="bench-results", help="folder with the recall-*.json results")
     pool.add_argument("--out", default=None, help="folder for the plots (default: --results)")
+
+
+def _entropy_options(parser) -> None:
+    """The sweeps of the entropy policies' settings, shared by the memory tasks and the recall suite."""
+    parser.add_argument("--decay", type=_numbers(float), default=[1.0], help="comma list (entropy policies)")
+    parser.add_argument(
+        "--recent",
+        type=_numbers(float),
+        default=[0.0],
+        help="share of the cache kept for the newest tokens (comma list; entropy policies)",
+    )
+
+
+def _entropy_grid(policy: str, args: argparse.Namespace) -> list[tuple[float, float]]:
+    """The (decay, recent) pairs to run ``policy`` under: the sweep for an entropy policy; (1.0, 0.0) for the others,
+    which keep no scores."""
+    if policy in ("full", "streaming", "truncate"):
+        return [(1.0, 0.0)]
+    return [(decay, recent) for decay in args.decay for recent in args.recent]
 
 
 def _common(parser) -> None:
@@ -257,13 +264,7 @@ def _memory(args: argparse.Namespace, threads: int) -> dict:
     settings = []
     for policy in policies:
         sizes = [None] if policy == "full" else args.cache_size
-        entropy = policy not in ("full", "streaming", "truncate")
-        settings += [
-            Setting(policy, size, decay, recent)
-            for size in sizes
-            for decay in (args.decay if entropy else [1.0])
-            for recent in (args.recent if entropy else [0.0])
-        ]
+        settings += [Setting(policy, size, *pair) for size in sizes for pair in _entropy_grid(policy, args)]
     engine = Engine(args.model, backend=args.backend)
     turns = sum(len(e.turns) for e in episodes)
     runs = []
@@ -309,13 +310,7 @@ def _recall(args: argparse.Namespace, threads: int) -> dict:
         if policy == "full":
             settings.append(Setting("full", 1.0))
             continue
-        entropy = policy not in ("streaming", "truncate")
-        settings += [
-            Setting(policy, budget, decay, recent)
-            for budget in args.budget
-            for decay in (args.decay if entropy else [1.0])
-            for recent in (args.recent if entropy else [0.0])
-        ]
+        settings += [Setting(policy, budget, *pair) for budget in args.budget for pair in _entropy_grid(policy, args)]
     engine = Engine(args.model, backend=args.backend)
     count = lambda text: len(engine.model.encode(text))  # noqa: E731
     runs = []

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .recall import summarize
 from .recall_data import SUBJECTS
+from .report import _pct
 
 SETTING = ("length", "policy", "budget", "decay", "recent")
 
@@ -65,10 +66,6 @@ def pool(folder: str | Path) -> list[dict]:
     return pooled
 
 
-def _pct(value: float | None) -> str:
-    return "" if value is None else f"{100 * value:.1f}"
-
-
 def table(study: dict) -> list[str]:
     """Markdown: one row per pooled setting."""
     updated = " (the first updated)" if study["updates"] else ""
@@ -83,7 +80,7 @@ def table(study: dict) -> list[str]:
     for run in study["runs"]:
         s = run["summary"]
         a, p, u = s.get("all", {}), s.get("plain", {}), s.get("updated", {})
-        generated = f"{_pct(a['generated'])} ({a['replies']})" if "generated" in a else ""
+        generated = f"{_pct(a['generated'])} ({a['replies']})" if "generated" in a else "-"
         setting = f"{run['budget']} | {run['decay']} | {run['recent']:g}" if run["policy"] != "full" else "1 | | "
         lines.append(
             f"| {run['length']} | {run['policy']} | {setting} | {run['conversations']} | {_pct(a.get('cloze'))} | "
