@@ -173,10 +173,13 @@ def test_cli_runs_the_suite_on_the_embedded_model(tmp_path):
     assert "| 300 | sirllm | 0.5 |" in report(out)
 
 
-def _record(conversation: int, question: str, cloze: bool, reply: str | None, updated: bool = False) -> dict:
+def _record(
+    conversation: int, question: str, cloze: bool, reply: str | None, updated: bool = False, kind: str = "code"
+) -> dict:
     return {
         "conversation": f"recall-{conversation}",
         "question": question,
+        "kind": kind,
         "overflowed": False,
         "updated": updated,
         "cloze": cloze,
@@ -200,7 +203,11 @@ def _results(model: str, runs: list[tuple[str, list[dict]]], backend: str | None
 
 
 def test_pooling_counts_each_fact_once_per_setting_and_keeps_studies_apart(tmp_path):
-    first = [_record(0, "q1", True, None), _record(0, "q2", False, None, updated=True), _record(1, "q1", False, None)]
+    first = [
+        _record(0, "q1", True, None),
+        _record(0, "q2", False, None, updated=True, kind="date"),
+        _record(1, "q1", False, None),
+    ]
     # A later file: conversation 1 again (its record replaces the first one's) and conversation 2, with replies.
     second = [_record(1, "q1", True, "right"), _record(2, "q1", True, "wrong")]
     files = {
@@ -218,10 +225,15 @@ def test_pooling_counts_each_fact_once_per_setting_and_keeps_studies_apart(tmp_p
     assert (summary["facts"], summary["all"]["cloze"], summary["updated"]["cloze"]) == (4, 0.75, 0.0)
     assert (summary["all"]["replies"], summary["all"]["generated"]) == (2, 0.5)  # over the facts with a reply
     assert other["facts"] == 1 and other["runs"][0]["summary"]["all"]["cloze"] == 0.0
+    kinds = summary["kinds"]
+    assert (kinds["code"]["facts"], kinds["code"]["cloze"], kinds["code"]["generated"]) == (3, 1.0, 0.5)
+    assert (kinds["date"]["facts"], kinds["date"]["cloze"], kinds["date"]["kept"]) == (1, 0.0, 0.0)
 
     markdown = pooled.write(tmp_path, tmp_path / "plots")
     row = "| 1000 | words | 0.25 | 1.0 | 0.125 | 3 | 75.0 | 50.0 (2) | 100.0 | 75.0 | 100.0 | 0.0 | 100.0 |"
     assert row in markdown
+    kinds_row = "| 1000 | words | 0.25 | 1.0 | 0.125 | 100.0 / 50.0 / 100.0 | - | - | - | 0.0 / - / 0.0 |"
+    assert kinds_row in markdown
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
         "recall-pooled-m-1facts-code-name-place-password-date.png",
         "recall-pooled-m.png",

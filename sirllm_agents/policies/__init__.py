@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import CachedTokens, Policy
+from .density import DensityPolicy
 from .full import ContextOverflowError, FullPolicy
 from .sentences import SentencesPolicy
 from .sirllm import SirLLMPolicy
@@ -16,6 +17,7 @@ POLICIES: dict[str, type] = {
     "full": FullPolicy,
     "words": WordsPolicy,
     "sentences": SentencesPolicy,
+    "density": DensityPolicy,
     "structure": StructurePolicy,
 }
 
@@ -33,6 +35,7 @@ __all__ = [
     "POLICIES",
     "CachedTokens",
     "ContextOverflowError",
+    "DensityPolicy",
     "FullPolicy",
     "Policy",
     "SentencesPolicy",

@@ -81,14 +81,37 @@ def table(study: dict) -> list[str]:
         s = run["summary"]
         a, p, u = s.get("all", {}), s.get("plain", {}), s.get("updated", {})
         generated = f"{_pct(a['generated'])} ({a['replies']})" if "generated" in a else "-"
-        setting = f"{run['budget']} | {run['decay']} | {run['recent']:g}" if run["policy"] != "full" else "1 | | "
         lines.append(
-            f"| {run['length']} | {run['policy']} | {setting} | {run['conversations']} | {_pct(a.get('cloze'))} | "
+            f"| {_setting_cells(run)} | {run['conversations']} | {_pct(a.get('cloze'))} | "
             f"{generated} | {_pct(a.get('well_formed'))} | {_pct(a.get('kept'))} | {_pct(p.get('cloze'))} | "
             f"{_pct(u.get('cloze'))} | {_pct(u.get('picked_previous'))} | {', '.join(run['backends'])} | "
             f"{', '.join(f'`{name}`' for name in run['files'])} |"
         )
     return lines
+
+
+def kind_table(study: dict) -> list[str]:
+    """Markdown: per pooled setting and fact kind, the cloze and generated shares and the share of the value's
+    tokens kept (which kinds a policy loses, and whether eviction lost them)."""
+    kinds = study["kinds"]
+    lines = [
+        "| length | policy | budget | decay | recent | " + " | ".join(f"{k}: cloze / generated / kept" for k in kinds) + " |",
+        "| ---: | --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in kinds) + " |",
+    ]
+    for run in study["runs"]:
+        shares = run["summary"].get("kinds", {})
+        cells = [
+            " / ".join(_pct(shares[k].get(f)) for f in ("cloze", "generated", "kept")) if k in shares else "-"
+            for k in kinds
+        ]
+        lines.append(f"| {_setting_cells(run)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _setting_cells(run: dict) -> str:
+    """The length, policy, budget, decay and recent cells of a row (``full`` has no budget, decay or window)."""
+    setting = f"{run['budget']} | {run['decay']} | {run['recent']:g}" if run["policy"] != "full" else "1 | | "
+    return f"{run['length']} | {run['policy']} | {setting}"
 
 
 def write(folder: str | Path, out: str | Path) -> str:
@@ -107,5 +130,7 @@ def write(folder: str | Path, out: str | Path) -> str:
         counts = sorted({run["conversations"] for run in study["runs"]})
         conversations = f"{counts[0]}-{counts[-1]}" if len(counts) > 1 else str(counts[0])
         recall_plot(study | {"conversations": conversations}, out / f"{name}.png")
-        sections.append("\n".join([*table(study), "", f"(plot: `{name}.png`)"]))
+        sections.append(
+            "\n".join([*table(study), "", "By fact kind:", "", *kind_table(study), "", f"(plot: `{name}.png`)"])
+        )
     return "\n\n".join(sections) + "\n"

@@ -199,9 +199,9 @@ def share_in_cache(session: Session, message: int, value: str) -> float:
 
 def summarize(records: list[dict]) -> dict:
     """Shares over the facts that fit (``full`` may overflow): cloze and generated recall, well-formed replies and
-    the value's tokens kept, for all facts, for facts never updated, and for updated ones (with how often the value
-    they replaced won instead). Generation shares count the facts that have a reply (``replies``): records pooled
-    from cloze-only runs have none."""
+    the value's tokens kept, for all facts, for facts never updated, for updated ones (with how often the value
+    they replaced won instead), and per fact kind (``kinds``). Generation shares count the facts that have a reply
+    (``replies``): records pooled from cloze-only runs have none."""
     answered = [r for r in records if not r["overflowed"]]
     result = {"facts": len(records), "overflowed": len(records) - len(answered)}
     for group, rows in (
@@ -209,23 +209,30 @@ def summarize(records: list[dict]) -> dict:
         ("plain", [r for r in answered if not r["updated"]]),
         ("updated", [r for r in answered if r["updated"]]),
     ):
-        if not rows:
-            continue
-        fields = ["cloze", "cloze_char", "generated", "well_formed"]
-        if group == "updated":
-            fields += ["picked_previous", "generated_previous"]
-        result[group] = {"facts": len(rows)}
-        for f in fields:
-            values = [r[f] for r in rows if r[f] is not None]  # generation fields are None in a cloze-only run
-            if values:
-                result[group][f] = sum(values) / len(values)
-        replies = sum(r["reply"] is not None for r in rows)
-        if replies:
-            result[group]["replies"] = replies
-        kept = [r["kept"] for r in rows if r["kept"] is not None]
-        if kept:
-            result[group]["kept"] = sum(kept) / len(kept)
+        if rows:
+            result[group] = _shares(rows, updated=group == "updated")
+    kinds = sorted({r["kind"] for r in answered})
+    if kinds:
+        result["kinds"] = {kind: _shares([r for r in answered if r["kind"] == kind]) for kind in kinds}
     return result
+
+
+def _shares(rows: list[dict], updated: bool = False) -> dict:
+    fields = ["cloze", "cloze_char", "generated", "well_formed"]
+    if updated:
+        fields += ["picked_previous", "generated_previous"]
+    shares = {"facts": len(rows)}
+    for f in fields:
+        values = [r[f] for r in rows if r[f] is not None]  # generation fields are None in a cloze-only run
+        if values:
+            shares[f] = sum(values) / len(values)
+    replies = sum(r["reply"] is not None for r in rows)
+    if replies:
+        shares["replies"] = replies
+    kept = [r["kept"] for r in rows if r["kept"] is not None]
+    if kept:
+        shares["kept"] = sum(kept) / len(kept)
+    return shares
 
 
 def run_setting(

@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import CachedTokens, keep_top
+from .sentences import peak_word, sentence_index, text_first
+from .words import word_surprisal
+
+
+def density_ranks(tokens: CachedTokens, peak: float) -> torch.Tensor:
+    """Per message token, the mean token entropy of its sentence plus ``peak`` times its most surprising word's
+    surprisal (see ``text_first`` for the template's tokens)."""
+    sentence = sentence_index(tokens)
+    count = int(sentence[-1]) + 1
+    total = torch.zeros(count, dtype=tokens.scores.dtype).index_add_(0, sentence, tokens.scores)
+    length = torch.bincount(sentence, minlength=count).to(tokens.scores.dtype)
+    words = word_surprisal(tokens)
+    return text_first(tokens, total / length + peak * peak_word(tokens, sentence, words), words)
+
+
+@dataclass
+class DensityPolicy:
+    """SirLLM over whole sentences, ranked by how much each tells per cached token: its mean token entropy, plus a
+    tenth of its most surprising word's. A fact such as "my dentist appointment is on October 26." is short and
+    all of it surprising, so it outranks a long tool-output line whose one rare number would win under the
+    ``sentences`` policy, and it is kept as the readable statement the model can answer from. The chat template's
+    own tokens go first."""
+
+    start_size: int = 4
+    recent_size: int = 0
+    peak: float = 0.1
+    name: str = "density"
+
+    def keep(self, tokens: CachedTokens, budget: int) -> torch.Tensor:
+        return keep_top(density_ranks(tokens, self.peak), budget, self.start_size, self.recent_size)
