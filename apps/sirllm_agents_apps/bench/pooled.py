@@ -94,8 +94,9 @@ def kind_table(study: dict) -> list[str]:
     """Markdown: per pooled setting and fact kind, the cloze and generated shares and the share of the value's
     tokens kept (which kinds a policy loses, and whether eviction lost them)."""
     kinds = study["kinds"]
+    cells = " | ".join(f"{k}: cloze / generated / kept" for k in kinds)
     lines = [
-        "| length | policy | budget | decay | recent | " + " | ".join(f"{k}: cloze / generated / kept" for k in kinds) + " |",
+        f"| length | policy | budget | decay | recent | {cells} |",
         "| ---: | --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in kinds) + " |",
     ]
     for run in study["runs"]:
