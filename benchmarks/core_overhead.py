@@ -38,7 +38,7 @@ def bare_decode_seconds_per_token(engine: Engine, tokens: int) -> float:
 
 def session_decode(engine: Engine, tokens: int, cache_size: int) -> tuple[float, int]:
     """Seconds per token of the session's decode loop, and how many tokens it decoded."""
-    reply = engine.session(cache_size=cache_size).chat(PROMPT, max_new_tokens=tokens)
+    reply = engine.session(cache_size=cache_size, policy="sirllm", recent_size=0).chat(PROMPT, max_new_tokens=tokens)
     return reply.stats.decode_seconds / reply.stats.generated_tokens, reply.stats.generated_tokens
 
 

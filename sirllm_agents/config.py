@@ -8,6 +8,9 @@ from typing import Any
 from .policies import POLICIES, Policy, make_policy
 
 DEFAULT_CACHE_SIZE = 1024
+DEFAULT_POLICY = "density"
+RECENT_SHARE = 8  # recent_size=None keeps the newest cache_size // 8 tokens under the entropy policies
+UNSCORED = ("full", "streaming")  # policies that keep no entropy ranking: no recent window to reserve
 MIN_FREE_SLOTS = 16  # room a cache keeps beyond sinks and protected recent tokens, so prefill can make progress
 
 
@@ -15,18 +18,21 @@ MIN_FREE_SLOTS = 16  # room a cache keeps beyond sinks and protected recent toke
 class SessionConfig:
     """How one session's KV cache is bounded.
 
-    ``policy`` chooses who stays when the cache is full: ``"sirllm"`` (sinks + highest token entropy, the paper),
-    ``"streaming"`` (sinks + newest), ``"full"`` (never evict), or a variant (``"words"``, ``"sentences"``,
-    ``"structure"``; see ``sirllm_agents.policies``), or a :class:`~sirllm_agents.policies.Policy` object.
-    ``cache_size=None`` means 1024 tokens, or the model's maximum length for ``"full"``. ``decay`` multiplies every
-    stored score after each turn so old key tokens can fade. ``prefill_chunk`` bounds one forward pass.
+    ``policy`` chooses who stays when the cache is full: ``"density"`` (the default: SirLLM over whole sentences,
+    ranked by mean token entropy), ``"sirllm"`` (sinks + highest token entropy, the paper), ``"streaming"`` (sinks +
+    newest), ``"full"`` (never evict), another variant (``"words"``, ``"sentences"``, ``"structure"``; see
+    ``sirllm_agents.policies``), or a :class:`~sirllm_agents.policies.Policy` object. ``cache_size=None`` means 1024
+    tokens, or the model's maximum length for ``"full"``. ``recent_size`` tokens, the newest, are never evicted;
+    ``None`` means an eighth of the cache for the entropy policies (so replies keep their form) and none for
+    ``"streaming"`` and ``"full"``. ``decay`` multiplies every stored score after each turn so old key tokens can
+    fade. ``prefill_chunk`` bounds one forward pass.
     """
 
     cache_size: int | None = None
     start_size: int = 4
-    recent_size: int = 0
+    recent_size: int | None = None
     decay: float = 1.0
-    policy: str | Policy = "sirllm"
+    policy: str | Policy = DEFAULT_POLICY
     prefill_chunk: int = 512
 
     def __post_init__(self) -> None:
@@ -34,19 +40,23 @@ class SessionConfig:
             raise ValueError(f"unknown policy {self.policy!r}: expected one of {', '.join(POLICIES)}")
         for name in ("start_size", "recent_size"):
             value = getattr(self, name)
-            if not _is_int(value) or value < 0:
+            if (name == "start_size" or value is not None) and (not _is_int(value) or value < 0):
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float)) or not 0.0 <= self.decay <= 1.0:
             raise ValueError(f"decay must be in [0, 1], got {self.decay!r}")
         if not _is_int(self.prefill_chunk) or self.prefill_chunk <= 0:
             raise ValueError(f"prefill_chunk must be a positive integer, got {self.prefill_chunk!r}")
-        reserved = self.make_policy().start_size + self.make_policy().recent_size
-        if self.cache_size is not None and (
-            not _is_int(self.cache_size) or self.cache_size < reserved + MIN_FREE_SLOTS
-        ):
+        if self.cache_size is None:
+            return
+        if not _is_int(self.cache_size):
+            raise ValueError(f"cache_size must be an integer or None, got {self.cache_size!r}")
+        policy = self.make_policy()
+        reserved = policy.start_size + policy.recent_size
+        if self.cache_size < reserved + MIN_FREE_SLOTS:
+            window = " (recent_size: an eighth of the cache unless given)" if self.recent_size is None else ""
             raise ValueError(
                 f"cache_size must be at least start_size + recent_size + {MIN_FREE_SLOTS} = "
-                f"{reserved + MIN_FREE_SLOTS}, got {self.cache_size!r}"
+                f"{reserved + MIN_FREE_SLOTS}, got {self.cache_size!r}{window}"
             )
 
     @classmethod
@@ -68,8 +78,17 @@ class SessionConfig:
 
     def make_policy(self) -> Policy:
         if isinstance(self.policy, str):
-            return make_policy(self.policy, self.start_size, self.recent_size)
+            return make_policy(self.policy, self.start_size, self._recent_size(self.cache_size))
         return self.policy
+
+    def _recent_size(self, cache_size: int | None) -> int:
+        if not isinstance(self.policy, str):
+            return self.policy.recent_size
+        if self.recent_size is not None:
+            return self.recent_size
+        if self.policy_name in UNSCORED or cache_size is None:
+            return 0
+        return cache_size // RECENT_SHARE
 
     @property
     def policy_name(self) -> str:
@@ -86,7 +105,7 @@ class SessionConfig:
                 f"cache_size {size} is larger than the model's maximum length {max_length}; cache positions past it "
                 "were never trained"
             )
-        return replace(self, cache_size=size)
+        return replace(self, cache_size=size, recent_size=self._recent_size(size))
 
     def to_json(self) -> dict[str, Any]:
         """The settings as JSON data (a built-in policy only: a policy object cannot be saved)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sirllm_agents import SessionConfig
+from sirllm_agents.policies import SirLLMPolicy
 
 
 @pytest.mark.parametrize(
@@ -16,6 +17,8 @@ from sirllm_agents import SessionConfig
         ({"decay": 1.5}, r"decay must be in \[0, 1\]"),
         ({"prefill_chunk": 0}, "prefill_chunk must be a positive integer"),
         ({"cache_size": 20, "start_size": 4, "recent_size": 8}, "cache_size must be at least .* = 28, got 20"),
+        ({"cache_size": 20}, "cache_size must be at least .* = 22, got 20"),  # the default window: 20 // 8
+        ({"cache_size": "512"}, "cache_size must be an integer or None, got '512'"),
     ],
 )
 def test_bad_settings_are_refused_naming_the_setting(settings, message):
@@ -29,6 +32,17 @@ def test_sized_fills_the_default_and_refuses_a_size_past_the_model():
     assert SessionConfig().sized(512).cache_size == 512
     with pytest.raises(ValueError, match="larger than the model's maximum length 2048"):
         SessionConfig(cache_size=4096).sized(2048)
+
+
+def test_the_default_recent_window_is_an_eighth_of_the_cache_for_the_entropy_policies():
+    assert SessionConfig().policy == "density"
+    assert SessionConfig().sized(8192).recent_size == 128
+    assert SessionConfig(cache_size=300, policy="sirllm").make_policy().recent_size == 37
+    assert SessionConfig(cache_size=300, policy="streaming").sized(8192).recent_size == 0
+    assert SessionConfig(policy="full").sized(2048).recent_size == 0
+    assert SessionConfig(cache_size=300, recent_size=0).sized(8192).recent_size == 0  # asked for: kept
+    own = SirLLMPolicy(recent_size=5)
+    assert SessionConfig(cache_size=300, policy=own).sized(8192).recent_size == 5  # a policy object's own window
 
 
 def test_of_and_gather_fold_loose_settings_into_one_config():

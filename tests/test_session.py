@@ -78,7 +78,7 @@ def test_scores_are_token_surprisal_decayed_once_per_turn(converse, tiny_engine,
 
 
 def test_cache_bound_sinks_and_sirllm_kept_set_over_200_turns(converse, tiny_engine, monkeypatch):
-    session = tiny_engine.session(cache_size=128, start_size=4, recent_size=8, decay=0.9)
+    session = tiny_engine.session(cache_size=128, start_size=4, recent_size=8, decay=0.9, policy="sirllm")
     cache_cls = type(session.cache)
     evictions = []
     original_make_room, original_record = cache_cls.make_room, cache_cls._record

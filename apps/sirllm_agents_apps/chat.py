@@ -7,6 +7,7 @@ from collections.abc import Callable
 from rich.console import Console
 from rich.table import Table
 
+from sirllm_agents.config import SessionConfig
 from sirllm_agents.engine import Engine
 from sirllm_agents.session import Session
 
@@ -147,9 +148,7 @@ def main(
     model: str | None = None,
     *,
     backend: str = "auto",
-    cache_size: int | None = None,
-    policy: str = "sirllm",
-    decay: float = 1.0,
+    config: SessionConfig | None = None,
     system: str | None = None,
     max_new_tokens: int = 256,
     load: str | None = None,
@@ -157,5 +156,5 @@ def main(
     console = Console()
     with console.status("loading the model"):
         engine = Engine(model, backend=backend)
-    session = engine.load_session(load) if load else engine.session(cache_size=cache_size, policy=policy, decay=decay)
+    session = engine.load_session(load) if load else engine.session(config)
     ChatLoop(engine, session, console=console, system=system, max_new_tokens=max_new_tokens).run()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from sirllm_agents.config import DEFAULT_POLICY, SessionConfig
 from sirllm_agents.model import BACKENDS
+from sirllm_agents.policies import POLICIES
 
 from .bench import cli as bench_cli
 
@@ -26,9 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     chat = commands.add_parser("chat", help="an interactive chat with /stats, /memory, /save, /load, /reset")
     chat.add_argument("--model", default=None, help="model folder, hub id or .gguf file (default: embedded SmolLM2)")
     chat.add_argument("--backend", default="auto", choices=BACKENDS, help="llamacpp for GGUF files, else torch")
-    chat.add_argument("--cache-size", type=int, default=None)
-    chat.add_argument("--policy", default="sirllm", choices=("sirllm", "streaming", "full"))
-    chat.add_argument("--decay", type=float, default=1.0)
+    _session_options(chat)
     chat.add_argument("--system", default=None, help="a system prompt")
     chat.add_argument("--max-new-tokens", type=int, default=256)
     chat.add_argument("--load", default=None, metavar="SESSION_FILE", help="resume a saved session")
@@ -45,10 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (also $SIRLLM_API_KEY)")
     serve.add_argument("--max-live-sessions", type=int, default=16, help="sessions kept in memory; more spill to disk")
-    serve.add_argument("--cache-size", type=int, default=None, help="each session's KV cache, in tokens")
-    serve.add_argument("--policy", default="sirllm", help="eviction policy: sirllm, streaming, full, ...")
-    serve.add_argument("--decay", type=float, default=1.0)
-    serve.add_argument("--recent-size", type=int, default=0)
+    _session_options(serve)
     serve.add_argument("--max-queue", type=int, default=16, help="chat requests in flight or waiting; past it, 429")
     serve.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="largest request body; past it, 413")
     serve.add_argument("--max-tokens", type=int, default=512, help="a reply's bound when the request gives none")
@@ -80,12 +77,14 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "chat":
         from .chat import main as chat_main
 
+        try:
+            config = _session_config(args)
+        except ValueError as error:
+            raise SystemExit(f"sirllm-agents chat: {error}") from None
         chat_main(
             args.model,
             backend=args.backend,
-            cache_size=args.cache_size,
-            policy=args.policy,
-            decay=args.decay,
+            config=config,
             system=args.system,
             max_new_tokens=args.max_new_tokens,
             load=args.load,
@@ -94,6 +93,23 @@ def main(argv: list[str] | None = None) -> None:
         _inspect(args.session_file, args.html, args.last)
     elif args.command == "serve":
         _serve(args)
+
+
+SESSION_OPTIONS = ("cache_size", "policy", "recent_size", "decay")
+
+
+def _session_options(parser: argparse.ArgumentParser) -> None:
+    """Each session's cache settings; one left out keeps ``SessionConfig``'s default."""
+    parser.add_argument("--cache-size", type=int, default=None, help="each session's KV cache, in tokens")
+    parser.add_argument("--policy", default=None, choices=list(POLICIES), help=f"default: {DEFAULT_POLICY}")
+    parser.add_argument(
+        "--recent-size", type=int, default=None, help="newest tokens never evicted (default: an eighth of the cache)"
+    )
+    parser.add_argument("--decay", type=float, default=None, help="per-turn decay of the stored entropies (default 1)")
+
+
+def _session_config(args: argparse.Namespace) -> SessionConfig:
+    return SessionConfig(**{name: getattr(args, name) for name in SESSION_OPTIONS if getattr(args, name) is not None})
 
 
 SERVE_EXTRA = 'pip install "sirllm-agents-apps[serve]"'
@@ -109,7 +125,7 @@ def _serve(args: argparse.Namespace) -> None:
     require("sirllm-agents serve", ["fastapi", "uvicorn"], SERVE_EXTRA)
     import uvicorn
 
-    from sirllm_agents import Engine, SessionConfig, SharedDirectoryStore
+    from sirllm_agents import Engine, SharedDirectoryStore
 
     from .server import ServerSettings, create_app
 
@@ -126,9 +142,7 @@ def _serve(args: argparse.Namespace) -> None:
     if args.handoff_idle < 0:
         raise SystemExit("sirllm-agents serve: --handoff-idle must be at least 0")
     try:
-        config = SessionConfig(
-            cache_size=args.cache_size, policy=args.policy, decay=args.decay, recent_size=args.recent_size
-        )
+        config = _session_config(args)
         store = None
         if args.session_store is not None:
             store = SharedDirectoryStore(args.session_store, owner=args.replica_name, lease_seconds=args.lease_seconds)

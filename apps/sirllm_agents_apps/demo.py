@@ -12,6 +12,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from sirllm_agents.config import DEFAULT_POLICY
 from sirllm_agents.engine import Engine
 from sirllm_agents.session import Session
 
@@ -21,15 +22,14 @@ from .bench.recall_data import Conversation, generate
 # The fact kind the embedded 135M model names in its replies with no eviction (names, places, passwords and dates it
 # does not; see the README for the rates).
 KINDS = ("code",)
-# Each column: a label, the policy, and the share of the cache kept for the newest tokens (recent_size). The last is
-# the setting the benchmarks recommend for agents that generate their answers (see the README).
-POLICIES = (
-    ("full", "full", 0.0),
-    ("streaming", "streaming", 0.0),
-    ("sirllm", "sirllm", 0.0),
-    ("words + recent 1/8", "words", 0.125),
+# Each column: a label and its session settings beside the cache size. The last is the library's default (see the
+# README for why), which keeps the newest eighth of the cache.
+COLUMNS = (
+    ("full", {"policy": "full"}),
+    ("streaming", {"policy": "streaming"}),
+    ("sirllm", {"policy": "sirllm", "recent_size": 0}),
+    (f"default: {DEFAULT_POLICY} + recent 1/8", {}),
 )
-START_SIZE = 4
 
 
 def feed(session: Session, conversation: Conversation, on_turn) -> None:
@@ -58,15 +58,13 @@ def main(
     )
 
     turns = Table(title="per turn: tokens prefilled (only the new exchange), and evicted / cached under each policy")
-    for column in ("turn", "prefilled", "reused", *(label for label, _, _ in POLICIES)):
+    for column in ("turn", "prefilled", "reused", *(label for label, _ in COLUMNS)):
         turns.add_column(column, justify="right")
     rows: dict[int, list[str]] = {}
     sessions = {}
-    for label, policy, recent in POLICIES:
-        size = None if policy == "full" else cache_size
-        session = engine.session(
-            cache_size=size, start_size=START_SIZE, recent_size=round(recent * cache_size), policy=policy
-        )
+    for label, settings in COLUMNS:
+        size = None if settings.get("policy") == "full" else cache_size
+        session = engine.session(cache_size=size, **settings)
 
         def on_turn(number, turn, cached):
             row = rows.setdefault(number, [str(number), str(turn.prefilled_tokens), str(turn.reused_tokens)])

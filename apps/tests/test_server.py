@@ -23,7 +23,7 @@ import uvicorn  # noqa: E402
 from sirllm_agents_apps.server import ServerSettings, create_app  # noqa: E402
 from sirllm_fixtures import tiny_llama  # noqa: E402
 
-from sirllm_agents import Engine  # noqa: E402
+from sirllm_agents import Engine, SessionConfig  # noqa: E402
 
 WEATHER = {
     "type": "function",
@@ -491,6 +491,7 @@ def test_serve_builds_the_engine_warns_off_loopback_and_runs_uvicorn(monkeypatch
     assert "warning" not in capsys.readouterr().err
     main(["serve", "--host", "0.0.0.0", "--port", "9001"])
     assert "warning" in capsys.readouterr().err and ran["host"] == "0.0.0.0"
+    assert made["config"] == SessionConfig()  # the options left out keep the core's defaults
     main(["serve", "--host", "0.0.0.0", "--api-key", KEY])
     assert "warning" not in capsys.readouterr().err
 

@@ -71,7 +71,10 @@ class SirLLMPeer(Peer):
 
         self.overflow = f"nothing: SirLLM evicts within a cache of {cache_size} tokens"
         engine = Engine(backend=backend, threads=threads)
-        self.chat = ChatSirLLM(engine=engine, max_tokens=REPLY_TOKENS, cache_size=cache_size)
+        # The paper's policy: the peer stands for SirLLM as published (the library's default is a variant).
+        self.chat = ChatSirLLM(
+            engine=engine, max_tokens=REPLY_TOKENS, cache_size=cache_size, policy="sirllm", recent_size=0
+        )
         self.backend = f"langchain_sirllm.ChatSirLLM on the {backend} backend"
 
     def reply(self, messages: list[dict]) -> str:

@@ -33,7 +33,7 @@ def test_metadata_tells_llamaindex_not_to_trim_history(llm):
 def test_constructor_errors(engine):
     with pytest.raises(ValueError, match=r"either engine= .* or model=, not both"):
         SirLLM(engine=engine, model="some/model")
-    with pytest.raises(ValueError, match="cache_size must be at least start_size \\+ recent_size \\+ 16 = 20"):
+    with pytest.raises(ValueError, match="cache_size must be at least start_size \\+ recent_size \\+ 16 = 21"):
         SirLLM(engine=engine, cache_size=10)
     with pytest.raises(ValueError, match="decay"):
         SirLLM(engine=engine, decay=1.5)
