@@ -1,12 +1,19 @@
-"""The eviction policies beyond the paper's (words, sentences, structure), the token shapes they group by, and the
-template marks the session records for them."""
+"""The eviction policies beyond the paper's (words, sentences, density, structure), the token shapes they group by,
+and the template marks the session records for them."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from sirllm_agents.policies import CachedTokens, SentencesPolicy, SirLLMPolicy, StructurePolicy, WordsPolicy
+from sirllm_agents.policies import (
+    CachedTokens,
+    DensityPolicy,
+    SentencesPolicy,
+    SirLLMPolicy,
+    StructurePolicy,
+    WordsPolicy,
+)
 from sirllm_agents.policies.words import word_surprisal
 from sirllm_agents.token_shapes import TokenShapes
 
@@ -67,13 +74,25 @@ def test_sentences_policy_keeps_whole_sentences_and_evicts_template_tokens_first
     assert policy.keep(tokens, 8).tolist() == [0, 3, 4, 5, 6, 7, 8, 9]
 
 
+def test_density_policy_keeps_the_short_surprising_sentence_where_sentences_keeps_the_long_line_with_one_peak():
+    # sink | "a b c." every word 3 nats | a long line, one word of 9 nats then seven of 0.1-0.7 | recent
+    scores = [9, 3, 3, 3, 9, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 1]
+    ends = [1, 0, 0, 1, *[0] * 7, 1, 0]
+    tokens = cached(scores, word_start=[1] * 13, sentence_end=ends)
+    # Mean 3 plus a tenth of 3 (3.3) against mean 1.5 plus a tenth of 9 (2.4): the short sentence, whole.
+    assert DensityPolicy(start_size=1, recent_size=1).keep(tokens, 5).tolist() == [0, 1, 2, 3, 12]
+    assert SentencesPolicy(start_size=1, recent_size=1).keep(tokens, 5).tolist() == [0, 4, 10, 11, 12]
+    # With room for both, both stay whole; template tokens would go first as under `sentences`.
+    assert DensityPolicy(start_size=1, recent_size=1).keep(tokens, 13).tolist() == list(range(13))
+
+
 def test_structure_policy_keeps_template_tokens_while_they_fit():
     tokens = cached([9, 0.1, 0.2, 5, 6, 0.3, 1], template=[0, 1, 1, 0, 0, 1, 0])
     assert StructurePolicy(start_size=1, recent_size=1).keep(tokens, 5).tolist() == [0, 1, 2, 5, 6]
     assert StructurePolicy(start_size=1, recent_size=1).keep(tokens, 4).tolist() == [0, 2, 5, 6]
 
 
-@pytest.mark.parametrize("policy", ["words", "sentences", "structure"])
+@pytest.mark.parametrize("policy", ["words", "sentences", "density", "structure"])
 def test_each_policy_holds_the_bound_over_a_long_conversation(converse, tiny_engine, policy):
     session = tiny_engine.session(cache_size=96, policy=policy, recent_size=8)
     converse(session, [f"Turn {i}: my code is {1000 + 37 * i}. Please keep it." for i in range(14)])
