@@ -17,7 +17,7 @@ def density_ranks(tokens: CachedTokens, peak: float) -> torch.Tensor:
     total = torch.zeros(count, dtype=tokens.scores.dtype).index_add_(0, sentence, tokens.scores)
     length = torch.bincount(sentence, minlength=count).to(tokens.scores.dtype)
     words = word_surprisal(tokens)
-    return text_first(tokens, total / length + peak * peak_word(tokens, sentence, words), words)
+    return text_first(tokens, sentence, total / length + peak * peak_word(tokens, sentence, words), words)
 
 
 @dataclass

@@ -25,18 +25,19 @@ def peak_word(tokens: CachedTokens, sentence: torch.Tensor, words: torch.Tensor)
     return best.scatter_reduce(0, sentence, words.masked_fill(tokens.template, -torch.inf), "amax")
 
 
-def text_first(tokens: CachedTokens, sentence_ranks: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+def text_first(
+    tokens: CachedTokens, sentence: torch.Tensor, sentence_ranks: torch.Tensor, words: torch.Tensor
+) -> torch.Tensor:
     """Per token, its sentence's rank plus a small share of its own word's surprisal (so a sentence that cannot be
     kept whole keeps its most surprising words); the chat template's tokens rank below all message text, by their
     own entropy."""
-    sentence = sentence_index(tokens)
     return torch.where(tokens.template, tokens.scores - BELOW_TEXT, sentence_ranks[sentence] + 1e-3 * words)
 
 
 def sentence_ranks(tokens: CachedTokens) -> torch.Tensor:
     """Per message token, the surprisal of the most surprising word in its sentence (see ``text_first``)."""
-    words = word_surprisal(tokens)
-    return text_first(tokens, peak_word(tokens, sentence_index(tokens), words), words)
+    words, sentence = word_surprisal(tokens), sentence_index(tokens)
+    return text_first(tokens, sentence, peak_word(tokens, sentence, words), words)
 
 
 @dataclass

@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+from sirllm_agents.config import UNSCORED
 from sirllm_agents.model import BACKENDS
 
 from .. import extras
@@ -124,7 +125,7 @@ def _entropy_options(parser) -> None:
 def _entropy_grid(policy: str, args: argparse.Namespace) -> list[tuple[float, float]]:
     """The (decay, recent) pairs to run ``policy`` under: the sweep for an entropy policy; (1.0, 0.0) for the others,
     which keep no scores."""
-    if policy in ("full", "streaming", "truncate"):
+    if policy in (*UNSCORED, "truncate"):
         return [(1.0, 0.0)]
     return [(decay, recent) for decay in args.decay for recent in args.recent]
 
