@@ -7,7 +7,7 @@ import re
 
 import pytest
 from sirllm_agents_apps.bench import pooled, recall, recall_data
-from sirllm_agents_apps.bench.plots import recall_plot
+from sirllm_agents_apps.bench.plots import recall_figure, recall_plot
 from sirllm_agents_apps.bench.report import report
 from sirllm_agents_apps.cli import main as cli
 
@@ -142,6 +142,12 @@ def test_recall_report_and_plot(tmp_path):
     from matplotlib.image import imread
 
     assert imread(tmp_path / "recall.png").shape[:2] == (540, 2400)  # three panels and the length panel
+    colours = {}  # a setting keeps its colour in every panel, the length panel included
+    for ax in recall_figure(results).axes:
+        for line in ax.get_lines():
+            colours.setdefault(line.get_label(), set()).add(line.get_color())
+    assert colours["sirllm decay=1.0"] == {"C0"} and colours["streaming"] == {"C1"}
+    assert colours["full"] == {"black"}
 
 
 @pytest.mark.slow

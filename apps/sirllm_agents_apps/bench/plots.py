@@ -105,6 +105,13 @@ def recall_plot(results: dict, path: Path) -> None:
     """The recall suite: cloze and generated recall and the value's tokens kept, against the cache budget (a share of
     the conversation), one line per setting at the first length; with several lengths, a last panel of cloze recall
     against the length at the budget closest to 1/4."""
+    fig = recall_figure(results)
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+
+
+def recall_figure(results: dict):
+    """The figure ``recall_plot`` saves."""
     plt = _pyplot()
     lengths = results["lengths"]
     panels = [
@@ -114,6 +121,9 @@ def recall_plot(results: dict, path: Path) -> None:
     ]
     fig, axes = plt.subplots(1, len(panels) + (len(lengths) > 1), figsize=(5 * (len(panels) + (len(lengths) > 1)), 4.5))
     first = [run for run in results["runs"] if run["length"] == lengths[0]]
+    # One colour per setting in every panel; `full` is the black dashed line.
+    settings = sorted({_setting_label(run) for run in results["runs"] if run["policy"] != "full"})
+    colours = {label: f"C{index % 10}" for index, label in enumerate(settings)}
     for ax, (field, title) in zip(axes, panels):
         lines: dict[str, list[tuple[float, float]]] = {}
         for run in first:
@@ -126,7 +136,7 @@ def recall_plot(results: dict, path: Path) -> None:
                 lines.setdefault(_setting_label(run), []).append((run["budget"], value))
         for label, points in sorted(lines.items()):
             points.sort()
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label, color=colours[label])
         ax.set(xlabel="cache budget (share of the conversation)", title=title, ylim=(0, 1.02))
         ax.set_xscale("log", base=2)
         if lines or ax.get_legend_handles_labels()[0]:  # a cloze-only run has no generated recall to draw
@@ -144,13 +154,13 @@ def recall_plot(results: dict, path: Path) -> None:
         ax = axes[-1]
         for label, points in sorted(lines.items()):
             points.sort()
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+            style = {"color": "black", "linestyle": "--"} if label == "full" else {"color": colours[label]}
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label, **style)
         ax.set(xlabel="conversation length (tokens)", title=f"cloze recall at budget {quarter}", ylim=(0, 1.02))
         ax.set_xscale("log", base=2)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def backends_plot(results: dict, path: Path) -> None:
