@@ -148,6 +148,9 @@ def test_recall_report_and_plot(tmp_path):
             colours.setdefault(line.get_label(), set()).add(line.get_color())
     assert colours["sirllm decay=1.0"] == {"C0"} and colours["streaming"] == {"C1"}
     assert colours["full"] == {"black"}
+    many = [run("sirllm", 0.25, 1000, 0.5) | {"decay": 0.5 + index / 20} for index in range(12)]
+    lines = recall_figure(results | {"lengths": [1000], "runs": many}).axes[0].get_lines()
+    assert len({tuple(line.get_color()) for line in lines}) == 12  # past ten settings, still one colour each
 
 
 @pytest.mark.slow

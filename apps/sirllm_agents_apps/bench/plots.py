@@ -123,7 +123,8 @@ def recall_figure(results: dict):
     first = [run for run in results["runs"] if run["length"] == lengths[0]]
     # One colour per setting in every panel; `full` is the black dashed line.
     settings = sorted({_setting_label(run) for run in results["runs"] if run["policy"] != "full"})
-    colours = {label: f"C{index % 10}" for index, label in enumerate(settings)}
+    palette = [f"C{index}" for index in range(10)] if len(settings) <= 10 else plt.get_cmap("tab20").colors
+    colours = {label: palette[index % len(palette)] for index, label in enumerate(settings)}
     for ax, (field, title) in zip(axes, panels):
         lines: dict[str, list[tuple[float, float]]] = {}
         for run in first:
