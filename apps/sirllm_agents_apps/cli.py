@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from sirllm_agents.config import DEFAULT_POLICY, SessionConfig
+from sirllm_agents.config import DEFAULT_POLICY, RECENT_SHARE, SessionConfig
 from sirllm_agents.model import BACKENDS
 from sirllm_agents.policies import POLICIES
 
@@ -103,9 +103,17 @@ def _session_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-size", type=int, default=None, help="each session's KV cache, in tokens")
     parser.add_argument("--policy", default=None, choices=list(POLICIES), help=f"default: {DEFAULT_POLICY}")
     parser.add_argument(
-        "--recent-size", type=int, default=None, help="newest tokens never evicted (default: an eighth of the cache)"
+        "--recent-size",
+        type=int,
+        default=None,
+        help=f"newest tokens never evicted (default: 1/{RECENT_SHARE} of the cache)",
     )
-    parser.add_argument("--decay", type=float, default=None, help="per-turn decay of the stored entropies (default 1)")
+    parser.add_argument(
+        "--decay",
+        type=float,
+        default=None,
+        help=f"per-turn decay of the stored entropies (default {SessionConfig.decay})",
+    )
 
 
 def _session_config(args: argparse.Namespace) -> SessionConfig:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from sirllm_agents.config import DEFAULT_POLICY
+from sirllm_agents.config import DEFAULT_POLICY, RECENT_SHARE
 from sirllm_agents.engine import Engine
 from sirllm_agents.session import Session
 
@@ -23,12 +23,12 @@ from .bench.recall_data import Conversation, generate
 # does not; see the README for the rates).
 KINDS = ("code",)
 # Each column: a label and its session settings beside the cache size. The last is the library's default (see the
-# README for why), which keeps the newest eighth of the cache.
+# README for why), which keeps the newest 1/RECENT_SHARE of the cache.
 COLUMNS = (
     ("full", {"policy": "full"}),
     ("streaming", {"policy": "streaming"}),
     ("sirllm", {"policy": "sirllm", "recent_size": 0}),
-    (f"default: {DEFAULT_POLICY} + recent 1/8", {}),
+    (f"default: {DEFAULT_POLICY} + recent 1/{RECENT_SHARE}", {}),
 )
 
 

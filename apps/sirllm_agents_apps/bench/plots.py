@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def _pyplot():
@@ -110,7 +114,7 @@ def recall_plot(results: dict, path: Path) -> None:
     _pyplot().close(fig)
 
 
-def recall_figure(results: dict):
+def recall_figure(results: dict) -> Figure:
     """The figure ``recall_plot`` saves."""
     plt = _pyplot()
     lengths = results["lengths"]
