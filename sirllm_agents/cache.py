@@ -63,8 +63,8 @@ class SirLLMCache:
         if len(self) + n <= self.cache_size:
             return 0
         budget = self.cache_size - min(n + slack, self.max_chunk)
-        word_start, sentence_end = self.shapes.of(self.token_ids)
-        keep = self.policy.keep(CachedTokens(self.scores, self.template, word_start, sentence_end), budget)
+        shapes = self.shapes.of(self.token_ids)
+        keep = self.policy.keep(CachedTokens(self.scores, self.template, *shapes, self.token_ids), budget)
         keep = keep.to(torch.long)
         self.runner.retain(keep)
         evicted = len(self) - keep.numel()

@@ -1,5 +1,5 @@
-"""The eviction policies beyond the paper's (words, sentences, density, structure), the token shapes they group by,
-and the template marks the session records for them."""
+"""The eviction policies beyond the paper's (words, sentences, density, supersede, structure), the token shapes they
+group by, and the template marks the session records for them."""
 
 from __future__ import annotations
 
@@ -12,8 +12,11 @@ from sirllm_agents.policies import (
     SentencesPolicy,
     SirLLMPolicy,
     StructurePolicy,
+    SupersedePolicy,
     WordsPolicy,
 )
+from sirllm_agents.policies.sentences import sentence_index
+from sirllm_agents.policies.supersede import restatements
 from sirllm_agents.policies.words import word_surprisal
 from sirllm_agents.token_shapes import TokenShapes
 
@@ -24,9 +27,24 @@ def cached(scores, template=None, word_start=None, sentence_end=None) -> CachedT
     def flags(values):
         return torch.zeros(n, dtype=torch.bool) if values is None else torch.tensor(values, dtype=torch.bool)
 
+    ends = flags(sentence_end)
     return CachedTokens(
-        torch.tensor(scores, dtype=torch.float32), flags(template), flags(word_start), flags(sentence_end)
+        torch.tensor(scores, dtype=torch.float32), flags(template), flags(word_start), ends, ends, torch.zeros(n).long()
     )
+
+
+def cached_text(tokenizer, sentences: list[tuple[str, float]]) -> tuple[CachedTokens, list[range]]:
+    """Message text as the cache holds it, every token of a sentence scored ``score``; and each sentence's tokens."""
+    ids, scores, spans = [], [], []
+    for text, score in sentences:
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        spans.append(range(len(ids), len(ids) + len(piece)))
+        ids += piece
+        scores += [score] * len(piece)
+    token_ids = torch.tensor(ids)
+    shapes = TokenShapes.from_tokenizer(tokenizer).of(token_ids)
+    template = torch.zeros(len(ids), dtype=torch.bool)
+    return CachedTokens(torch.tensor(scores), template, *shapes, token_ids), spans
 
 
 def test_token_shapes_mark_word_starts_and_sentence_ends(tokenizer):
@@ -34,11 +52,11 @@ def test_token_shapes_mark_word_starts_and_sentence_ends(tokenizer):
     text = "<|im_start|>user\nMy dog is Marigold. Really!\nOk<|im_end|>"
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     pieces = [tokenizer.decode([i]) for i in ids]
-    word_start, sentence_end = shapes.of(torch.tensor(ids))
+    word_start, sentence_end, clause_end = shapes.of(torch.tensor(ids))
     flags = torch.zeros(len(ids), dtype=torch.bool)
     # Powers of two: each word's sum names exactly the tokens it holds.
     scores = 2.0 ** torch.arange(len(ids), dtype=torch.float64)
-    words = word_surprisal(CachedTokens(scores, flags, word_start, sentence_end))
+    words = word_surprisal(CachedTokens(scores, flags, word_start, sentence_end, clause_end, torch.tensor(ids)))
     grouped: dict[float, str] = {}
     for piece, word in zip(pieces, words.tolist()):
         grouped[word] = grouped.get(word, "") + piece
@@ -46,6 +64,11 @@ def test_token_shapes_mark_word_starts_and_sentence_ends(tokenizer):
     ends = [piece for piece, end in zip(pieces, sentence_end.tolist()) if end]
     assert "." in ends and "\n" in ends and any(p.endswith("!") or p == "!" for p in ends)
     assert shapes.word_start.numel() >= len(tokenizer)
+    clause_ends = [piece for piece, end in zip(pieces, clause_end.tolist()) if end]
+    assert set(ends) <= set(clause_ends) and not (clause_end & ~sentence_end).any()
+    ids = tokenizer("Well, the code: 12; done", add_special_tokens=False)["input_ids"]
+    pieces = [tokenizer.decode([i]) for i in ids]
+    assert [p.strip() for p, end in zip(pieces, shapes.of(torch.tensor(ids))[2].tolist()) if end] == [",", ":", ";"]
     assert TokenShapes.from_tokenizer(tokenizer, len(tokenizer) + 7).word_start.numel() == len(tokenizer) + 7
 
 
@@ -86,13 +109,60 @@ def test_density_policy_keeps_the_short_surprising_sentence_where_sentences_keep
     assert DensityPolicy(start_size=1, recent_size=1).keep(tokens, 13).tolist() == list(range(13))
 
 
+def test_restatements_pair_a_restated_subject_not_a_repeated_preamble(tokenizer):
+    tokens, _ = cached_text(
+        tokenizer,
+        [
+            ("Please remember this: my locker code is 4821.", 1),
+            (" Please remember this: my dentist appointment is on May 3.", 1),
+            (" What is the capital of France?", 1),
+            (" What is the capital of Japan?", 1),
+            (" Update: my locker code is 5173 now, not the old one.", 1),
+            (" What is the capital of Japan?", 1),
+        ],
+    )
+    assert sentence_index(tokens)[-1] == 5  # one sentence each
+    # The same question asked again restates nothing; the preamble repeated whole neither.
+    assert restatements(tokens, sentence_index(tokens)) == [(2, 3), (0, 4)]
+
+
+def test_supersede_policy_keeps_the_restatement_where_density_keeps_the_stale_value(tokenizer):
+    # A restatement is predictable (its subject was said before), so its tokens score low.
+    tokens, (stated, other, update) = cached_text(
+        tokenizer,
+        [
+            ("Please remember this: my locker code is 4821.", 3.0),
+            (" The capital of Peru is Lima.", 2.0),
+            (" Update: my locker code is 5173 now, not the old one.", 1.0),
+        ],
+    )
+    budget = len(other) + len(update)
+    kept = set(DensityPolicy(start_size=0).keep(tokens, budget).tolist())
+    assert set(stated) <= kept and set(other) <= kept and not set(update) <= kept
+    kept = SupersedePolicy(start_size=0).keep(tokens, budget).tolist()
+    assert kept == [*other, *update]
+    # With room for all but a few tokens, the stale statement is what goes.
+    kept = set(SupersedePolicy(start_size=0).keep(tokens, len(tokens) - 3).tolist())
+    assert set(other) | set(update) <= kept and len(set(stated) - kept) == 3
+
+
+def test_supersede_policy_evicts_the_stale_value_from_a_session(converse, tiny_engine):
+    session = tiny_engine.session(cache_size=96, policy="supersede", recent_size=8)
+    turns = ["Please remember this: my locker code is 4821.", *[f"The job {1000 + 37 * i} is done." for i in range(4)]]
+    turns += ["Update: my locker code is 5173 now.", *[f"The job {2000 + 37 * i} is done." for i in range(8)]]
+    converse(session, turns, max_new_tokens=4)
+    assert len(session) <= 96 and session.stats.evicted_tokens > 0
+    text = tiny_engine.model.tokenizer.decode(session.cache.token_ids.tolist())
+    assert "4821" not in text
+
+
 def test_structure_policy_keeps_template_tokens_while_they_fit():
     tokens = cached([9, 0.1, 0.2, 5, 6, 0.3, 1], template=[0, 1, 1, 0, 0, 1, 0])
     assert StructurePolicy(start_size=1, recent_size=1).keep(tokens, 5).tolist() == [0, 1, 2, 5, 6]
     assert StructurePolicy(start_size=1, recent_size=1).keep(tokens, 4).tolist() == [0, 2, 5, 6]
 
 
-@pytest.mark.parametrize("policy", ["words", "sentences", "density", "structure"])
+@pytest.mark.parametrize("policy", ["words", "sentences", "density", "supersede", "structure"])
 def test_each_policy_holds_the_bound_over_a_long_conversation(converse, tiny_engine, policy):
     session = tiny_engine.session(cache_size=96, policy=policy, recent_size=8)
     converse(session, [f"Turn {i}: my code is {1000 + 37 * i}. Please keep it." for i in range(14)])

@@ -115,7 +115,8 @@ def test_cache_bound_sinks_and_sirllm_kept_set_over_200_turns(converse, tiny_eng
 def test_policy_keeps_sinks_recent_and_top_scores():
     scores = torch.tensor([9.0, 9, 0, 5, 1, 7, 2, 0, 3, 0])
     flags = torch.zeros(10, dtype=torch.bool)
-    kept = SirLLMPolicy(start_size=2, recent_size=2).keep(CachedTokens(scores, flags, flags, flags), budget=6)
+    tokens = CachedTokens(scores, flags, flags, flags, flags, torch.arange(10))
+    kept = SirLLMPolicy(start_size=2, recent_size=2).keep(tokens, budget=6)
     assert kept.tolist() == [0, 1, 3, 5, 8, 9]
 
 

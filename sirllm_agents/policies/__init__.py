@@ -9,6 +9,7 @@ from .sentences import SentencesPolicy
 from .sirllm import SirLLMPolicy
 from .streaming import StreamingPolicy
 from .structure import StructurePolicy
+from .supersede import SupersedePolicy
 from .words import WordsPolicy
 
 POLICIES: dict[str, type] = {
@@ -19,6 +20,7 @@ POLICIES: dict[str, type] = {
     "sentences": SentencesPolicy,
     "density": DensityPolicy,
     "structure": StructurePolicy,
+    "supersede": SupersedePolicy,
 }
 
 
@@ -42,6 +44,7 @@ __all__ = [
     "SirLLMPolicy",
     "StreamingPolicy",
     "StructurePolicy",
+    "SupersedePolicy",
     "WordsPolicy",
     "make_policy",
 ]

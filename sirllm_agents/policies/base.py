@@ -16,6 +16,8 @@ class CachedTokens:
     template: torch.Tensor  # bool: written by the chat template (role markers, ends of turn), not a message's text
     word_start: torch.Tensor  # bool: the token begins a word (see TokenShapes)
     sentence_end: torch.Tensor  # bool: the token ends a sentence or a line
+    clause_end: torch.Tensor  # bool: the token ends a sentence, a line, or a clause (",", ":", ";")
+    token_ids: torch.Tensor  # long: the vocabulary id, so that a policy can tell repeated words
 
     def __len__(self) -> int:
         return self.scores.numel()

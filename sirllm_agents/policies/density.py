@@ -9,15 +9,18 @@ from .sentences import peak_word, sentence_index, text_first
 from .words import word_surprisal
 
 
-def density_ranks(tokens: CachedTokens, peak: float) -> torch.Tensor:
-    """Per message token, the mean token entropy of its sentence plus ``peak`` times its most surprising word's
-    surprisal (see ``text_first`` for the template's tokens)."""
-    sentence = sentence_index(tokens)
+def sentence_density(tokens: CachedTokens, sentence: torch.Tensor, words: torch.Tensor, peak: float) -> torch.Tensor:
+    """Per sentence, its mean token entropy plus ``peak`` times its most surprising word's surprisal."""
     count = int(sentence[-1]) + 1
     total = torch.zeros(count, dtype=tokens.scores.dtype).index_add_(0, sentence, tokens.scores)
     length = torch.bincount(sentence, minlength=count).to(tokens.scores.dtype)
-    words = word_surprisal(tokens)
-    return text_first(tokens, sentence, total / length + peak * peak_word(tokens, sentence, words), words)
+    return total / length + peak * peak_word(tokens, sentence, words)
+
+
+def density_ranks(tokens: CachedTokens, peak: float) -> torch.Tensor:
+    """Per message token, its sentence's density (see ``text_first`` for the template's tokens)."""
+    sentence, words = sentence_index(tokens), word_surprisal(tokens)
+    return text_first(tokens, sentence, sentence_density(tokens, sentence, words, peak), words)
 
 
 @dataclass
