@@ -8,7 +8,7 @@ from typing import Any
 from .policies import POLICIES, Policy, make_policy
 
 DEFAULT_CACHE_SIZE = 1024
-DEFAULT_POLICY = "density"
+DEFAULT_POLICY = "supersede"
 RECENT_SHARE = 8  # recent_size=None keeps the newest cache_size // 8 tokens under the entropy policies
 UNSCORED = ("full", "streaming")  # policies that keep no entropy ranking: no recent window to reserve
 MIN_FREE_SLOTS = 16  # room a cache keeps beyond sinks and protected recent tokens, so prefill can make progress
@@ -18,10 +18,11 @@ MIN_FREE_SLOTS = 16  # room a cache keeps beyond sinks and protected recent toke
 class SessionConfig:
     """How one session's KV cache is bounded.
 
-    ``policy`` chooses who stays when the cache is full: ``"density"`` (the default: SirLLM over whole sentences,
-    ranked by mean token entropy), ``"sirllm"`` (sinks + highest token entropy, the paper), ``"streaming"`` (sinks +
-    newest), ``"full"`` (never evict), another variant (``"words"``, ``"sentences"``, ``"structure"``; see
-    ``sirllm_agents.policies``), or a :class:`~sirllm_agents.policies.Policy` object. ``cache_size=None`` means 1024
+    ``policy`` chooses who stays when the cache is full: ``"supersede"`` (the default: SirLLM over whole sentences,
+    ranked by mean token entropy, where a restated subject keeps only its newest statement), ``"sirllm"`` (sinks +
+    highest token entropy, the paper), ``"streaming"`` (sinks + newest), ``"full"`` (never evict), another variant
+    (``"words"``, ``"sentences"``, ``"density"``, ``"structure"``; see ``sirllm_agents.policies``), or a
+    :class:`~sirllm_agents.policies.Policy` object. ``cache_size=None`` means 1024
     tokens, or the model's maximum length for ``"full"``. ``recent_size`` tokens, the newest, are never evicted;
     ``None`` means an eighth of the cache for the entropy policies (so replies keep their form) and none for
     ``"streaming"`` and ``"full"``. ``decay`` multiplies every stored score after each turn so old key tokens can

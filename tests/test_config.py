@@ -35,7 +35,7 @@ def test_sized_fills_the_default_and_refuses_a_size_past_the_model():
 
 
 def test_the_default_recent_window_is_an_eighth_of_the_cache_for_the_entropy_policies():
-    assert SessionConfig().policy == "density"
+    assert SessionConfig().policy == "supersede"
     assert SessionConfig().sized(8192).recent_size == 128
     assert SessionConfig(cache_size=300, policy="sirllm").make_policy().recent_size == 37
     assert SessionConfig(cache_size=300, policy="streaming").sized(8192).recent_size == 0

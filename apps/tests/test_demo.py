@@ -18,7 +18,7 @@ def test_demo_shows_each_policy_and_what_its_cache_holds_of_the_fact(tiny_engine
     answers = {
         line.split("│")[1].strip(): line
         for line in out.splitlines()
-        if re.match(r"│ (full|streaming|sirllm|default: density \+ recent 1/8) ", line)
+        if re.match(r"│ (full|streaming|sirllm|default: supersede \+ recent 1/8) ", line)
     }
     assert set(answers) == {label for label, _ in demo.COLUMNS}
     held = {policy: re.search(r"\((\d+) of (\d+)\)", line).groups() for policy, line in answers.items()}

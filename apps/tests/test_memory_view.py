@@ -158,7 +158,7 @@ def test_chat_commands_and_the_ingestion_progress_line(tiny_engine, tmp_path):
     out = buffer.getvalue()
     assert next(lines) == "never read"
     assert re.search(r"\ringesting: 128/\d+ tokens\ringesting: 256/\d+ tokens", out)
-    assert "memory: " in out and "tokens retained (density)" in out
+    assert "memory: " in out and "tokens retained (supersede)" in out
     assert f"saved to {saved}" in out and "conversation forgotten" in out
     assert "not loaded: /nowhere.safetensors: cannot read the session file" in out
     assert f"loaded {saved}: 4 messages" in out and "/save PATH" in out  # /bogus prints the help

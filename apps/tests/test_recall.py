@@ -141,13 +141,16 @@ def test_recall_report_and_plot(tmp_path):
     recall_plot(results, tmp_path / "recall.png")
     from matplotlib.image import imread
 
-    assert imread(tmp_path / "recall.png").shape[:2] == (540, 2400)  # three panels and the length panel
+    assert imread(tmp_path / "recall.png").shape[:2] == (570, 2400)  # 4 panels, a legend row of 3 settings
     colours = {}  # a setting keeps its colour in every panel, the length panel included
-    for ax in recall_figure(results).axes:
+    figure = recall_figure(results)
+    for ax in figure.axes:
         for line in ax.get_lines():
             colours.setdefault(line.get_label(), set()).add(line.get_color())
     assert colours["sirllm decay=1.0"] == {"C0"} and colours["streaming"] == {"C1"}
-    assert colours["full"] == {"black"}
+    assert colours["full (no eviction)"] == {"black"}
+    (legend,) = figure.legends  # one legend for every panel, each setting once
+    assert [text.get_text() for text in legend.get_texts()] == ["full (no eviction)", "sirllm decay=1.0", "streaming"]
     many = [run("sirllm", 0.25, 1000, 0.5) | {"decay": 0.5 + index / 20} for index in range(12)]
     lines = recall_figure(results | {"lengths": [1000], "runs": many}).axes[0].get_lines()
     assert len({tuple(line.get_color()) for line in lines}) == 12  # past ten settings, still one colour each

@@ -21,6 +21,9 @@ def _pyplot():
 
 # What picking an option at random scores: Grocery recall and DailyDialog have 4 options, RPS 3 moves.
 CHANCE = {"grocery": 1 / 4, "dailydialog": 1 / 4, "rps": 1 / 3}
+FULL_LABEL = "full (no eviction)"
+LEGEND_COLUMNS = 4  # the recall plot's one legend, below its panels
+LEGEND_ROW_INCHES = 0.25
 
 
 def headline(task: str, run: dict, scoring: str) -> float:
@@ -108,7 +111,7 @@ def _setting_label(run: dict) -> str:
 def recall_plot(results: dict, path: Path) -> None:
     """The recall suite: cloze and generated recall and the value's tokens kept, against the cache budget (a share of
     the conversation), one line per setting at the first length; with several lengths, a last panel of cloze recall
-    against the length at the budget closest to 1/4."""
+    against the length at the budget closest to 1/4. One legend below the panels names every setting."""
     fig = recall_figure(results)
     fig.savefig(path, dpi=120)
     _pyplot().close(fig)
@@ -123,10 +126,12 @@ def recall_figure(results: dict) -> Figure:
         ("generated", "generated recall (value in the reply)"),
         ("kept", "share of the value's tokens kept"),
     ]
-    fig, axes = plt.subplots(1, len(panels) + (len(lengths) > 1), figsize=(5 * (len(panels) + (len(lengths) > 1)), 4.5))
-    first = [run for run in results["runs"] if run["length"] == lengths[0]]
-    # One colour per setting in every panel; `full` is the black dashed line.
+    # One colour per setting in every panel, so one legend serves them all; `full` is the black dashed line.
     settings = sorted({_setting_label(run) for run in results["runs"] if run["policy"] != "full"})
+    columns = len(panels) + (len(lengths) > 1)
+    legend_rows = -(-(len(settings) + 1) // LEGEND_COLUMNS)
+    fig, axes = plt.subplots(1, columns, figsize=(5 * columns, 4.5 + LEGEND_ROW_INCHES * legend_rows))
+    first = [run for run in results["runs"] if run["length"] == lengths[0]]
     palette = [f"C{index}" for index in range(10)] if len(settings) <= 10 else plt.get_cmap("tab20").colors
     colours = {label: palette[index % len(palette)] for index, label in enumerate(settings)}
     for ax, (field, title) in zip(axes, panels):
@@ -136,7 +141,7 @@ def recall_figure(results: dict) -> Figure:
             if value is None:
                 continue
             if run["policy"] == "full":
-                ax.axhline(value, color="black", linestyle="--", label="full (no eviction)")
+                ax.axhline(value, color="black", linestyle="--", label=FULL_LABEL)
             else:
                 lines.setdefault(_setting_label(run), []).append((run["budget"], value))
         for label, points in sorted(lines.items()):
@@ -144,8 +149,6 @@ def recall_figure(results: dict) -> Figure:
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label, color=colours[label])
         ax.set(xlabel="cache budget (share of the conversation)", title=title, ylim=(0, 1.02))
         ax.set_xscale("log", base=2)
-        if lines or ax.get_legend_handles_labels()[0]:  # a cloze-only run has no generated recall to draw
-            ax.legend(fontsize=7)
     axes[0].set_ylabel(f"{results['conversations']} conversations of ~{lengths[0]} tokens, {results['model']}")
     if len(lengths) > 1:
         budgets = sorted({run["budget"] for run in results["runs"] if run["policy"] != "full"})
@@ -159,12 +162,19 @@ def recall_figure(results: dict) -> Figure:
         ax = axes[-1]
         for label, points in sorted(lines.items()):
             points.sort()
-            style = {"color": "black", "linestyle": "--"} if label == "full" else {"color": colours[label]}
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label, **style)
+            if label == "full":
+                style = {"color": "black", "linestyle": "--", "label": FULL_LABEL}
+            else:
+                style = {"color": colours[label], "label": label}
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", **style)
         ax.set(xlabel="conversation length (tokens)", title=f"cloze recall at budget {quarter}", ylim=(0, 1.02))
         ax.set_xscale("log", base=2)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    handles = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=LEGEND_COLUMNS, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, LEGEND_ROW_INCHES * legend_rows / fig.get_figheight(), 1, 1))
     return fig
 
 
