@@ -7,13 +7,14 @@ import re
 
 import pytest
 import torch
-from sirllm_agents.policies import CachedTokens
-from sirllm_agents.policies.sentences import sentence_index
-from sirllm_agents.policies.supersede import restatements
 from sirllm_agents_apps.bench import pooled, recall, recall_data
 from sirllm_agents_apps.bench.plots import recall_figure, recall_plot
 from sirllm_agents_apps.bench.report import report
 from sirllm_agents_apps.cli import main as cli
+
+from sirllm_agents.policies import CachedTokens
+from sirllm_agents.policies.sentences import sentence_index
+from sirllm_agents.policies.supersede import restatements
 
 
 def count_words(text: str) -> int:
