@@ -22,11 +22,11 @@ class SessionConfig:
     ranked by mean token entropy, where a restated subject keeps only its newest statement), ``"sirllm"`` (sinks +
     highest token entropy, the paper), ``"streaming"`` (sinks + newest), ``"full"`` (never evict), another variant
     (``"words"``, ``"sentences"``, ``"density"``, ``"structure"``; see ``sirllm_agents.policies``), or a
-    :class:`~sirllm_agents.policies.Policy` object. ``cache_size=None`` means 1024
-    tokens, or the model's maximum length for ``"full"``. ``recent_size`` tokens, the newest, are never evicted;
-    ``None`` means an eighth of the cache for the entropy policies (so replies keep their form) and none for
-    ``"streaming"`` and ``"full"``. ``decay`` multiplies every stored score after each turn so old key tokens can
-    fade. ``prefill_chunk`` bounds one forward pass.
+    :class:`~sirllm_agents.policies.Policy` object. ``cache_size=None`` means 1024 tokens, or the model's maximum
+    length for ``"full"``. ``recent_size`` tokens, the newest, are never evicted; ``None`` means an eighth of the
+    cache for the entropy policies (so replies keep their form) and none for ``"streaming"`` and ``"full"``.
+    ``decay`` multiplies every stored score after each turn so old key tokens can fade. ``prefill_chunk`` bounds one
+    forward pass.
     """
 
     cache_size: int | None = None
