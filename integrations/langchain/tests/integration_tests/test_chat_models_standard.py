@@ -33,6 +33,11 @@ LLAMACPP_REPEATS = (
     "max_tokens cuts the JSON off (the grammar keeps it valid JSON, but it cannot make it end); the typeddict and "
     "json_schema forms pass (XPASS), hence not strict"
 )
+LLAMACPP_UNICODE_CALL = (
+    "on the llama.cpp backend the greedy 135M model, made to call unicode_customer, writes the right customer_name "
+    "('你好啊集团') and then repeats itself inside the description string until max_tokens (64) cuts the call off, so "
+    "the reply has finish_reason 'length' and no tool call; on the PyTorch backend it closes the call and passes"
+)
 LLAMACPP_JSON_MODE = (
     "on the llama.cpp backend the 135M model, asked for a joke as a JSON object with no schema, closes the object "
     "after 'setup' (valid JSON; the test also wants 'punchline')"
@@ -93,3 +98,7 @@ class TestChatSirLLMStandard(ChatModelIntegrationTests):
     @pytest.mark.xfail(ON_LLAMACPP, reason=LLAMACPP_JSON_MODE, strict=True)
     def test_json_mode(self, model: BaseChatModel) -> None:
         super().test_json_mode(model)
+
+    @pytest.mark.xfail(ON_LLAMACPP, reason=LLAMACPP_UNICODE_CALL, strict=True)
+    def test_unicode_tool_call_integration(self, model: BaseChatModel, **options: Any) -> None:
+        super().test_unicode_tool_call_integration(model, **options)
