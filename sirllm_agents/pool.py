@@ -34,7 +34,7 @@ from .replies import messages_as_held
 from .session import Session
 from .store import DirectoryStore, SessionBusyError, SessionStore
 from .tools import normalize_tools
-from .transcript import Message, normalize_messages, starts_with
+from .transcript import Transcript
 
 if TYPE_CHECKING:
     from .model import Model
@@ -46,8 +46,7 @@ log = logging.getLogger(__name__)
 class _Spilled:
     """A session written to the store, with what routing needs to find it again."""
 
-    messages: list[Message]
-    tools: list[dict] | None
+    transcript: Transcript
 
 
 class SessionPool:
@@ -124,7 +123,7 @@ class SessionPool:
             raise ValueError(f"session_id must be a non-empty string, got {session_id!r}")
         named = session_id is not None
         if not named:
-            messages = messages_as_held(normalize_messages(messages), response_format)
+            messages = messages_as_held(messages, response_format)
             tools = normalize_tools(tools) if tools else None
         with self._lock:
             if not named:
@@ -144,13 +143,13 @@ class SessionPool:
             self._shrink()
             return session
 
-    def _longest_prefix(self, messages: list[Message], tools: list[dict] | None) -> str | None:
+    def _longest_prefix(self, messages: list[Mapping[str, Any]], tools: list[dict] | None) -> str | None:
         best, best_len = None, 0
-        candidates = [(sid, s.transcript.messages, s.transcript.tools) for sid, s in self._live.items()]
-        candidates += [(sid, s.messages, s.tools) for sid, s in self._spilled.items()]
-        for sid, known, known_tools in candidates:
-            if best_len < len(known) and known_tools == tools and starts_with(messages, known):
-                best, best_len = sid, len(known)
+        candidates = [(sid, s.transcript) for sid, s in self._live.items()]
+        candidates += [(sid, s.transcript) for sid, s in self._spilled.items()]
+        for sid, known in candidates:
+            if best_len < len(known.messages) and known.tools == tools and known.holds(messages):
+                best, best_len = sid, len(known.messages)
         return best
 
     def _revive(self, session_id: str | None, config: SessionConfig | None, named: bool) -> Session:
@@ -210,8 +209,7 @@ class SessionPool:
             log.warning("session %s could not be spilled, keeping it in memory: %s", session_id, error)
             return False
         self.store.release(session_id)
-        transcript = session.transcript
-        self._spilled[session_id] = _Spilled(transcript.messages, transcript.tools)
+        self._spilled[session_id] = _Spilled(session.transcript)
         self._forget_live(session_id)
         while len(self._spilled) > self.max_spilled_sessions:
             oldest = next(iter(self._spilled))

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from .constrained import json_object_constraint, json_schema_constraint, tool_call_constraint
 from .generation import TokenConstraint
 from .tools import TOOL_CALL_START, ToolCall, normalize_tools, split_tool_calls
+from .transcript import check_messages, normalize_message
 
 if TYPE_CHECKING:
     from .model import Model
@@ -140,11 +141,11 @@ def response_schema(response_format: Mapping[str, Any]) -> dict | None:
 
 @dataclass
 class Request:
-    """What one call asks for, once checked: the messages as the session ingests them (format instructions added),
-    the tools (normalized), whose calls are read from the reply, the constraint on decoding, and how much text may
-    be streamed while the reply could still turn out to be a call."""
+    """What one call asks for, once checked: the messages as the session ingests them (format instructions added;
+    the session checks those it does not hold yet), the tools (normalized), whose calls are read from the reply, the
+    constraint on decoding, and how much text may be streamed while the reply could still turn out to be a call."""
 
-    messages: list[dict]
+    messages: list
     tools: list[dict] | None
     read_calls: bool
     constraint: TokenConstraint | None
@@ -153,7 +154,7 @@ class Request:
 
 def plan_request(
     model: Model,
-    messages: list[dict],
+    messages: Sequence[Mapping[str, Any]],
     tools: Sequence[Mapping[str, Any]] | None,
     tool_choice: Any,
     response_format: Mapping[str, Any] | None,
@@ -174,12 +175,14 @@ def plan_request(
     return Request(messages, specs, read_calls, constraint, mode)
 
 
-def messages_as_held(messages: list[dict], response_format: Mapping[str, Any] | None) -> list[dict]:
+def messages_as_held(messages: Sequence[Mapping[str, Any]], response_format: Mapping[str, Any] | None) -> list:
     """``messages`` as a session ingests them: with a ``response_format``, the system message tells the model the
     JSON it is held to (the grammar enforces the shape; the prompt gives it the meaning). The pool routes on these,
-    so a resent JSON conversation finds its session."""
+    so a resent JSON conversation finds its session. Only the first message is read here (the session checks the
+    others as it takes them in)."""
+    messages = check_messages(messages)
     if response_format is None:
-        return messages
+        return list(messages)
     schema = response_schema(response_format)
     if schema is None:
         instruction = "Reply with a JSON object."
@@ -187,12 +190,10 @@ def messages_as_held(messages: list[dict], response_format: Mapping[str, Any] | 
         instruction = "Reply with a JSON object that follows this JSON schema:\n" + json.dumps(
             schema, ensure_ascii=False
         )
-    messages = [dict(m) for m in messages]
-    if messages and messages[0]["role"] == "system":
-        messages[0]["content"] = f"{messages[0]['content']}\n\n{instruction}".lstrip("\n")
-    else:
-        messages.insert(0, {"role": "system", "content": instruction})
-    return messages
+    first = normalize_message(0, messages[0])
+    if first["role"] == "system":
+        return [{**first, "content": f"{first['content']}\n\n{instruction}".lstrip("\n")}, *messages[1:]]
+    return [{"role": "system", "content": instruction}, *messages]
 
 
 def finish_reply(request: Request, text: str, finish_reason: str, token_ids: list[int], stats: TurnStats) -> Reply:

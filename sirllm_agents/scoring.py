@@ -18,14 +18,14 @@ if TYPE_CHECKING:
 def reply_ids(model: Model, asked: Transcript, options: Sequence[str]) -> list[list[int]]:
     """Token ids of each option as the template renders it in an assistant reply to ``asked``: the text between
     the generation prompt and the end-of-turn marker (found by rendering an empty reply)."""
-    template, tools = model.template, asked.tools
-
-    prompt = template.render(asked.messages, add_generation_prompt=True, tools=tools)
+    template, messages, tools = model.template, asked.messages, asked.tools
+    prompt = template.continuation(messages, len(messages), True, tools)
 
     def after_prompt(text: str) -> str:
         """The rendering of ``text`` as the reply, past the generation prompt."""
-        rendered = template.render(asked.messages + [{"role": "assistant", "content": text}], False, tools)
-        if not rendered.startswith(prompt):
+        reply = [*messages, {"role": "assistant", "content": text}]
+        rendered = template.continuation(reply, len(messages), False, tools)
+        if prompt is None or rendered is None or not rendered.startswith(prompt):
             raise ValueError("the chat template does not render a reply after its own generation prompt")
         return rendered[len(prompt) :]
 

@@ -27,7 +27,7 @@ from .generation import Decoding, GenerationConfig, TokenConstraint
 from .memory import Memory, session_memory
 from .persistence import read_session, write_session
 from .replies import Event, Reply, ReplyStream, Request, ShownText, TextDelta, finish_reply, plan_request
-from .transcript import Message, Segment, Transcript, normalize_messages
+from .transcript import Message, Segment, Transcript
 
 if TYPE_CHECKING:
     from .model import Model
@@ -76,7 +76,7 @@ class Session:
         self.session_id = session_id or uuid.uuid4().hex
         self.policy = self.config.make_policy()
         self.cache = self._new_cache()
-        self.transcript = Transcript()
+        self.transcript = Transcript(template=model.template)
         self.stats = SessionStats()
         self.turn_log: list[TurnStats] = []  # every call's figures, in order (the memory view charts them)
         # Called as progress(done, total) after each prefill chunk of a segment (a long message being ingested).
@@ -127,7 +127,7 @@ class Session:
         asked for, so the next call may either resend ``messages`` with a new message or retry them as they were.
         """
         config = GenerationConfig(max_new_tokens, temperature, top_p, top_k, seed, stop or [])
-        request = plan_request(self.model, normalize_messages(messages), tools, tool_choice, response_format)
+        request = plan_request(self.model, messages, tools, tool_choice, response_format)
         if constraint is not None:
             if request.constraint is not None:
                 raise ValueError("pass constraint= or a required tool_choice / response_format, not both")
@@ -156,7 +156,6 @@ class Session:
         abandoned stream): the next call that adds the chosen option as an assistant message prefills just that.
         Options never stay in the cache. Like a turn, the call multiplies the stored scores by ``decay`` once.
         """
-        messages = normalize_messages(messages)
         if isinstance(options, str) or not options or any(not isinstance(o, str) or not o for o in options):
             raise ValueError("options must be a non-empty list of non-empty strings")
         request = plan_request(self.model, messages, tools, None, None)
@@ -180,7 +179,7 @@ class Session:
         yet is prefilled (a conversation that does not extend it restarts, as in :meth:`chat`); afterwards the
         session holds ``messages`` and the next call prefills only what follows them. Like a turn, the call
         multiplies the stored scores by ``decay`` once. Returns the call's figures."""
-        request = plan_request(self.model, normalize_messages(messages), tools, None, None)
+        request = plan_request(self.model, messages, tools, None, None)
         with self._locked():
             turn = TurnStats()
             with self._rolling_back(turn):
@@ -204,7 +203,7 @@ class Session:
         with self._locked():
             twin = Session(self.model, self.config, session_id)
             twin.cache = self.cache.copy()
-            twin.transcript = dataclasses.replace(self.transcript)
+            twin.transcript = dataclasses.replace(self.transcript, raw=list(self.transcript.raw))
             twin.stats = dataclasses.replace(self.stats)
             twin.turn_log = [dataclasses.replace(turn) for turn in self.turn_log]
             twin._position = self._position
@@ -224,7 +223,6 @@ class Session:
             "transcript": {
                 "messages": transcript.messages,
                 "tools": transcript.tools,
-                "text": transcript.text,
                 "length": transcript.length,
                 "spans": transcript.spans,
             },
@@ -246,9 +244,10 @@ class Session:
         session.cache.load_records(tensors)
         session._position = document["position"]
         t = document["transcript"]
-        session.transcript = Transcript(
-            t["messages"], t["tools"], t["text"], t["length"], [tuple(s) for s in t["spans"]]
-        )
+        spans = [tuple(s) for s in t["spans"]]
+        # A loaded session has not seen the caller's form of its messages: the next call checks each of them once.
+        raw = [None] * len(t["messages"])
+        session.transcript = Transcript(t["messages"], t["tools"], t["length"], spans, model.template, raw)
         session.stats = SessionStats(**document["stats"])
         session.turn_log = [TurnStats(**turn) for turn in document["turn_log"]]
         return session
@@ -342,7 +341,7 @@ class Session:
     def _extend(self, request: Request, turn: TurnStats, reserve: int) -> Marked:
         """Ingest the messages the transcript lacks (all of them after a restart) and return the token ids of the
         generation prompt that would follow them, with their template marks (see ``Model.encode_marked``)."""
-        messages = self.transcript.recognise(request.messages)
+        messages, raw = self.transcript.recognise(request.messages)
         template = self.model.template
         segments = self.transcript.plan(messages, template, request.tools)
         if segments is None:
@@ -365,12 +364,13 @@ class Session:
             # Make room for the whole turn before any of it is cached, as StreamingLLM and SirLLM do: the turn's
             # own tokens (low-entropy template tokens included) then never compete for a place while it is running.
             turn.evicted_tokens += self.cache.make_room(new_tokens + reserve)
-        self._prefill_messages(messages, request.tools, segments[:-1], encoded[:-1], turn)
+        self._prefill_messages(messages, raw, request.tools, segments[:-1], encoded[:-1], turn)
         return encoded[-1]
 
     def _prefill_messages(
         self,
         messages: list[Message],
+        raw: list[Any],
         tools: list[dict] | None,
         segments: list[Segment],
         encoded: list[Marked],
@@ -382,8 +382,7 @@ class Session:
             begin = self._position
             turn.prefilled_tokens += self._prefill(ids, turn, marks)
             spans.extend((begin, self._position) for _ in segment.messages)
-        text = self.transcript.text + "".join(s.text for s in segments)
-        self.transcript = Transcript(list(messages), tools, text, self._position, spans)
+        self.transcript = Transcript(messages, tools, self._position, spans, self.model.template, raw)
         turn.prefill_seconds += time.perf_counter() - start
 
     def _close_turn(self, asked: Transcript, prompt_ids: list[int], reply: Reply, turn: TurnStats) -> None:
@@ -394,14 +393,15 @@ class Session:
         not ingested, or the model spelled the text with other tokens. Keep the longest common start and prefill
         the rest of the rendering."""
         start = time.perf_counter()
-        messages = asked.messages + [reply.as_message()]
-        rendered = self.model.template.render(messages, add_generation_prompt=False, tools=asked.tools)
-        if not rendered.startswith(asked.text):
+        message = reply.as_message()
+        messages = asked.messages + [message]
+        added = self.model.template.continuation(messages, len(asked.messages), False, asked.tools)
+        if added is None:
             # The template rewrites earlier turns once a reply follows: fall back to the state before the reply;
             # the next call prefills the reply as a new message.
             self._rollback(asked)
             return
-        canonical, marks = self.model.encode_marked(rendered[len(asked.text) :], [reply.content])
+        canonical, marks = self.model.encode_marked(added, [reply.content])
         ingested = prompt_ids + reply.token_ids
         common = 0
         while common < min(len(canonical), len(ingested)) and canonical[common] == ingested[common]:
@@ -410,7 +410,8 @@ class Session:
             self._truncate(asked.length + common)
         self._prefill(canonical[common:], turn, marks[common:])
         spans = asked.spans + [(asked.length, self._position)]
-        self.transcript = Transcript(messages, asked.tools, rendered, self._position, spans)
+        raw = asked.raw + [message]
+        self.transcript = Transcript(messages, asked.tools, self._position, spans, self.model.template, raw)
         turn.decode_seconds += time.perf_counter() - start
 
     # -- the cache -----------------------------------------------------------------------------------------------
@@ -471,7 +472,7 @@ class Session:
 
     def _reset(self) -> None:
         self.cache = self._new_cache()
-        self.transcript = Transcript()
+        self.transcript = Transcript(template=self.model.template)
         self._position = 0
 
     def _record(self, turn: TurnStats, completed: bool = False) -> None:

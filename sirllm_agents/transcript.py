@@ -26,31 +26,38 @@ Message = dict[str, Any]
 
 def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[Message]:
     """Validate OpenAI-style messages and return plain copies holding only what the chat template reads."""
+    return [normalize_message(i, message) for i, message in enumerate(check_messages(messages))]
+
+
+def check_messages(messages: Any) -> Sequence[Mapping[str, Any]]:
+    """``messages`` if it is a non-empty list of messages (each one is checked by :func:`normalize_message`)."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or len(messages) == 0:
         raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
-    normalized = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {type(message).__name__}")
-        role = message.get("role")
-        if role not in ROLES:
-            raise ValueError(f"messages[{i}]: unknown role {role!r} (expected one of {', '.join(ROLES)})")
-        content = message.get("content")
-        tool_calls = message.get("tool_calls")
-        if content is None and role == "assistant" and tool_calls:
-            content = ""
-        if not isinstance(content, str):
-            raise ValueError(f"messages[{i}] ({role}): content must be a string, got {type(content).__name__}")
-        if tool_calls is not None and not isinstance(tool_calls, list):
-            raise ValueError(f"messages[{i}] ({role}): tool_calls must be a list, got {type(tool_calls).__name__}")
-        plain: Message = {"role": role, "content": content}
-        if tool_calls:
-            plain["tool_calls"] = [_tool_call(i, j, call) for j, call in enumerate(tool_calls)]
-        for key in ("tool_call_id", "name"):
-            if message.get(key) is not None:
-                plain[key] = message[key]
-        normalized.append(plain)
-    return normalized
+    return messages
+
+
+def normalize_message(i: int, message: Any) -> Message:
+    """Message ``i`` of a conversation, validated, as a plain copy holding only what the chat template reads."""
+    if not isinstance(message, Mapping):
+        raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {type(message).__name__}")
+    role = message.get("role")
+    if role not in ROLES:
+        raise ValueError(f"messages[{i}]: unknown role {role!r} (expected one of {', '.join(ROLES)})")
+    content = message.get("content")
+    tool_calls = message.get("tool_calls")
+    if content is None and role == "assistant" and tool_calls:
+        content = ""
+    if not isinstance(content, str):
+        raise ValueError(f"messages[{i}] ({role}): content must be a string, got {type(content).__name__}")
+    if tool_calls is not None and not isinstance(tool_calls, list):
+        raise ValueError(f"messages[{i}] ({role}): tool_calls must be a list, got {type(tool_calls).__name__}")
+    plain: Message = {"role": role, "content": content}
+    if tool_calls:
+        plain["tool_calls"] = [_tool_call(i, j, call) for j, call in enumerate(tool_calls)]
+    for key in ("tool_call_id", "name"):
+        if message.get(key) is not None:
+            plain[key] = message[key]
+    return plain
 
 
 def _tool_call(i: int, j: int, call: Any) -> dict[str, Any]:
@@ -95,18 +102,16 @@ def same_message(incoming: Message, known: Message) -> bool:
     return incoming["content"].strip() == known["content"].strip() and calls(incoming) == calls(known)
 
 
-def starts_with(messages: list[Message], known: list[Message]) -> bool:
-    """Whether ``messages`` begin with ``known`` (see :func:`same_message`)."""
-    return len(known) <= len(messages) and all(same_message(m, k) for m, k in zip(messages, known))
-
-
 class ChatTemplate:
     """Renders messages to text with the tokenizer's chat template (or one given by the caller).
 
     Tools are rendered by the template when it knows how (Qwen2.5, Llama 3.1, ...); for one that ignores them
     (SmolLM2's), they are described in the system message and earlier calls are written into their messages'
     content, in the format of :mod:`sirllm_agents.tools`. Either way the rendering depends only on the messages and
-    tools, so a growing conversation keeps extending its own earlier rendering."""
+    tools, so a growing conversation keeps extending its own earlier rendering.
+
+    What new messages add is rendered without the whole history before them wherever the template allows it (see
+    :attr:`concatenates`): then a call costs the same at the 10th message and at the 10,000th."""
 
     def __init__(self, tokenizer, template: str | None = None):
         if template is None and not getattr(tokenizer, "chat_template", None):
@@ -129,6 +134,56 @@ class ChatTemplate:
         if self.renders_tools:
             return [dict(m) for m in messages], specs
         return write_tools_into_messages(messages, specs), None
+
+    def context(self, messages: list[Message], start: int) -> list[Message]:
+        """The messages that stand for ``messages[:start]`` when rendering what follows them: all of them, or, for
+        a template that :attr:`concatenates`, the first (system prompts are decided there) and the one or two just
+        before ``start`` (a message may render after its predecessor's role), so that ``messages[start]`` keeps the
+        parity of its index (templates that check roles alternate)."""
+        return _context(messages, start) if self.concatenates else messages[:start]
+
+    def continuation(
+        self, messages: list[Message], start: int, add_generation_prompt: bool, tools: list[dict] | None
+    ) -> str | None:
+        """The text that ``messages[start:]`` (and the generation prompt) add to the rendering of ``messages[:start]``,
+        or None when the template renders the earlier messages differently once these follow."""
+        context = self.context(messages, start)
+        before = self.render(context, False, tools) if context else ""
+        text = self.render(context + messages[start:], add_generation_prompt, tools)
+        return text[len(before) :] if text.startswith(before) else None
+
+    @cached_property
+    def concatenates(self) -> bool:
+        """Whether what new messages add renders the same from :meth:`context` as from the whole conversation.
+
+        Probed once on a few conversations (with and without a system message, tool calls and grouped tool
+        results): true for templates that render each message from itself, its neighbours and the first message
+        (SmolLM2, Qwen2.5, Llama 3, Mistral, Gemma, ...). A template whose output depends on the whole conversation
+        (one that counts messages, or numbers them) fails the probe, and every call renders it whole."""
+        tool = {"type": "function", "function": {"name": _PROBE_NAME, "parameters": {"type": "object"}}}
+        probed = False
+        for conversation, tools in _probe_conversations(tool):
+            try:
+                whole = [self.render(conversation[:end], False, tools) for end in range(len(conversation) + 1)]
+                prompts = [self.render(conversation[:end], True, tools) for end in range(len(conversation) + 1)]
+            except ValueError:
+                continue  # the template refuses this conversation (roles it does not take): try the next one
+            probed = True
+            for start in range(4, len(conversation)):
+                context = _context(conversation, start)
+                before = self.render(context, False, tools)
+                for end in range(start + 1, len(conversation) + 1):
+                    for full, generation in ((whole[end], False), (prompts[end], True)):
+                        try:
+                            part = self.render(context + conversation[start:end], generation, tools)
+                        except ValueError:
+                            return False
+                        extends = full.startswith(whole[start])
+                        if extends != part.startswith(before):
+                            return False
+                        if extends and full[len(whole[start]) :] != part[len(before) :]:
+                            return False
+        return probed
 
     @cached_property
     def renders_tools(self) -> bool:
@@ -153,6 +208,38 @@ class ChatTemplate:
             raise ValueError(f"the chat template rejected these messages: {error}") from error
 
 
+def _context(messages: list[Message], start: int) -> list[Message]:
+    if start <= 3:
+        return messages[:start]
+    before = 1 if start % 2 == 0 else 2
+    return messages[:1] + messages[start - before : start]
+
+
+def _probe_conversations(tool: dict) -> list[tuple[list[Message], list[dict] | None]]:
+    """Conversations that :attr:`ChatTemplate.concatenates` renders both ways: alternating turns with and without
+    a system message, and an agent's tool loop with two results in a row."""
+
+    def turn(role: str, n: int) -> Message:
+        return {"role": role, "content": f"Probe {role} message {n}."}
+
+    def call(n: int) -> Message:
+        arguments = {"n": n}
+        function = {"name": _PROBE_NAME, "arguments": arguments}
+        return {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"id": f"c{n}", "type": "function", "function": function}],
+        }
+
+    def result(n: int) -> Message:
+        return {"role": "tool", "content": f"Probe result {n}.", "tool_call_id": f"c{n}"}
+
+    chat = [turn("user" if n % 2 == 0 else "assistant", n) for n in range(8)]
+    agent = [turn("system", 0), turn("user", 1), call(2), result(2), turn("assistant", 3), turn("user", 4)]
+    agent += [call(5), result(5), result(5), turn("assistant", 6), turn("user", 7), turn("assistant", 8)]
+    return [([turn("system", 9), *chat], None), (chat, None), (agent, [tool])]
+
+
 @dataclass
 class Segment:
     """New text to prefill and the indices of the messages it renders (none for the generation prompt)."""
@@ -163,52 +250,114 @@ class Segment:
 
 @dataclass
 class Transcript:
-    """The messages a session has ingested, the text they render to, and each message's token span."""
+    """The messages a session has ingested and each message's token span.
+
+    ``raw`` holds each message as the caller last sent it, so a resent conversation is recognised by one
+    comparison of lists (in C) rather than by checking every message again."""
 
     messages: list[Message] = field(default_factory=list)
     tools: list[dict] | None = None  # tool schemas the template rendered (they change the rendered text)
-    text: str = ""
     length: int = 0  # tokens ingested, counted over the whole conversation (eviction does not lower it)
     spans: list[tuple[int, int]] = field(default_factory=list)
+    template: ChatTemplate | None = field(default=None, compare=False, repr=False)
+    raw: list[Any] = field(default_factory=list, compare=False, repr=False)
 
-    def recognise(self, messages: list[Message]) -> list[Message]:
-        """``messages`` with each one this transcript holds, as a framework sends it back (see :func:`same_message`),
-        replaced by the transcript's own: the session then knows its earlier replies whatever form they come in."""
-        known = self.messages
-        return [known[i] if i < len(known) and same_message(m, known[i]) else m for i, m in enumerate(messages)]
+    @property
+    def text(self) -> str:
+        """The chat-template rendering of the messages: the text the session ingested (rendered on demand)."""
+        if not self.messages or self.template is None:
+            return ""
+        return self.template.render(self.messages, add_generation_prompt=False, tools=self.tools)
+
+    def recognise(self, incoming: Sequence[Mapping[str, Any]]) -> tuple[list[Message], list[Any]]:
+        """``incoming`` (a whole conversation) as the session takes it, and as it was sent: each message this
+        transcript holds, as a framework sends it back (see :func:`same_message`), replaced by the transcript's
+        own, the rest checked and normalized. Costs one list comparison for the messages resent as they were last
+        sent, plus the work of the new ones."""
+        incoming = check_messages(incoming)
+        held = min(len(self.messages), len(incoming))
+        if list(incoming[:held]) == self.raw[:held]:
+            messages, raw = self.messages[:held], self.raw[:held]
+        else:
+            messages, raw = [], []
+            for i in range(held):
+                message = incoming[i]
+                if message != self.raw[i]:
+                    normalized = normalize_message(i, message)
+                    if not same_message(normalized, self.messages[i]):
+                        messages.append(normalized)
+                        raw.append(_snapshot(message))
+                        continue
+                    self.raw[i] = _snapshot(message)
+                messages.append(self.messages[i])
+                raw.append(self.raw[i])
+        for i in range(held, len(incoming)):
+            messages.append(normalize_message(i, incoming[i]))
+            raw.append(_snapshot(incoming[i]))
+        return messages, raw
+
+    def holds(self, incoming: Sequence[Mapping[str, Any]]) -> bool:
+        """Whether ``incoming`` starts with this transcript's messages (see :meth:`recognise`); changes nothing."""
+        held = len(self.messages)
+        if not held or len(incoming) < held:
+            return False
+        if list(incoming[:held]) == self.raw:
+            return True
+        try:
+            return all(
+                m == r or same_message(normalize_message(i, m), k)
+                for i, (m, r, k) in enumerate(zip(incoming, self.raw, self.messages))
+            )
+        except ValueError:
+            return False
 
     def plan(self, messages: list[Message], template: ChatTemplate, tools: list[dict] | None) -> list[Segment] | None:
         """The text that ``messages`` (rendered with ``tools``) add to this transcript, ending with the generation
         prompt, or None when they do not extend it (an earlier message changed or went, the tools changed, or the
-        template rewrote earlier text)."""
+        template rewrote earlier text). Renders only the new messages and their :meth:`ChatTemplate.context`."""
         known = len(self.messages)
         if messages[:known] != self.messages or (known and tools != self.tools):
             return None
-        segments = self._message_segments(messages, template, tools)
+        context = template.context(messages, known)
+        window = context + messages[known:]
+        rendered = template.render(context, False, tools) if context else ""
+        segments = _message_segments(window, len(context), rendered, template, tools)
         if segments is None:
             return None
-        rendered = self.text + "".join(s.text for s in segments)
-        prompt = template.render(messages, add_generation_prompt=True, tools=tools)
+        shift = known - len(context)
+        segments = [Segment(s.text, range(s.messages.start + shift, s.messages.stop + shift)) for s in segments]
+        rendered += "".join(s.text for s in segments)
+        prompt = template.render(window, add_generation_prompt=True, tools=tools)
         if not prompt.startswith(rendered):
             return None
         return segments + [Segment(prompt[len(rendered) :], range(0))]
 
-    def _message_segments(
-        self, messages: list[Message], template: ChatTemplate, tools: list[dict] | None
-    ) -> list[Segment] | None:
-        known = len(self.messages)
-        segments, rendered = [], self.text
-        for end in range(known + 1, len(messages) + 1):
-            text = template.render(messages[:end], add_generation_prompt=False, tools=tools)
-            if not text.startswith(rendered):
-                break
-            segments.append(Segment(text[len(rendered) :], range(end - 1, end)))
-            rendered = text
-        else:
-            return segments
-        # Some templates render a message differently once another follows it (grouped tool results): take the new
-        # messages as one span then.
-        text = template.render(messages, add_generation_prompt=False, tools=tools)
-        if not text.startswith(self.text):
-            return None
-        return [Segment(text[len(self.text) :], range(known, len(messages)))]
+
+def _message_segments(
+    messages: list[Message], known: int, rendered: str, template: ChatTemplate, tools: list[dict] | None
+) -> list[Segment] | None:
+    """What each of ``messages[known:]`` adds to ``rendered``, the rendering of ``messages[:known]``."""
+    segments, before = [], rendered
+    for end in range(known + 1, len(messages) + 1):
+        text = template.render(messages[:end], add_generation_prompt=False, tools=tools)
+        if not text.startswith(before):
+            break
+        segments.append(Segment(text[len(before) :], range(end - 1, end)))
+        before = text
+    else:
+        return segments
+    # Some templates render a message differently once another follows it (grouped tool results): take the new
+    # messages as one span then.
+    text = template.render(messages, add_generation_prompt=False, tools=tools)
+    if not text.startswith(rendered):
+        return None
+    return [Segment(text[len(rendered) :], range(known, len(messages)))]
+
+
+def _snapshot(message: Any) -> Any:
+    """A copy of a message as sent, for comparing the next call's with it (nested values copied too, so a caller
+    that edits its message in place is noticed)."""
+    try:
+        return copy.deepcopy(dict(message)) if isinstance(message, Mapping) else None
+    except Exception:  # an uncopyable value: the message is then checked in full on every call
+        return None
