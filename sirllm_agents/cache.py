@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .history import TokenHistory
 from .policies import CachedTokens, Policy
 from .runners import ModelRunner
 from .token_shapes import TokenShapes
@@ -25,7 +26,14 @@ class SirLLMCache:
     wrote it (``template``).
     """
 
-    def __init__(self, runner: ModelRunner, policy: Policy, cache_size: int, shapes: TokenShapes):
+    def __init__(
+        self,
+        runner: ModelRunner,
+        policy: Policy,
+        cache_size: int,
+        shapes: TokenShapes,
+        history_window: int | None = None,
+    ):
         self.runner = runner
         self.policy = policy
         self.cache_size = cache_size
@@ -35,13 +43,21 @@ class SirLLMCache:
         self.positions = torch.empty(0, dtype=torch.long)
         self.turns = torch.empty(0, dtype=torch.long)
         self.template = torch.empty(0, dtype=torch.bool)
-        # Every token ingested, by conversation position, evicted or not (rolled-back ones are cut off): what the
-        # memory view shows greyed out, and how evictions are counted per turn. Four bytes a token each.
-        self.history_ids = torch.empty(0, dtype=torch.int32)
-        self.history_turns = torch.empty(0, dtype=torch.int32)
+        # Every token ingested (the newest history_window of them, or all), evicted or not; rolled-back ones are cut
+        # off. The memory view reads it.
+        self.history = TokenHistory(history_window)
 
     def __len__(self) -> int:
         return self.token_ids.numel()
+
+    @property
+    def history_ids(self) -> torch.Tensor:
+        """Token ids of the recorded history, from conversation position ``history.start`` on."""
+        return self.history.ids
+
+    @property
+    def history_turns(self) -> torch.Tensor:
+        return self.history.turns
 
     @property
     def logits(self) -> torch.Tensor | None:
@@ -111,16 +127,13 @@ class SirLLMCache:
         self.positions = torch.cat((self.positions, positions))
         self.turns = torch.cat((self.turns, turns))
         self.template = torch.cat((self.template, template.to(torch.bool)))
-        # A token fed again is in the history already; only positions past its end extend it.
-        new = positions >= len(self.history_ids)
-        self.history_ids = torch.cat((self.history_ids, token_ids[new].to(torch.int32)))
-        self.history_turns = torch.cat((self.history_turns, torch.full((int(new.sum()),), turn, dtype=torch.int32)))
+        self.history.extend(token_ids, positions, turn)
 
     def truncate(self, position: int) -> None:
         """Drop every token from conversation position ``position`` on (they are the newest), and any state a broken
         forward left in the runner without a record."""
         self._keep_oldest(int((self.positions < position).sum()))
-        self.history_ids, self.history_turns = self.history_ids[:position], self.history_turns[:position]
+        self.history.truncate(position)
 
     def _keep_oldest(self, n: int) -> None:
         self.runner.truncate(n)
@@ -134,18 +147,20 @@ class SirLLMCache:
     def copy(self) -> SirLLMCache:
         """A copy sharing no state with this cache (the policy and shapes, which never change, are shared)."""
         twin = SirLLMCache(self.runner.copy(), self.policy, self.cache_size, self.shapes)
-        for name in (*_RECORDS, "history_ids", "history_turns"):
+        for name in _RECORDS:
             setattr(twin, name, getattr(self, name).clone())
+        twin.history = self.history.copy()
         return twin
 
     def records(self) -> dict[str, torch.Tensor]:
         """The per-token records as named tensors (for a session file)."""
         return {f"cache.{name}": getattr(self, name) for name in _RECORDS} | {
-            "history.ids": self.history_ids,
-            "history.turns": self.history_turns,
+            "history.ids": self.history.ids,
+            "history.turns": self.history.turns,
+            "history.start": torch.tensor([self.history.start], dtype=torch.int64),
         }
 
     def load_records(self, tensors: dict[str, torch.Tensor]) -> None:
         for name in _RECORDS:
             setattr(self, name, tensors[f"cache.{name}"])
-        self.history_ids, self.history_turns = tensors["history.ids"], tensors["history.turns"]
+        self.history.load(int(tensors["history.start"][0]), tensors["history.ids"], tensors["history.turns"])

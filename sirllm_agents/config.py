@@ -12,6 +12,10 @@ DEFAULT_POLICY = "supersede"
 RECENT_SHARE = 8  # recent_size=None keeps the newest cache_size // 8 tokens under the entropy policies
 UNSCORED = ("full", "streaming")  # policies that keep no entropy ranking: no recent window to reserve
 MIN_FREE_SLOTS = 16  # room a cache keeps beyond sinks and protected recent tokens, so prefill can make progress
+# Without keep_history a session records the newest HISTORY_TOKENS ingested tokens (up to twice as many) and the
+# figures of its newest TURN_LOG_CALLS calls, so its memory and its files stay bounded however long it runs.
+HISTORY_TOKENS = 8192
+TURN_LOG_CALLS = 1024
 
 
 @dataclass(frozen=True)
@@ -26,7 +30,9 @@ class SessionConfig:
     length for ``"full"``. ``recent_size`` tokens, the newest, are never evicted; ``None`` means an eighth of the
     cache for the entropy policies (so replies keep their form) and none for ``"streaming"`` and ``"full"``.
     ``decay`` multiplies every stored score after each turn so old key tokens can fade. ``prefill_chunk`` bounds one
-    forward pass.
+    forward pass. ``keep_history`` keeps the record of every token ingested and every call's figures (for the memory
+    view of a whole conversation); by default a session keeps the newest ``HISTORY_TOKENS`` tokens' and
+    ``TURN_LOG_CALLS`` calls' records, so its memory and files stay bounded.
     """
 
     cache_size: int | None = None
@@ -35,6 +41,7 @@ class SessionConfig:
     decay: float = 1.0
     policy: str | Policy = DEFAULT_POLICY
     prefill_chunk: int = 512
+    keep_history: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.policy, str) and self.policy not in POLICIES:
@@ -45,6 +52,8 @@ class SessionConfig:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float)) or not 0.0 <= self.decay <= 1.0:
             raise ValueError(f"decay must be in [0, 1], got {self.decay!r}")
+        if not isinstance(self.keep_history, bool):
+            raise ValueError(f"keep_history must be True or False, got {self.keep_history!r}")
         if not _is_int(self.prefill_chunk) or self.prefill_chunk <= 0:
             raise ValueError(f"prefill_chunk must be a positive integer, got {self.prefill_chunk!r}")
         if self.cache_size is None:
@@ -107,6 +116,16 @@ class SessionConfig:
                 "were never trained"
             )
         return replace(self, cache_size=size, recent_size=self._recent_size(size))
+
+    @property
+    def history_window(self) -> int | None:
+        """How many of the newest ingested tokens the session's history records (None: all of them)."""
+        return None if self.keep_history else HISTORY_TOKENS
+
+    @property
+    def turn_log_calls(self) -> int | None:
+        """How many of the newest calls' figures the session keeps (None: all of them)."""
+        return None if self.keep_history else TURN_LOG_CALLS
 
     def to_json(self) -> dict[str, Any]:
         """The settings as JSON data (a built-in policy only: a policy object cannot be saved)."""

@@ -43,8 +43,9 @@ class TurnMemory:
 @dataclass(frozen=True)
 class Memory:
     """A session's memory. ``tokens`` are the retained tokens in cache order; ``conversation`` is every ingested
-    token in conversation order (evicted ones with ``score=None``); ``cache_lengths`` is the cache length after each
-    call, in order."""
+    token in conversation order (evicted ones with ``score=None``), or the newest of them unless the session keeps
+    its history (``SessionConfig.keep_history``), and ``turns`` counts those; ``cache_lengths`` is the cache length
+    after each call (the newest calls), in order."""
 
     tokens: list[MemoryToken]
     conversation: list[MemoryToken]
@@ -61,22 +62,37 @@ class Memory:
     def build(
         cls,
         *,
+        history_start: int,
         history_ids: list[int],
         history_turns: list[int],
         pieces: list[str],
         cache_positions: list[int],
         cache_scores: list[float],
+        cache_ids: list[int],
+        cache_turns: list[int],
+        cache_pieces: list[str],
         cache_lengths: list[int],
         cache_size: int,
         policy: str,
     ) -> Memory:
-        """Assemble the view from the cache's per-token records (see ``SirLLMCache``)."""
+        """Assemble the view from the cache's per-token records (see ``SirLLMCache``). The history starts at
+        conversation position ``history_start`` (a session records only its newest tokens unless it keeps its
+        history); cached tokens older than that come from the cache's own records, with ``cache_pieces``."""
         score_at = dict(zip(cache_positions, cache_scores))
         conversation = [
             MemoryToken(position, token_id, piece, turn, score_at.get(position))
-            for position, (token_id, turn, piece) in enumerate(zip(history_ids, history_turns, pieces))
+            for position, token_id, turn, piece in zip(
+                range(history_start, history_start + len(history_ids)), history_ids, history_turns, pieces
+            )
         ]
-        tokens = [conversation[position] for position in cache_positions]
+        tokens = [
+            conversation[position - history_start]
+            if position >= history_start
+            else MemoryToken(position, token_id, piece, turn, score)
+            for position, score, token_id, turn, piece in zip(
+                cache_positions, cache_scores, cache_ids, cache_turns, cache_pieces
+            )
+        ]
         counts: dict[int, list[int]] = {}
         for token in conversation:
             ingested_retained = counts.setdefault(token.turn, [0, 0])
@@ -96,14 +112,18 @@ def token_pieces(tokenizer, token_ids: list[int]) -> list[str]:
 
 def session_memory(session: Session) -> Memory:
     """The memory of ``session`` (call with its lock held, or on a session no other thread uses)."""
-    cache = session.cache
-    history_ids = cache.history_ids.tolist()
+    cache, tokenizer = session.cache, session.model.tokenizer
+    history_ids, cache_ids = cache.history_ids.tolist(), cache.token_ids.tolist()
     return Memory.build(
+        history_start=cache.history.start,
         history_ids=history_ids,
         history_turns=cache.history_turns.tolist(),
-        pieces=token_pieces(session.model.tokenizer, history_ids),
+        pieces=token_pieces(tokenizer, history_ids),
         cache_positions=cache.positions.tolist(),
         cache_scores=cache.scores.tolist(),
+        cache_ids=cache_ids,
+        cache_turns=cache.turns.tolist(),
+        cache_pieces=token_pieces(tokenizer, cache_ids),
         cache_lengths=[turn.cache_len for turn in session.turn_log],
         cache_size=session.cache_size,
         policy=session.policy.name,

@@ -28,7 +28,9 @@ if TYPE_CHECKING:
     from .model import Model
 
 FORMAT = "sirllm-agents-session"
-VERSION = 2  # 2: runner state under "runner.", per-token template marks, the backend in the model identity
+# 2: runner state under "runner.", per-token template marks, the backend in the model identity; 3: a bounded history
+# (from "history.start" on) with the cached tokens' own text, no rendered transcript text
+VERSION = 3
 _HEADER_LIMIT = 100_000_000  # safetensors' own bound on the JSON header
 
 
@@ -41,8 +43,10 @@ def write_session(
 ) -> None:
     """Write a session's state (``Session.state()``) to ``path`` atomically (see the module docstring)."""
     pieces = token_pieces(model.tokenizer, tensors["history.ids"].tolist())
-    tensors = tensors | {"history.piece_ends": torch.tensor([len(p) for p in pieces], dtype=torch.int64).cumsum(0)}
-    document = {"format": FORMAT, "version": VERSION, "model": model.identity, **document, "decoded": "".join(pieces)}
+    cached = token_pieces(model.tokenizer, tensors["cache.token_ids"].tolist())
+    tensors = tensors | {"history.piece_ends": _ends(pieces), "cache.piece_ends": _ends(cached)}
+    document = {"format": FORMAT, "version": VERSION, "model": model.identity, **document}
+    document |= {"decoded": "".join(pieces), "decoded_cache": "".join(cached)}
     try:
         text = json.dumps(document, ensure_ascii=False)
     except (TypeError, ValueError) as error:
@@ -62,20 +66,31 @@ def read_session(path: str | os.PathLike, model: Model) -> tuple[dict[str, Any],
 def read_memory(path: str | os.PathLike) -> tuple[Memory, dict[str, Any]]:
     """The memory of a saved session and its JSON document, without loading any model."""
     document, tensors = _read(path)
-    decoded, ends = document["decoded"], tensors["history.piece_ends"].tolist()
-    pieces = [decoded[begin:end] for begin, end in zip([0] + ends[:-1], ends)]
     settings = document["settings"]
     memory = Memory.build(
+        history_start=int(tensors["history.start"][0]),
         history_ids=tensors["history.ids"].tolist(),
         history_turns=tensors["history.turns"].tolist(),
-        pieces=pieces,
+        pieces=_pieces(document["decoded"], tensors["history.piece_ends"]),
         cache_positions=tensors["cache.positions"].tolist(),
         cache_scores=tensors["cache.scores"].tolist(),
+        cache_ids=tensors["cache.token_ids"].tolist(),
+        cache_turns=tensors["cache.turns"].tolist(),
+        cache_pieces=_pieces(document["decoded_cache"], tensors["cache.piece_ends"]),
         cache_lengths=[turn["cache_len"] for turn in document["turn_log"]],
         cache_size=settings["cache_size"],
         policy=settings["policy"],
     )
     return memory, document
+
+
+def _ends(pieces: list[str]) -> torch.Tensor:
+    return torch.tensor([len(p) for p in pieces], dtype=torch.int64).cumsum(0)
+
+
+def _pieces(decoded: str, ends: torch.Tensor) -> list[str]:
+    ends = ends.tolist()
+    return [decoded[begin:end] for begin, end in zip([0] + ends[:-1], ends)]
 
 
 # -- identity -------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import os
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -78,7 +79,8 @@ class Session:
         self.cache = self._new_cache()
         self.transcript = Transcript(template=model.template)
         self.stats = SessionStats()
-        self.turn_log: list[TurnStats] = []  # every call's figures, in order (the memory view charts them)
+        # The figures of each call, in order (the newest ``config.turn_log_calls``): the memory view charts them.
+        self.turn_log: deque[TurnStats] = deque(maxlen=self.config.turn_log_calls)
         # Called as progress(done, total) after each prefill chunk of a segment (a long message being ingested).
         self.progress: Callable[[int, int], None] | None = None
         self._position = 0  # tokens ingested over the whole conversation
@@ -205,7 +207,7 @@ class Session:
             twin.cache = self.cache.copy()
             twin.transcript = dataclasses.replace(self.transcript, raw=list(self.transcript.raw))
             twin.stats = dataclasses.replace(self.stats)
-            twin.turn_log = [dataclasses.replace(turn) for turn in self.turn_log]
+            twin.turn_log.extend(dataclasses.replace(turn) for turn in self.turn_log)
             twin._position = self._position
             return twin
 
@@ -249,7 +251,7 @@ class Session:
         raw = [None] * len(t["messages"])
         session.transcript = Transcript(t["messages"], t["tools"], t["length"], spans, model.template, raw)
         session.stats = SessionStats(**document["stats"])
-        session.turn_log = [TurnStats(**turn) for turn in document["turn_log"]]
+        session.turn_log.extend(TurnStats(**turn) for turn in document["turn_log"])
         return session
 
     def save(self, path: str | os.PathLike, *, wait: bool = True) -> bool:
@@ -466,9 +468,8 @@ class Session:
             raise
 
     def _new_cache(self) -> SirLLMCache:
-        return SirLLMCache(
-            self.model.new_runner(self.cache_size), self.policy, self.cache_size, self.model.token_shapes
-        )
+        runner = self.model.new_runner(self.cache_size)
+        return SirLLMCache(runner, self.policy, self.cache_size, self.model.token_shapes, self.config.history_window)
 
     def _reset(self) -> None:
         self.cache = self._new_cache()

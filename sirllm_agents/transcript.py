@@ -102,6 +102,14 @@ def same_message(incoming: Message, known: Message) -> bool:
     return incoming["content"].strip() == known["content"].strip() and calls(incoming) == calls(known)
 
 
+@dataclass
+class Segment:
+    """New text to prefill and the indices of the messages it renders (none for the generation prompt)."""
+
+    text: str
+    messages: range
+
+
 class ChatTemplate:
     """Renders messages to text with the tokenizer's chat template (or one given by the caller).
 
@@ -143,14 +151,35 @@ class ChatTemplate:
         return _context(messages, start) if self.concatenates else messages[:start]
 
     def continuation(
-        self, messages: list[Message], start: int, add_generation_prompt: bool, tools: list[dict] | None
+        self,
+        messages: list[Message],
+        start: int,
+        add_generation_prompt: bool,
+        tools: list[dict] | None,
+        end: int | None = None,
     ) -> str | None:
-        """The text that ``messages[start:]`` (and the generation prompt) add to the rendering of ``messages[:start]``,
-        or None when the template renders the earlier messages differently once these follow."""
+        """The text that ``messages[start:end]`` (and the generation prompt) add to the rendering of
+        ``messages[:start]``, or None when the template renders the earlier messages differently once these
+        follow."""
         context = self.context(messages, start)
         before = self.render(context, False, tools) if context else ""
-        text = self.render(context + messages[start:], add_generation_prompt, tools)
+        text = self.render(context + messages[start:end], add_generation_prompt, tools)
         return text[len(before) :] if text.startswith(before) else None
+
+    def segments(self, messages: list[Message], start: int, tools: list[dict] | None) -> list[Segment] | None:
+        """What each of ``messages[start:]`` adds to the rendering of the messages before it. Where the template
+        renders a message differently once another follows it (grouped tool results), the new messages are one
+        segment; None when it renders ``messages[:start]`` differently once they follow."""
+        segments = []
+        for i in range(start, len(messages)):
+            text = self.continuation(messages, i, False, tools, end=i + 1)
+            if text is None:
+                break
+            segments.append(Segment(text, range(i, i + 1)))
+        else:
+            return segments
+        text = self.continuation(messages, start, False, tools)
+        return None if text is None else [Segment(text, range(start, len(messages)))]
 
     @cached_property
     def concatenates(self) -> bool:
@@ -241,14 +270,6 @@ def _probe_conversations(tool: dict) -> list[tuple[list[Message], list[dict] | N
 
 
 @dataclass
-class Segment:
-    """New text to prefill and the indices of the messages it renders (none for the generation prompt)."""
-
-    text: str
-    messages: range
-
-
-@dataclass
 class Transcript:
     """The messages a session has ingested and each message's token span.
 
@@ -318,40 +339,16 @@ class Transcript:
         known = len(self.messages)
         if messages[:known] != self.messages or (known and tools != self.tools):
             return None
-        context = template.context(messages, known)
-        window = context + messages[known:]
-        rendered = template.render(context, False, tools) if context else ""
-        segments = _message_segments(window, len(context), rendered, template, tools)
+        segments = template.segments(messages, known, tools)
         if segments is None:
             return None
-        shift = known - len(context)
-        segments = [Segment(s.text, range(s.messages.start + shift, s.messages.stop + shift)) for s in segments]
+        context = template.context(messages, known)
+        rendered = template.render(context, False, tools) if context else ""
         rendered += "".join(s.text for s in segments)
-        prompt = template.render(window, add_generation_prompt=True, tools=tools)
+        prompt = template.render(context + messages[known:], add_generation_prompt=True, tools=tools)
         if not prompt.startswith(rendered):
             return None
         return segments + [Segment(prompt[len(rendered) :], range(0))]
-
-
-def _message_segments(
-    messages: list[Message], known: int, rendered: str, template: ChatTemplate, tools: list[dict] | None
-) -> list[Segment] | None:
-    """What each of ``messages[known:]`` adds to ``rendered``, the rendering of ``messages[:known]``."""
-    segments, before = [], rendered
-    for end in range(known + 1, len(messages) + 1):
-        text = template.render(messages[:end], add_generation_prompt=False, tools=tools)
-        if not text.startswith(before):
-            break
-        segments.append(Segment(text[len(before) :], range(end - 1, end)))
-        before = text
-    else:
-        return segments
-    # Some templates render a message differently once another follows it (grouped tool results): take the new
-    # messages as one span then.
-    text = template.render(messages, add_generation_prompt=False, tools=tools)
-    if not text.startswith(rendered):
-        return None
-    return [Segment(text[len(rendered) :], range(known, len(messages)))]
 
 
 def _snapshot(message: Any) -> Any:

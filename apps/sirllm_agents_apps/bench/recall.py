@@ -63,9 +63,10 @@ def run_conversation(engine: Engine, conversation: Conversation, setting: Settin
     if setting.policy == "full":
         if tokens + QUESTION_ROOM + ANSWER_TOKENS > engine.model.max_length:
             return [base | _fact_fields(conversation, fact) | {"overflowed": True} for fact in conversation.facts]
-        session = engine.session(policy="full")
+        session = engine.session(policy="full", keep_history=True)
     elif setting.policy != "truncate":
         session = engine.session(
+            keep_history=True,  # the facts' tokens are looked up by their place in the whole conversation
             cache_size=size,
             start_size=START_SIZE,
             recent_size=round(setting.recent * size),
