@@ -82,6 +82,15 @@ def add_parser(commands) -> None:
     loop.add_argument("--cache-size", type=int, default=1024)
     loop.add_argument("--time-limit", type=float, default=None, help="seconds after which a peer stops early")
     _common(loop)
+    long_run = tasks.add_parser(
+        "long-run", help="thousands of agent steps on one session: per-step time and memory against the history"
+    )
+    long_run.add_argument("--steps", type=int, default=None, help="default: 10000 on llama.cpp, 3000 on PyTorch")
+    long_run.add_argument("--backend", default="auto", choices=BACKENDS, help="llamacpp when installed, else torch")
+    long_run.add_argument("--cache-size", type=int, default=512)
+    long_run.add_argument("--reply-every", type=int, default=10, help="every Nth step's reply is generated")
+    long_run.add_argument("--reply-tokens", type=int, default=16, help="each generated reply's bound")
+    _common(long_run)
     backends = tasks.add_parser(
         "backends", help="llama.cpp session overhead; PyTorch float32, bfloat16 and int8: speed and greedy agreement"
     )
@@ -141,6 +150,8 @@ def needs(args: argparse.Namespace) -> list[str]:
     is skipped when missing). The report needs none."""
     if args.task in ("report", "serve"):  # serve needs the serve extra, checked when it starts its server
         return []
+    if args.task == "long-run":
+        return ["matplotlib", "psutil"]
     if args.task != "agent-loop":
         return ["matplotlib"]
     from . import agent_loop
@@ -206,6 +217,12 @@ def main(args: argparse.Namespace) -> None:
 
         results = agent_loop.run(args.peers.split(","), args.steps, args.cache_size, threads, args.time_limit)
         plot = plots.agent_loop_plot
+    elif args.task == "long-run":
+        from . import long_run, plots
+
+        results = _long_run(args, threads)
+        print(long_run.table(results), end="")
+        plot = plots.long_run_plot
     elif args.task == "recall":
         from . import plots
 
@@ -244,6 +261,29 @@ def _write_new(stem: Path, text: str) -> Path:
             continue
         return candidate
     raise SystemExit(f"could not find a free result name like {stem}.json")
+
+
+def _long_run(args: argparse.Namespace, threads: int) -> dict:
+    from rich.progress import Progress
+
+    from sirllm_agents.engine import Engine
+
+    from . import long_run
+
+    engine = Engine(backend=args.backend, threads=threads)
+    backend = engine.model.backend.name
+    steps = args.steps or (10_000 if backend == "llamacpp" else 3_000)
+    with Progress() as bar:
+        task = bar.add_task(f"long run on {backend}", total=steps)
+        return long_run.run(
+            engine,
+            steps,
+            args.cache_size,
+            args.reply_every,
+            args.reply_tokens,
+            threads,
+            progress=lambda done, _: bar.update(task, completed=done),
+        )
 
 
 def _memory(args: argparse.Namespace, threads: int) -> dict:

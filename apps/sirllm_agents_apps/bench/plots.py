@@ -101,6 +101,30 @@ def agent_loop_plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def long_run_plot(results: dict, path: Path) -> None:
+    """Each step's time (ingested and generated steps apart, with each tenth's median) and resident memory against the
+    step index."""
+    plt = _pyplot()
+    fig, (latency, memory) = plt.subplots(1, 2, figsize=(11, 4.5))
+    records = results["records"]
+    for generated, label, colour in ((False, "ingested steps", "tab:blue"), (True, "generated steps", "tab:orange")):
+        part = [r for r in records if r["generated"] == generated]
+        latency.plot([r["step"] for r in part], [1000 * r["seconds"] for r in part], ".", ms=1, color=colour, alpha=0.3)
+        latency.plot([], [], ".", color=colour, label=label)
+    deciles = results["summary"]["deciles"]
+    middles = [(d["steps"][0] + d["steps"][1]) / 2 for d in deciles]
+    latency.plot(middles, [d["median_ms"] for d in deciles], "k-o", label="median of each tenth")
+    latency.set_yscale("log")
+    title = f"{results['steps']} steps on {results['backend']}, cache {results['cache_size']}"
+    latency.set(xlabel="step", ylabel="milliseconds per step (log)", title=title)
+    memory.plot([r["step"] for r in records], [r["rss_mib"] for r in records])
+    memory.set(xlabel="step", ylabel="resident memory (MiB)", title="memory", ylim=(0, None))
+    latency.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _setting_label(run: dict) -> str:
     label = run["policy"]
     if run["policy"] not in ("full", "streaming", "truncate"):
