@@ -37,8 +37,10 @@ class TokenHistory:
         """Record the tokens at ``positions`` past :attr:`end` (a token fed again is recorded already)."""
         new = positions >= self.end
         ids = token_ids[new].to(torch.int32)
+        if self.window is not None and self._length + ids.numel() > 2 * self.window:
+            self._drop_oldest()
         if self._length + ids.numel() > self._ids.numel():
-            self._compact(ids.numel())
+            self._grow(self._length + ids.numel())
         self._ids[self._length : self._length + ids.numel()] = ids
         self._turns[self._length : self._length + ids.numel()] = turn
         self._length += ids.numel()
@@ -61,18 +63,17 @@ class TokenHistory:
         self._turns = torch.empty_like(self._ids)
         self._ids[: ids.numel()], self._turns[: ids.numel()] = ids, turns
 
-    def _compact(self, incoming: int) -> None:
-        """Make room for ``incoming`` more tokens: drop all but the newest ``window`` when bounded (so the record
-        never passes twice the window), else double the buffers."""
-        if self.window is not None and self._length + incoming > 2 * self.window:
-            drop = max(0, self._length - self.window)
-            self._ids[: self._length - drop] = self._ids[drop : self._length].clone()
-            self._turns[: self._length - drop] = self._turns[drop : self._length].clone()
-            self.start += drop
-            self._length -= drop
-        size = max(self._ids.numel(), 256)
-        while self._length + incoming > size:
+    def _drop_oldest(self) -> None:
+        """Keep the newest ``window`` tokens (so the record never passes twice the window)."""
+        drop = max(0, self._length - self.window)
+        self._ids[: self._length - drop] = self._ids[drop : self._length].clone()
+        self._turns[: self._length - drop] = self._turns[drop : self._length].clone()
+        self.start += drop
+        self._length -= drop
+
+    def _grow(self, needed: int) -> None:
+        size = self._ids.numel()
+        while size < needed:
             size *= 2
-        if size > self._ids.numel():
-            self._ids = torch.cat((self._ids[: self._length], torch.empty(size - self._length, dtype=torch.int32)))
-            self._turns = torch.cat((self._turns[: self._length], torch.empty(size - self._length, dtype=torch.int32)))
+        self._ids = torch.cat((self._ids[: self._length], torch.empty(size - self._length, dtype=torch.int32)))
+        self._turns = torch.cat((self._turns[: self._length], torch.empty(size - self._length, dtype=torch.int32)))

@@ -1,0 +1,118 @@
+"""What one call costs outside the model, against the messages a session already holds: the core API and the
+OpenAI-compatible server.
+
+A tiny random-weight Llama over the embedded tokenizer keeps the forward passes short; each call adds one user
+message to a conversation of N messages the session holds, and asks for a 2-token reply (the server's requests carry
+the whole conversation as JSON, with ``X-Session-Id``). Per N it prints the median over the calls of: the wall time,
+the time inside the model (prefill and decode, from the turn's stats), what is left (the request path: matching
+the held messages, rendering the new ones, routing, building the response), and for the server the time pydantic
+takes to read the request's JSON alone. Target: the time outside the model does not grow with N beyond reading JSON.
+
+    python benchmarks/request_path.py [--messages 1000,4000,10000] [--calls 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from fastapi.testclient import TestClient
+from sirllm_agents_apps.server.app import create_app
+from sirllm_agents_apps.server.schemas import ChatCompletionRequest
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from sirllm_agents import Engine
+from sirllm_agents.loading import embedded_tokenizer
+
+
+def tiny_engine() -> Engine:
+    tokenizer = embedded_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return Engine(LlamaForCausalLM(config).eval(), tokenizer=tokenizer)
+
+
+def conversation(n: int) -> list[dict]:
+    messages = []
+    for i in range(n // 2):
+        messages.append({"role": "user", "content": f"Observation {i}: the sensor reads {i * 7 % 1000} units."})
+        messages.append({"role": "assistant", "content": f"Noted reading {i}."})
+    return messages
+
+
+def core_call(engine: Engine, messages: list[dict], calls: int) -> list[tuple[float, float]]:
+    session = engine.session(cache_size=512)
+    session.ingest(messages)
+    timings = []
+    for i in range(calls):
+        messages = messages + [{"role": "user", "content": f"Observation x{i}: fine."}]
+        start = time.perf_counter()
+        reply = session.chat(messages, max_new_tokens=2)
+        wall = time.perf_counter() - start
+        assert reply.stats.restarts == 0
+        timings.append((wall, reply.stats.prefill_seconds + reply.stats.decode_seconds))
+        messages = messages + [reply.as_message()]
+    return timings
+
+
+def server_call(engine: Engine, messages: list[dict], calls: int) -> tuple[list[tuple[float, float]], list[float]]:
+    client = TestClient(create_app(engine))
+    headers = {"X-Session-Id": f"bench-{len(messages)}"}
+    body = {"model": "sirllm", "max_tokens": 2, "messages": messages}
+    first = client.post("/v1/chat/completions", json=body, headers=headers)
+    assert first.status_code == 200, first.text
+    messages = messages + [first.json()["choices"][0]["message"]]
+    timings, parsing = [], []
+    for i in range(calls):
+        messages = messages + [{"role": "user", "content": f"Observation x{i}: fine."}]
+        payload = {"model": "sirllm", "max_tokens": 2, "messages": messages}
+        start = time.perf_counter()
+        response = client.post("/v1/chat/completions", content=json.dumps(payload), headers=headers)
+        wall = time.perf_counter() - start
+        assert response.status_code == 200, response.text
+        session = engine.route([], headers["X-Session-Id"])
+        turn = session.turn_log[-1]
+        assert turn.restarts == 0
+        timings.append((wall, turn.prefill_seconds + turn.decode_seconds))
+        start = time.perf_counter()
+        ChatCompletionRequest.model_validate(json.loads(json.dumps(payload)))
+        parsing.append(time.perf_counter() - start)
+        messages = messages + [response.json()["choices"][0]["message"]]
+    return timings, parsing
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", default="1000,4000,10000", help="held messages (comma list)")
+    parser.add_argument("--calls", type=int, default=7)
+    args = parser.parse_args()
+    engine = tiny_engine()
+    print("| held messages | path | wall (ms) | in the model (ms) | outside the model (ms) | reading the JSON (ms) |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: |")
+    for n in (int(x) for x in args.messages.split(",")):
+        held = conversation(n)
+        core = core_call(engine, held, args.calls)
+        served, parsing = server_call(engine, held, args.calls)
+        for path, timings, read in (("core", core, None), ("server", served, parsing)):
+            wall = 1000 * statistics.median(w for w, _ in timings)
+            model = 1000 * statistics.median(m for _, m in timings)
+            outside = 1000 * statistics.median(w - m for w, m in timings)
+            reading = f"{1000 * statistics.median(read):.1f}" if read else ""
+            print(f"| {n} | {path} | {wall:.1f} | {model:.1f} | {outside:.1f} | {reading} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
