@@ -135,3 +135,16 @@ def test_a_long_session_keeps_bounded_records_unless_asked(tiny_engine, monkeypa
 def test_keep_history_must_be_a_bool():
     with pytest.raises(ValueError, match="keep_history must be True or False"):
         SessionConfig(keep_history="yes")
+
+
+def test_routing_by_prefix_checks_no_held_message(tiny_engine, monkeypatch):
+    messages = conversation(30)
+    tiny_engine.chat(messages[:-1], "long-held", max_new_tokens=2)
+    held = tiny_engine.route([], "long-held")
+    resent = held.transcript.messages + [{"role": "user", "content": "Next?"}]
+    normalized = []
+    checked = transcript.normalize_message
+    monkeypatch.setattr(transcript, "normalize_message", lambda i, m: normalized.append(i) or checked(i, m))
+    assert tiny_engine.route([dict(m) for m in resent]) is held
+    assert normalized == []
+    tiny_engine.drop_session("long-held")
