@@ -43,8 +43,9 @@ class TurnMemory:
 @dataclass(frozen=True)
 class Memory:
     """A session's memory. ``tokens`` are the retained tokens in cache order; ``conversation`` is every ingested
-    token in conversation order (evicted ones with ``score=None``), or the newest of them unless the session keeps
-    its history (``SessionConfig.keep_history``), and ``turns`` counts those; ``cache_lengths`` is the cache length
+    token in conversation order (evicted ones with ``score=None``), or unless the session keeps its history
+    (``SessionConfig.keep_history``) the newest of them after the cached tokens older than those, and ``turns``
+    counts those; ``cache_lengths`` is the cache length
     after each call (the newest calls), in order."""
 
     tokens: list[MemoryToken]
@@ -77,22 +78,25 @@ class Memory:
     ) -> Memory:
         """Assemble the view from the cache's per-token records (see ``SirLLMCache``). The history starts at
         conversation position ``history_start`` (a session records only its newest tokens unless it keeps its
-        history); cached tokens older than that come from the cache's own records, with ``cache_pieces``."""
+        history); cached tokens older than that come from the cache's own records, with ``cache_pieces``, and lead
+        the conversation, so that it still holds every cached token."""
         score_at = dict(zip(cache_positions, cache_scores))
-        conversation = [
+        older = [
+            MemoryToken(position, token_id, piece, turn, score)
+            for position, score, token_id, turn, piece in zip(
+                cache_positions, cache_scores, cache_ids, cache_turns, cache_pieces
+            )
+            if position < history_start
+        ]
+        recorded = [
             MemoryToken(position, token_id, piece, turn, score_at.get(position))
             for position, token_id, turn, piece in zip(
                 range(history_start, history_start + len(history_ids)), history_ids, history_turns, pieces
             )
         ]
-        tokens = [
-            conversation[position - history_start]
-            if position >= history_start
-            else MemoryToken(position, token_id, piece, turn, score)
-            for position, score, token_id, turn, piece in zip(
-                cache_positions, cache_scores, cache_ids, cache_turns, cache_pieces
-            )
-        ]
+        conversation = older + recorded
+        at = {token.position: token for token in conversation}
+        tokens = [at[position] for position in cache_positions]
         counts: dict[int, list[int]] = {}
         for token in conversation:
             ingested_retained = counts.setdefault(token.turn, [0, 0])

@@ -120,7 +120,10 @@ def test_a_long_session_keeps_bounded_records_unless_asked(tiny_engine, monkeypa
     # The memory view covers the window, and still every cached token, the attention sinks older than it included.
     memory = bounded.memory()
     assert [t.position for t in memory.tokens] == bounded.cache.positions.tolist()
-    assert memory.tokens[0].position < bounded.cache.history.start == memory.conversation[0].position
+    older = [p for p in bounded.cache.positions.tolist() if p < bounded.cache.history.start]
+    assert older and [t.position for t in memory.conversation[: len(older)]] == older
+    assert memory.conversation[len(older)].position == bounded.cache.history.start
+    assert sum(memory.evicted_per_turn.values()) == len(memory.conversation) - len(bounded)
     assert [t.token_id for t in memory.tokens] == bounded.cache.token_ids.tolist()
     # A saved bounded session loads whole and continues as the original.
     path = tmp_path / "s.safetensors"
