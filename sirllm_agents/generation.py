@@ -6,6 +6,7 @@ cache and returns the logits that score the next one.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -13,13 +14,19 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from tokenizers.decoders import DecodeStream
 
+from .penalties import CONSTRAINED_PENALTIES, NO_PENALTIES, Penalties, RepetitionPenalty
+
 if TYPE_CHECKING:
     from .model import Model
 
 
 @dataclass
 class GenerationConfig:
-    """How to decode one reply. ``temperature=0`` is greedy; ``seed`` makes sampling repeatable."""
+    """How to decode one reply. ``temperature=0`` is greedy; ``seed`` makes sampling repeatable.
+
+    The repetition penalties (see :mod:`sirllm_agents.penalties`) left at ``None`` take the reply's default: none for
+    free text, :data:`~sirllm_agents.penalties.CONSTRAINED_PENALTIES` for a grammar-constrained reply (a tool call or
+    a ``response_format``). One given overrides that default field by field."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -27,6 +34,15 @@ class GenerationConfig:
     top_k: int = 0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    repeat_penalty: float | None = None
+    repeat_last_n: int | None = None
+    dry_multiplier: float | None = None
+    dry_base: float | None = None
+    dry_allowed_length: int | None = None
+    dry_penalty_last_n: int | None = None
+    dry_sequence_breakers: list[str] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -42,6 +58,12 @@ class GenerationConfig:
             raise ValueError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
+        self.penalties(constrained=False)  # checks the values given
+
+    def penalties(self, constrained: bool) -> Penalties:
+        """The repetition penalties of a reply: the values given over the default of its kind."""
+        given = {name: getattr(self, name) for name in Penalties.names() if getattr(self, name) is not None}
+        return dataclasses.replace(CONSTRAINED_PENALTIES if constrained else NO_PENALTIES, **given)
 
 
 class TokenConstraint(Protocol):
@@ -154,8 +176,11 @@ class Decoding:
         sampler = Sampler(self.config, self.logits.device)
         text = ReplyText(self.model.tokenizer, self.config.stop)
         constraint, logits = self.constraint, self.logits
+        penalize = RepetitionPenalty(self.config.penalties(constraint is not None), self._token_text)
         for _ in range(self.config.max_new_tokens):
-            token = sampler(logits if constraint is None else constraint.mask(logits))
+            scores = penalize(logits)  # before the grammar's mask: penalties steer, the grammar decides
+            token = sampler(scores if constraint is None else constraint.mask(scores))
+            penalize.accept(token)
             if constraint is not None:
                 constraint.accept(token)
             if token in self.model.stop_token_ids:
@@ -171,3 +196,6 @@ class Decoding:
         if piece := text.finish():
             yield piece
         self.text = text.text
+
+    def _token_text(self, token: int) -> str:
+        return self.model.tokenizer.decode([token])

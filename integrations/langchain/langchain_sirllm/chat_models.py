@@ -46,17 +46,20 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field, InstanceOf, PrivateAttr, model_validator
 
 from sirllm_agents import Engine, Reply, Session, SessionConfig, TextDelta, ToolCallDelta
+from sirllm_agents.penalties import Penalties
 from sirllm_agents.replies import normalize_tool_choice
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 # Run-config keys that name the conversation a call belongs to, in order of precedence.
 SESSION_ID_KEYS = ("session_id", "thread_id")
+REPETITION_OPTIONS = Penalties.names()
 GENERATION_OPTIONS = {
     "max_tokens": "max_new_tokens",
     "temperature": "temperature",
     "top_p": "top_p",
     "top_k": "top_k",
     "seed": "seed",
+    **{name: name for name in REPETITION_OPTIONS},
 }
 _TEXT_ONLY = "ChatSirLLM runs a text-only model"
 _SKIPPED_BLOCKS = ("tool_use", "tool_call", "tool_call_chunk", "function_call", "reasoning", "thinking")
@@ -136,6 +139,23 @@ class ChatSirLLM(BaseChatModel):
     """Seed for sampling when ``temperature > 0``, for repeatable replies."""
     stop: list[str] | None = None
     """Stop strings: the reply ends before the first one, which is not included."""
+    frequency_penalty: float | None = None
+    """OpenAI's: lowers a token's logit by this much per time it already occurs in the reply. The repetition
+    settings left at ``None`` are off for free text and take ``sirllm_agents.penalties.CONSTRAINED_PENALTIES`` for
+    tool calls and structured output."""
+    presence_penalty: float | None = None
+    """OpenAI's: lowers the logit of every token already in the reply by this much."""
+    repeat_penalty: float | None = None
+    """llama.cpp's (as in ChatOllama): divides positive logits (multiplies negative ones) of the tokens among the
+    reply's last ``repeat_last_n``."""
+    repeat_last_n: int | None = None
+    dry_multiplier: float | None = None
+    """DRY ("don't repeat yourself", as in llama.cpp): penalises the token that would extend a repetition of at
+    least ``dry_allowed_length`` tokens by ``dry_multiplier * dry_base ** (length - dry_allowed_length)``."""
+    dry_base: float | None = None
+    dry_allowed_length: int | None = None
+    dry_penalty_last_n: int | None = None
+    dry_sequence_breakers: list[str] | None = None
     timeout: float | None = None
     """Seconds a call may take; checked between decoded tokens, raising ``TimeoutError``."""
     max_retries: int = 0
@@ -166,6 +186,7 @@ class ChatSirLLM(BaseChatModel):
             "top_p": self.top_p,
             "top_k": self.top_k,
             "seed": self.seed,
+            **{name: getattr(self, name) for name in REPETITION_OPTIONS if getattr(self, name) is not None},
             **self.config.to_json(),
         }
 

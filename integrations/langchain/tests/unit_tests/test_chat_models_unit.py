@@ -124,8 +124,8 @@ def test_bind_tools_checks_tool_choice(llm):
 
 
 def test_unknown_call_arguments_are_an_error(llm):
-    with pytest.raises(TypeError, match=r"ChatSirLLM got unexpected call arguments: \['frequency_penalty'\]"):
-        llm.invoke("hi", frequency_penalty=0.5)
+    with pytest.raises(TypeError, match=r"ChatSirLLM got unexpected call arguments: \['logit_bias'\]"):
+        llm.invoke("hi", logit_bias={"1": 5.0})
 
 
 # -- calls ------------------------------------------------------------------------------------------------------
@@ -241,3 +241,16 @@ async def test_astream_left_early_rolls_the_reply_back(tiny_engine):
         full = chunk if full is None else full + chunk
     assert full.chunk_position == "last" and llm.session.stats.turns == 1
     assert json.dumps(full.usage_metadata)  # plain data
+
+
+def test_repetition_penalties_as_fields_and_call_arguments(tiny_engine):
+    messages = [{"role": "user", "content": "Say something."}]
+    penalised = tiny_engine.session().chat(messages, max_new_tokens=24, repeat_penalty=0.2, repeat_last_n=-1)
+    plain = tiny_engine.session().chat(messages, max_new_tokens=24)
+    assert penalised.content != plain.content
+    fields = ChatSirLLM(engine=tiny_engine, max_tokens=24, repeat_penalty=0.2, repeat_last_n=-1)
+    assert fields.invoke("Say something.").content == penalised.content
+    call = ChatSirLLM(engine=tiny_engine, max_tokens=24)
+    assert call.invoke("Say something.", repeat_penalty=0.2, repeat_last_n=-1).content == penalised.content
+    with pytest.raises(ValueError, match="frequency_penalty must be between -2 and 2"):
+        ChatSirLLM(engine=tiny_engine, frequency_penalty=3.0).invoke("hi")
