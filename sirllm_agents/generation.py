@@ -81,6 +81,55 @@ class TokenConstraint(Protocol):
     def is_finished(self) -> bool: ...
 
 
+class ClosableConstraint(TokenConstraint, Protocol):
+    """A constraint whose value can be closed early (see :class:`ClosingWithinBudget`): ``closing`` gives the tokens
+    that would finish it after the reply's tokens (None when unknown), ``can_close_with`` whether the grammar takes
+    them from where it is, and ``closed_at_limit`` records that the reply was closed so."""
+
+    closed_at_limit: bool
+
+    def closing(self, token_ids: list[int]) -> list[int] | None: ...
+
+    def can_close_with(self, tokens: list[int]) -> bool: ...
+
+
+class ClosingWithinBudget:
+    """Makes a constrained reply end as a whole value within ``max_new_tokens``: before each sampled token is kept
+    it checks that the value could still be closed in the tokens left after it; when it could not, the closing of
+    the reply so far is written instead, token by token (checked by the grammar first). A closing that does not fit
+    or is not known leaves the reply to the limit, which then cuts it off (``finish_reason="length"``)."""
+
+    # With no closing known for a candidate token (a state the closer does not read), go on only while this many
+    # tokens more than the known closing are left.
+    MARGIN = 8
+
+    def __init__(self, constraint: ClosableConstraint):
+        self.constraint = constraint
+        self.closing = constraint.closing([])
+        self.forced: list[int] = []
+
+    def choose(self, token_ids: list[int], candidate: int, remaining: int) -> int:
+        """The token to write: ``candidate``, or the first of the closing when ``candidate`` would leave too few
+        tokens to close the value (``remaining`` counts this one)."""
+        after = self.constraint.closing([*token_ids, candidate])
+        if after is not None and len(after) <= remaining - 1:
+            self.closing = after
+            return candidate
+        closing = self.closing
+        close_now = (
+            closing is not None
+            and len(closing) <= remaining
+            and (after is not None or remaining - 1 <= len(closing) + self.MARGIN)
+            and self.constraint.can_close_with(closing)
+        )
+        if not close_now:
+            self.closing = after
+            return candidate
+        self.constraint.closed_at_limit = True
+        self.forced = list(closing)
+        return self.forced.pop(0)
+
+
 class Sampler:
     """Picks the next token from a row of logits: argmax when greedy, else temperature / top-k / top-p sampling."""
 
@@ -177,9 +226,15 @@ class Decoding:
         text = ReplyText(self.model.tokenizer, self.config.stop)
         constraint, logits = self.constraint, self.logits
         penalize = RepetitionPenalty(self.config.penalties(constraint is not None), self._token_text)
-        for _ in range(self.config.max_new_tokens):
-            scores = penalize(logits)  # before the grammar's mask: penalties steer, the grammar decides
-            token = sampler(scores if constraint is None else constraint.mask(scores))
+        closing = ClosingWithinBudget(constraint) if getattr(constraint, "closing", None) is not None else None
+        for step in range(self.config.max_new_tokens):
+            if closing is not None and closing.forced:
+                token = closing.forced.pop(0)
+            else:
+                scores = penalize(logits)  # before the grammar's mask: penalties steer, the grammar decides
+                token = sampler(scores if constraint is None else constraint.mask(scores))
+                if closing is not None and token not in self.model.stop_token_ids:
+                    token = closing.choose(self.token_ids, token, self.config.max_new_tokens - step)
             penalize.accept(token)
             if constraint is not None:
                 constraint.accept(token)
@@ -192,6 +247,9 @@ class Decoding:
                 yield piece
             if text.stopped or (constraint is not None and constraint.is_finished()):
                 self.finish_reason = "stop"
+                break
+            if closing is not None and constraint.closed_at_limit and not closing.forced:
+                self.finish_reason = "stop"  # the closing is written: the value is whole
                 break
         if piece := text.finish():
             yield piece

@@ -710,3 +710,24 @@ def test_repetition_penalties_openai_and_llama_cpp_names(base_url, client, model
     assert error["param"] == "frequency_penalty"
     error = _error(_post(base_url, {**body, "dry_sequence_breakers": ["\n", ""]}), 400)
     assert "dry_sequence_breakers must be a list of non-empty strings" in error["message"]
+
+
+def test_a_json_reply_is_closed_within_max_tokens_or_comes_back_cut_with_length(client, model):
+    joke = {
+        "type": "object",
+        "properties": {"setup": {"type": "string"}, "punchline": {"type": "string"}},
+        "required": ["setup", "punchline"],
+    }
+    response_format = {"type": "json_schema", "json_schema": {"name": "joke", "schema": joke}}
+    closed = client.chat.completions.create(
+        model=model, messages=[_user(_unique("A joke."))], response_format=response_format, max_tokens=30
+    )
+    assert closed.choices[0].finish_reason == "stop"
+    assert set(json.loads(closed.choices[0].message.content)) == {"setup", "punchline"}
+    cut = client.chat.completions.create(
+        model=model, messages=[_user(_unique("A joke."))], response_format=response_format, max_tokens=4
+    )
+    assert cut.choices[0].finish_reason == "length"
+    assert cut.choices[0].message.content.startswith("{") and cut.usage.completion_tokens == 4
+    with pytest.raises(ValueError):
+        json.loads(cut.choices[0].message.content)

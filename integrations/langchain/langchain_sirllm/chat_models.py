@@ -14,6 +14,7 @@ from operator import itemgetter
 from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.exceptions import OutputParserException
 from langchain_core.language_models import LanguageModelInput
 from langchain_core.language_models.chat_models import (
     BaseChatModel,
@@ -39,7 +40,14 @@ from langchain_core.output_parsers import (
     PydanticToolsParser,
 )
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable, RunnableConfig, RunnableMap, RunnablePassthrough, ensure_config
+from langchain_core.runnables import (
+    Runnable,
+    RunnableConfig,
+    RunnableLambda,
+    RunnableMap,
+    RunnablePassthrough,
+    ensure_config,
+)
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
@@ -263,7 +271,11 @@ class ChatSirLLM(BaseChatModel):
                 constrained call to a tool with the schema as its parameters; ``"json_mode"`` decodes any JSON object
                 (describe the keys in the prompt).
             include_raw: Return ``{"raw": AIMessage, "parsed": ..., "parsing_error": ...}`` instead of raising when
-                the reply does not parse (for example, when ``max_tokens`` cut it off).
+                the reply does not parse.
+
+        The value is closed within ``max_tokens`` (strings shortened, missing required keys at their smallest) when
+        it can be; a reply that ``max_tokens`` still cut off raises ``OutputParserException`` (or is the
+        ``parsing_error`` with ``include_raw``), never a partial object.
             strict: Accepted for compatibility; decoding is always held to the schema.
         """
         if kwargs:
@@ -294,6 +306,7 @@ class ChatSirLLM(BaseChatModel):
             parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
         else:
             raise ValueError(f"method must be 'json_schema', 'function_calling' or 'json_mode', got {method!r}")
+        parser = RunnableLambda(_whole_value) | parser
         if not include_raw:
             return llm | parser
         parse = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
@@ -441,6 +454,7 @@ class ChatSirLLM(BaseChatModel):
             "model_name": self.model_name,
             "model_provider": "sirllm",
             "finish_reason": reply.finish_reason,
+            "closed_at_limit": reply.closed_at_limit,
             "prefilled_tokens": stats.prefilled_tokens,
             "evicted_tokens": stats.evicted_tokens,
             "cache_len": stats.cache_len,
@@ -452,6 +466,17 @@ class ChatSirLLM(BaseChatModel):
         }
         message = AIMessageChunk(content="", usage_metadata=usage, response_metadata=metadata, chunk_position="last")
         return ChatGenerationChunk(message=message, generation_info={"finish_reason": reply.finish_reason})
+
+
+def _whole_value(message: AIMessage) -> AIMessage:
+    """The message, unless ``max_tokens`` cut its value off: a partial object is an error, not a result."""
+    if message.response_metadata.get("finish_reason") == "length":
+        raise OutputParserException(
+            "the structured reply was cut off by max_tokens before its value was complete (raise max_tokens); "
+            f"reply so far: {message.content!r}",
+            llm_output=message.content if isinstance(message.content, str) else None,
+        )
+    return message
 
 
 class _Deadline:
