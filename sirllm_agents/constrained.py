@@ -67,6 +67,10 @@ class GrammarConstraint:
     def is_finished(self) -> bool:
         return self._matcher.is_stopped() or self._matcher.is_error()
 
+    def forces_text(self) -> bool:
+        """Whether the grammar allows exactly one text next (a key, punctuation): no choice for the model."""
+        return bool(self._matcher.compute_ff_bytes())
+
     def closing(self, token_ids: list[int]) -> list[int] | None:
         """The tokens that finish the value after the reply's ``token_ids``, or None when no closing is known."""
         if self._closer is None:

@@ -130,6 +130,12 @@ class ClosingWithinBudget:
         return self.forced.pop(0)
 
 
+def _forces_text(constraint: TokenConstraint) -> bool:
+    """Whether the grammar allows only one text next (``forces_text``, when the constraint can tell)."""
+    forces = getattr(constraint, "forces_text", None)
+    return forces is not None and forces()
+
+
 class Sampler:
     """Picks the next token from a row of logits: argmax when greedy, else temperature / top-k / top-p sampling."""
 
@@ -228,14 +234,20 @@ class Decoding:
         penalize = RepetitionPenalty(self.config.penalties(constraint is not None), self._token_text)
         closing = ClosingWithinBudget(constraint) if getattr(constraint, "closing", None) is not None else None
         for step in range(self.config.max_new_tokens):
+            # Penalties steer only where the grammar leaves a choice: text it forces (keys, punctuation) is neither
+            # penalised, which would only push the model to odd spellings of the same text, nor counted.
+            chosen = constraint is None or not _forces_text(constraint)
             if closing is not None and closing.forced:
-                token = closing.forced.pop(0)
+                token, chosen = closing.forced.pop(0), False
             else:
-                scores = penalize(logits)  # before the grammar's mask: penalties steer, the grammar decides
+                scores = (
+                    penalize(logits) if chosen else logits
+                )  # before the grammar's mask: penalties steer, it decides
                 token = sampler(scores if constraint is None else constraint.mask(scores))
                 if closing is not None and token not in self.model.stop_token_ids:
                     token = closing.choose(self.token_ids, token, self.config.max_new_tokens - step)
-            penalize.accept(token)
+            if chosen:
+                penalize.accept(token)
             if constraint is not None:
                 constraint.accept(token)
             if token in self.model.stop_token_ids:
