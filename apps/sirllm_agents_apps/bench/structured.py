@@ -144,7 +144,7 @@ TUNING_TOPICS = (
     "firefighters",
     "lemons",
     "kites",
-    "owls",
+    "glaciers",
 )
 _SUBJECTS = {
     "joke": ("Tell me a joke about {}.", _TOPICS),
