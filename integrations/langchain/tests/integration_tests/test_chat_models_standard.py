@@ -4,7 +4,9 @@ Every ChatSirLLM() here shares the one process-wide engine (``Engine.shared``), 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import os
 from typing import Any
 
 import pytest
@@ -12,6 +14,8 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, HumanMessage
 from langchain_sirllm import ChatSirLLM
 from langchain_tests.integration_tests import ChatModelIntegrationTests
+
+from sirllm_agents import Engine
 
 pytestmark = pytest.mark.slow
 
@@ -26,8 +30,18 @@ REPEATS_IN_STRINGS = (
 )
 
 # ChatSirLLM() runs the embedded model on llama.cpp when llama-cpp-python is installed (Engine's backend "auto"); its
-# Q4_1 arithmetic changes the 135M model's greedy choices on two joke prompts.
-ON_LLAMACPP = importlib.util.find_spec("llama_cpp") is not None
+# Q4_1 arithmetic changes the 135M model's greedy choices on two joke prompts. SIRLLM_TEST_BACKEND=torch (or
+# llamacpp) runs the whole suite on that backend instead.
+BACKEND = os.environ.get("SIRLLM_TEST_BACKEND", "auto")
+ON_LLAMACPP = BACKEND == "llamacpp" or (BACKEND == "auto" and importlib.util.find_spec("llama_cpp") is not None)
+
+
+@functools.cache
+def engine() -> Engine:
+    """The engine every ChatSirLLM of the suite runs on: ChatSirLLM()'s own shared one unless a backend is named."""
+    return Engine.shared() if BACKEND == "auto" else Engine(backend=BACKEND)
+
+
 LLAMACPP_REPEATS = (
     "on the llama.cpp backend the greedy 135M model repeats \"I'm a cat,\" inside the Joke's setup string until "
     "max_tokens cuts the JSON off (the grammar keeps it valid JSON, but it cannot make it end); the typeddict and "
@@ -51,7 +65,7 @@ class TestChatSirLLMStandard(ChatModelIntegrationTests):
 
     @property
     def chat_model_params(self) -> dict[str, Any]:
-        return {"max_tokens": 64, "cache_size": 1024}
+        return {"max_tokens": 64, "cache_size": 1024, "engine": engine()}
 
     @property
     def supports_json_mode(self) -> bool:
@@ -67,7 +81,7 @@ class TestChatSirLLMStandard(ChatModelIntegrationTests):
 
     def invoke_with_cache_read_input(self, *, stream: bool = False) -> AIMessage:
         """A second turn of one conversation: the first turn's tokens are read from the KV cache."""
-        llm = ChatSirLLM(max_tokens=8)
+        llm = ChatSirLLM(engine=engine(), max_tokens=8)
         first = llm.invoke("Hello")
         messages = [HumanMessage("Hello"), first, HumanMessage("Say that again.")]
         if not stream:
