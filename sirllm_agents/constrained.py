@@ -22,6 +22,7 @@ import llguidance
 import llguidance.torch
 import torch
 
+from .closing import JsonCloser
 from .tools import TOOL_CALL_END, TOOL_CALL_START, normalize_tools
 
 if TYPE_CHECKING:
@@ -38,14 +39,20 @@ class GrammarConstraint:
     """A :class:`~sirllm_agents.generation.TokenConstraint` that keeps decoding inside an llguidance grammar.
 
     One instance serves one reply. Once the grammar is complete only the end-of-turn tokens stay allowed, and
-    ``is_finished()`` tells the decode loop to stop."""
+    ``is_finished()`` tells the decode loop to stop.
 
-    def __init__(self, model: Model, grammar: str):
+    With a ``closer`` (JSON grammars), :meth:`closing` gives the tokens that would finish the value from any point,
+    so the decode loop can close it within ``max_new_tokens`` (``closed_at_limit`` is then set)."""
+
+    def __init__(self, model: Model, grammar: str, closer: JsonCloser | None = None):
         tokenizer = model.grammar_tokenizer
         self._matcher = llguidance.LLMatcher(tokenizer, grammar)
         if self._matcher.is_error():
             raise ValueError(f"the grammar was rejected: {self._matcher.get_error()}")
         self._bitmask = llguidance.torch.allocate_token_bitmask(1, tokenizer.vocab_size)
+        self._tokenizer = model.tokenizer
+        self._closer = closer
+        self.closed_at_limit = False
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         """A copy of ``logits`` (one row) with every token the grammar forbids set to ``-inf``."""
@@ -60,23 +67,45 @@ class GrammarConstraint:
     def is_finished(self) -> bool:
         return self._matcher.is_stopped() or self._matcher.is_error()
 
+    def forces_text(self) -> bool:
+        """Whether the grammar allows exactly one text next (a key, punctuation): no choice for the model."""
+        return bool(self._matcher.compute_ff_bytes())
 
-def json_schema_constraint(model: Model, schema: Mapping[str, Any]) -> TokenConstraint:
-    """Decode exactly one JSON value valid under ``schema``.
+    def closing(self, token_ids: list[int]) -> list[int] | None:
+        """The tokens that finish the value after the reply's ``token_ids``, or None when no closing is known."""
+        if self._closer is None:
+            return None
+        rest = self._closer.close(self._tokenizer.decode(token_ids, skip_special_tokens=False))
+        return None if rest is None else self._tokenizer.encode(rest, add_special_tokens=False)
+
+    def can_close_with(self, tokens: list[int]) -> bool:
+        """Whether the grammar, from where it is, takes ``tokens`` and is then complete."""
+        if self._matcher.validate_tokens(tokens) != len(tokens):
+            return False
+        probe = self._matcher.deep_copy()
+        probe.consume_tokens(tokens)
+        return probe.is_accepting()
+
+
+def json_schema_constraint(model: Model, schema: Mapping[str, Any], close_at_limit: bool = True) -> TokenConstraint:
+    """Decode exactly one JSON value valid under ``schema``, closed within ``max_new_tokens`` (see
+    :mod:`sirllm_agents.closing`) unless ``close_at_limit`` is false.
 
     Objects that do not say otherwise get ``additionalProperties: false``: a small model is kept to the declared
     keys."""
-    grammar = llguidance.LLMatcher.grammar_from_json_schema(_closed(schema), defaults=JSON_FORMAT)
+    closed = _closed(schema)
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(closed, defaults=JSON_FORMAT)
     error = llguidance.LLMatcher.validate_grammar(grammar)
     if error:
         raise ValueError(f"this JSON schema cannot be enforced: {error}")
-    return GrammarConstraint(model, grammar)
+    return GrammarConstraint(model, grammar, JsonCloser(closed) if close_at_limit else None)
 
 
 def json_object_constraint(model: Model) -> TokenConstraint:
-    """Decode exactly one JSON object (JSON mode: any keys, any values)."""
-    grammar = llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_FORMAT)
-    return GrammarConstraint(model, grammar)
+    """Decode exactly one JSON object (JSON mode: any keys, any values), closed within ``max_new_tokens``."""
+    schema = {"type": "object"}
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_FORMAT)
+    return GrammarConstraint(model, grammar, JsonCloser(schema))
 
 
 def tool_call_constraint(
@@ -94,11 +123,10 @@ def tool_call_constraint(
             raise ValueError(f"tool_choice {tool_choice!r} is not one of the tools ({names}) or 'required'")
     calls = [_call_schema(spec) for spec in specs]
     schema = {"anyOf": calls, "x-guidance": JSON_FORMAT} if len(calls) > 1 else {**calls[0], "x-guidance": JSON_FORMAT}
-    grammar = (
-        f"start: {json.dumps(TOOL_CALL_START + chr(10))} call {json.dumps(chr(10) + TOOL_CALL_END)}\n"
-        f"call: %json {json.dumps(schema)}\n"
-    )
-    return GrammarConstraint(model, llguidance.grammar_from("lark", grammar))
+    before, after = TOOL_CALL_START + "\n", "\n" + TOOL_CALL_END
+    grammar = f"start: {json.dumps(before)} call {json.dumps(after)}\ncall: %json {json.dumps(schema)}\n"
+    closer = JsonCloser(schema, prefix=before, suffix=after)
+    return GrammarConstraint(model, llguidance.grammar_from("lark", grammar), closer)
 
 
 def _call_schema(spec: Mapping[str, Any]) -> dict:

@@ -6,6 +6,7 @@ cache and returns the logits that score the next one.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -13,13 +14,19 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from tokenizers.decoders import DecodeStream
 
+from .penalties import CONSTRAINED_PENALTIES, NO_PENALTIES, Penalties, RepetitionPenalty
+
 if TYPE_CHECKING:
     from .model import Model
 
 
 @dataclass
 class GenerationConfig:
-    """How to decode one reply. ``temperature=0`` is greedy; ``seed`` makes sampling repeatable."""
+    """How to decode one reply. ``temperature=0`` is greedy; ``seed`` makes sampling repeatable.
+
+    The repetition penalties (see :mod:`sirllm_agents.penalties`) left at ``None`` take the reply's default: none for
+    free text, :data:`~sirllm_agents.penalties.CONSTRAINED_PENALTIES` for a grammar-constrained reply (a tool call or
+    a ``response_format``). One given overrides that default field by field."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -27,6 +34,15 @@ class GenerationConfig:
     top_k: int = 0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    repeat_penalty: float | None = None
+    repeat_last_n: int | None = None
+    dry_multiplier: float | None = None
+    dry_base: float | None = None
+    dry_allowed_length: int | None = None
+    dry_penalty_last_n: int | None = None
+    dry_sequence_breakers: list[str] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -42,6 +58,12 @@ class GenerationConfig:
             raise ValueError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
+        self.penalties(constrained=False)  # checks the values given
+
+    def penalties(self, constrained: bool) -> Penalties:
+        """The repetition penalties of a reply: the values given over the default of its kind."""
+        given = {name: getattr(self, name) for name in Penalties.names() if getattr(self, name) is not None}
+        return dataclasses.replace(CONSTRAINED_PENALTIES if constrained else NO_PENALTIES, **given)
 
 
 class TokenConstraint(Protocol):
@@ -57,6 +79,61 @@ class TokenConstraint(Protocol):
     def accept(self, token_id: int) -> None: ...
 
     def is_finished(self) -> bool: ...
+
+
+class ClosableConstraint(TokenConstraint, Protocol):
+    """A constraint whose value can be closed early (see :class:`ClosingWithinBudget`): ``closing`` gives the tokens
+    that would finish it after the reply's tokens (None when unknown), ``can_close_with`` whether the grammar takes
+    them from where it is, and ``closed_at_limit`` records that the reply was closed so."""
+
+    closed_at_limit: bool
+
+    def closing(self, token_ids: list[int]) -> list[int] | None: ...
+
+    def can_close_with(self, tokens: list[int]) -> bool: ...
+
+
+class ClosingWithinBudget:
+    """Makes a constrained reply end as a whole value within ``max_new_tokens``: before each sampled token is kept
+    it checks that the value could still be closed in the tokens left after it; when it could not, the closing of
+    the reply so far is written instead, token by token (checked by the grammar first). A closing that does not fit
+    or is not known leaves the reply to the limit, which then cuts it off (``finish_reason="length"``)."""
+
+    # With no closing known for a candidate token (a state the closer does not read), go on only while this many
+    # tokens more than the known closing are left.
+    MARGIN = 8
+
+    def __init__(self, constraint: ClosableConstraint):
+        self.constraint = constraint
+        self.closing = constraint.closing([])
+        self.forced: list[int] = []
+
+    def choose(self, token_ids: list[int], candidate: int, remaining: int) -> int:
+        """The token to write: ``candidate``, or the first of the closing when ``candidate`` would leave too few
+        tokens to close the value (``remaining`` counts this one)."""
+        after = self.constraint.closing([*token_ids, candidate])
+        if after is not None and len(after) <= remaining - 1:
+            self.closing = after
+            return candidate
+        closing = self.closing
+        close_now = (
+            closing is not None
+            and len(closing) <= remaining
+            and (after is not None or remaining - 1 <= len(closing) + self.MARGIN)
+            and self.constraint.can_close_with(closing)
+        )
+        if not close_now:
+            self.closing = after
+            return candidate
+        self.constraint.closed_at_limit = True
+        self.forced = list(closing)
+        return self.forced.pop(0)
+
+
+def _forces_text(constraint: TokenConstraint) -> bool:
+    """Whether the grammar allows only one text next (``forces_text``, when the constraint can tell)."""
+    forces = getattr(constraint, "forces_text", None)
+    return forces is not None and forces()
 
 
 class Sampler:
@@ -154,8 +231,23 @@ class Decoding:
         sampler = Sampler(self.config, self.logits.device)
         text = ReplyText(self.model.tokenizer, self.config.stop)
         constraint, logits = self.constraint, self.logits
-        for _ in range(self.config.max_new_tokens):
-            token = sampler(logits if constraint is None else constraint.mask(logits))
+        penalize = RepetitionPenalty(self.config.penalties(constraint is not None), self._token_text)
+        closing = ClosingWithinBudget(constraint) if getattr(constraint, "closing", None) is not None else None
+        for step in range(self.config.max_new_tokens):
+            # Penalties steer only where the grammar leaves a choice: text it forces (keys, punctuation) is neither
+            # penalised, which would only push the model to odd spellings of the same text, nor counted.
+            chosen = constraint is None or not _forces_text(constraint)
+            if closing is not None and closing.forced:
+                token, chosen = closing.forced.pop(0), False
+            else:
+                scores = (
+                    penalize(logits) if chosen else logits
+                )  # before the grammar's mask: penalties steer, it decides
+                token = sampler(scores if constraint is None else constraint.mask(scores))
+                if closing is not None and token not in self.model.stop_token_ids:
+                    token = closing.choose(self.token_ids, token, self.config.max_new_tokens - step)
+            if chosen:
+                penalize.accept(token)
             if constraint is not None:
                 constraint.accept(token)
             if token in self.model.stop_token_ids:
@@ -168,6 +260,12 @@ class Decoding:
             if text.stopped or (constraint is not None and constraint.is_finished()):
                 self.finish_reason = "stop"
                 break
+            if closing is not None and constraint.closed_at_limit and not closing.forced:
+                self.finish_reason = "stop"  # the closing is written: the value is whole
+                break
         if piece := text.finish():
             yield piece
         self.text = text.text
+
+    def _token_text(self, token: int) -> str:
+        return self.model.tokenizer.decode([token])

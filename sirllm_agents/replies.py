@@ -28,7 +28,9 @@ REQUIRED = "required"
 class Reply:
     """A finished reply. ``content`` is the text shown (tool-call markup taken out), ``tool_calls`` the calls parsed
     from it, ``text`` exactly what the model wrote. ``finish_reason``: ``"stop"`` (end of turn or a stop string),
-    ``"length"`` (``max_new_tokens`` reached) or ``"tool_calls"``."""
+    ``"length"`` (``max_new_tokens`` reached) or ``"tool_calls"``. ``closed_at_limit``: a constrained reply
+    whose value was closed early (its last strings shortened, missing required keys at their smallest) so that it
+    ends whole within ``max_new_tokens``; its ``finish_reason`` is then ``"stop"`` (or ``"tool_calls"``)."""
 
     content: str
     tool_calls: list[ToolCall]
@@ -37,6 +39,7 @@ class Reply:
     token_ids: list[int]  # the tokens sampled, before any stop string was cut off
     stats: TurnStats
     session_id: str = ""
+    closed_at_limit: bool = False  # a constrained value closed early to fit max_new_tokens (see closing.py)
 
     def as_message(self) -> dict[str, Any]:
         """The reply as the assistant message to send back with the next call."""
@@ -198,9 +201,11 @@ def messages_as_held(messages: Sequence[Mapping[str, Any]], response_format: Map
 
 def finish_reply(request: Request, text: str, finish_reason: str, token_ids: list[int], stats: TurnStats) -> Reply:
     """The reply for ``text``: its calls parsed out when the request reads them. A constrained reply cut off by
-    ``max_new_tokens`` is returned as it is, with ``finish_reason="length"``, as OpenAI's API does."""
+    ``max_new_tokens`` (one whose value could not be closed in time) is returned as it is, with
+    ``finish_reason="length"``, as OpenAI's API does."""
     content, calls = split_tool_calls(text, request.tools) if request.read_calls else (text, [])
-    return Reply(content, calls, "tool_calls" if calls else finish_reason, text, token_ids, stats)
+    closed = bool(getattr(request.constraint, "closed_at_limit", False))
+    return Reply(content, calls, "tool_calls" if calls else finish_reason, text, token_ids, stats, "", closed)
 
 
 @dataclass

@@ -35,9 +35,11 @@ class ChatLoop:
         console: Console | None = None,
         system: str | None = None,
         max_new_tokens: int = 256,
+        penalties: dict | None = None,
     ):
         self.engine, self.read, self.console = engine, read, console or Console()
         self.system, self.max_new_tokens = system, max_new_tokens
+        self.penalties = dict(penalties or {})  # repetition penalties, as Session.stream takes them
         self.session = session
         self.messages = list(session.transcript.messages) or self._start()
         self._attach(session)
@@ -96,7 +98,7 @@ class ChatLoop:
     def say(self, text: str) -> None:
         """Send a user message and stream the reply; an interrupted reply is rolled back and not kept."""
         messages = self.messages + [{"role": "user", "content": text}]
-        stream = self.session.stream(messages, max_new_tokens=self.max_new_tokens)
+        stream = self.session.stream(messages, max_new_tokens=self.max_new_tokens, **self.penalties)
         try:
             for piece in stream.text():
                 self._end_progress()
@@ -152,9 +154,10 @@ def main(
     system: str | None = None,
     max_new_tokens: int = 256,
     load: str | None = None,
+    penalties: dict | None = None,
 ) -> None:
     console = Console()
     with console.status("loading the model"):
         engine = Engine(model, backend=backend)
     session = engine.load_session(load) if load else engine.session(config)
-    ChatLoop(engine, session, console=console, system=system, max_new_tokens=max_new_tokens).run()
+    ChatLoop(engine, session, console=console, system=system, max_new_tokens=max_new_tokens, penalties=penalties).run()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from sirllm_agents.config import DEFAULT_POLICY, RECENT_SHARE, SessionConfig
+from sirllm_agents.generation import GenerationConfig
 from sirllm_agents.model import BACKENDS
 from sirllm_agents.policies import POLICIES
 
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     _session_options(chat)
     chat.add_argument("--system", default=None, help="a system prompt")
     chat.add_argument("--max-new-tokens", type=int, default=256)
+    _repetition_options(chat)
     chat.add_argument("--load", default=None, metavar="SESSION_FILE", help="resume a saved session")
 
     inspect = commands.add_parser("inspect", help="show what a saved session's cache retains and evicted")
@@ -79,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
 
         try:
             config = _session_config(args)
+            penalties = _penalties(args)
         except ValueError as error:
             raise SystemExit(f"sirllm-agents chat: {error}") from None
         chat_main(
@@ -88,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
             system=args.system,
             max_new_tokens=args.max_new_tokens,
             load=args.load,
+            penalties=penalties,
         )
     elif args.command == "inspect":
         _inspect(args.session_file, args.html, args.last)
@@ -114,6 +118,39 @@ def _session_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"per-turn decay of the stored entropies (default {SessionConfig.decay})",
     )
+
+
+REPETITION_OPTIONS = {
+    "frequency_penalty": (float, "lower a token's logit by this much per time it occurs in the reply (OpenAI)"),
+    "presence_penalty": (float, "lower the logit of every token already in the reply by this much (OpenAI)"),
+    "repeat_penalty": (float, "divide the positive logits of the reply's last --repeat-last-n tokens (llama.cpp)"),
+    "repeat_last_n": (int, "the window of --repeat-penalty (default 64, -1: the whole reply)"),
+    "dry_multiplier": (float, "DRY: how hard to penalise the token that extends a repetition (0: off)"),
+    "dry_base": (float, "DRY: the penalty's growth per repeated token (default 1.75)"),
+    "dry_allowed_length": (int, "DRY: the longest repetition left alone (default 2)"),
+    "dry_penalty_last_n": (int, "DRY: how far back to look (default -1: the whole reply)"),
+}
+
+
+def _repetition_options(parser: argparse.ArgumentParser) -> None:
+    """The repetition penalties of free-text replies (see ``sirllm_agents.penalties``); off unless given."""
+    for name, (kind, text) in REPETITION_OPTIONS.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=text)
+    parser.add_argument(
+        "--dry-sequence-breaker",
+        action="append",
+        default=None,
+        dest="dry_sequence_breakers",
+        metavar="TEXT",
+        help='DRY: a text no repetition reaches back past (repeatable; default "\\n", ":", \'"\', "*")',
+    )
+
+
+def _penalties(args: argparse.Namespace) -> dict:
+    names = [*REPETITION_OPTIONS, "dry_sequence_breakers"]
+    penalties = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    GenerationConfig(**penalties)  # refuses bad values, naming them
+    return penalties
 
 
 def _session_config(args: argparse.Namespace) -> SessionConfig:

@@ -409,3 +409,18 @@ def test_backends_bench_measures_each_variant_against_float32(tmp_path):
         assert results["llamacpp"].startswith("skipped")
     (tmp_path / "backends-20261123-000000.json").write_text(json.dumps(results))
     assert "| torch bfloat16 |" in report(tmp_path)
+
+
+def test_structured_bench_completeness_and_wilson_interval():
+    from sirllm_agents_apps.bench.structured import SCHEMAS, parsed_complete, prompts, wilson
+
+    assert parsed_complete('{"setup": "a", "punchline": "b"}', SCHEMAS["joke"])
+    assert not parsed_complete('{"setup": "a"}', SCHEMAS["joke"])  # a required key missing
+    assert not parsed_complete('{"setup": "a", "punch', SCHEMAS["joke"])  # cut off
+    event = '{"title": "t", "attendees": [{"name": "Bo"}]}'
+    assert not parsed_complete(event, SCHEMAS["event"])  # missing one level down
+    low, high = wilson(50, 50)
+    assert high == 1.0 and abs(low - 0.9287) < 1e-4
+    low, high = wilson(25, 50)
+    assert abs(low - 0.3664) < 1e-4 and abs(high - 0.6336) < 1e-4
+    assert len(set(prompts("joke", 50))) == 50 and not set(prompts("joke", 10, tuning=True)) & set(prompts("joke", 50))

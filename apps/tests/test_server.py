@@ -692,3 +692,42 @@ def test_the_load_benchmark_compares_stateful_and_stateless_runs(base_url):
     assert stateless["cached_tokens"] == 0
     assert all((r["cached_tokens"] > 0) == (r["turn"] > 0) for r in stateful["per_request"])
     assert "| stateful | 6 |" in serve_load.table(results)
+
+
+def test_repetition_penalties_openai_and_llama_cpp_names(base_url, client, model, engine):
+    question = [_user("Say something.")]
+    penalised = engine.session().chat(question, max_new_tokens=24, repeat_penalty=0.2, repeat_last_n=-1)
+    plain = engine.session().chat(question, max_new_tokens=24)
+    assert penalised.content != plain.content
+    body = {"model": model, "messages": [_user(_unique("x"))], "max_tokens": 24}
+    reply = _post(base_url, {**body, "messages": question, "repeat_penalty": 0.2, "repeat_last_n": -1})
+    assert reply.json()["choices"][0]["message"]["content"] == penalised.content
+    answer = client.chat.completions.create(
+        model=model, messages=[_user(_unique("y"))], max_tokens=4, frequency_penalty=0.5, presence_penalty=0.5
+    )
+    assert answer.choices[0].finish_reason in ("stop", "length")
+    error = _error(_post(base_url, {**body, "frequency_penalty": 2.5}), 400)
+    assert error["param"] == "frequency_penalty"
+    error = _error(_post(base_url, {**body, "dry_sequence_breakers": ["\n", ""]}), 400)
+    assert "dry_sequence_breakers must be a list of non-empty strings" in error["message"]
+
+
+def test_a_json_reply_is_closed_within_max_tokens_or_comes_back_cut_with_length(client, model):
+    joke = {
+        "type": "object",
+        "properties": {"setup": {"type": "string"}, "punchline": {"type": "string"}},
+        "required": ["setup", "punchline"],
+    }
+    response_format = {"type": "json_schema", "json_schema": {"name": "joke", "schema": joke}}
+    closed = client.chat.completions.create(
+        model=model, messages=[_user(_unique("A joke."))], response_format=response_format, max_tokens=30
+    )
+    assert closed.choices[0].finish_reason == "stop"
+    assert set(json.loads(closed.choices[0].message.content)) == {"setup", "punchline"}
+    cut = client.chat.completions.create(
+        model=model, messages=[_user(_unique("A joke."))], response_format=response_format, max_tokens=4
+    )
+    assert cut.choices[0].finish_reason == "length"
+    assert cut.choices[0].message.content.startswith("{") and cut.usage.completion_tokens == 4
+    with pytest.raises(ValueError):
+        json.loads(cut.choices[0].message.content)

@@ -111,6 +111,20 @@ def add_parser(commands) -> None:
         help="then the same conversations on llama-cpp-python's own server (needs llama-cpp-python[server])",
     )
     _common(serve)
+    structured = tasks.add_parser(
+        "structured", help="how often constrained JSON replies come out whole: repetition penalties and closing"
+    )
+    structured.add_argument("--prompts", type=int, default=50, help="generated prompts per schema")
+    structured.add_argument("--max-new-tokens", type=int, default=128, help="each reply's bound")
+    structured.add_argument(
+        "--variants", default="plain,defaults", help="comma list of structured.VARIANTS (default: before and after)"
+    )
+    structured.add_argument("--schemas", default=None, help="comma list of structured.SCHEMAS (default: all five)")
+    structured.add_argument("--backend", default="auto", choices=BACKENDS, help="llamacpp or torch")
+    structured.add_argument(
+        "--tuning", action="store_true", help="the 10 tuning topics (where defaults are chosen), not the measured ones"
+    )
+    _common(structured)
     report = tasks.add_parser("report", help="the markdown tables of every JSON result in a folder")
     report.add_argument("--results", default="bench-results")
     pool = tasks.add_parser(
@@ -148,7 +162,7 @@ def needs(args: argparse.Namespace) -> list[str]:
     """The modules of the bench extra that ``args.task`` imports: matplotlib for every task's plot; for the agent
     loop also psutil and each chosen peer's (see ``agent_loop.PEER_NEEDS``; llama.cpp is not in the extra, and its peer
     is skipped when missing). The report needs none."""
-    if args.task in ("report", "serve"):  # serve needs the serve extra, checked when it starts its server
+    if args.task in ("report", "serve", "structured"):  # serve needs the serve extra, checked when it starts it
         return []
     if args.task == "long-run":
         return ["matplotlib", "psutil"]
@@ -210,6 +224,32 @@ def main(args: argparse.Namespace) -> None:
         results["threads"] = threads
         stem = _write_new(out / f"serve-{started}", json.dumps(results, indent=1))
         print(serve_load.table(results), end="")
+        print(f"wrote {stem}.json")
+        return
+    if args.task == "structured":
+        from rich.progress import Progress
+
+        from . import structured
+
+        schemas = args.schemas.split(",") if args.schemas else None
+        with Progress() as bars:
+
+            def progress(variant: str):
+                bar = bars.add_task(variant, total=args.prompts * len(schemas or structured.SCHEMAS))
+                return lambda: bars.advance(bar)
+
+            results = structured.run(
+                args.backend,
+                args.variants.split(","),
+                args.prompts,
+                args.max_new_tokens,
+                threads,
+                schemas,
+                progress,
+                tuning=args.tuning,
+            )
+        stem = _write_new(out / f"structured-{results['backend']}-{started}", json.dumps(results, indent=1))
+        print(structured.table(results), end="")
         print(f"wrote {stem}.json")
         return
     if args.task == "agent-loop":

@@ -2,9 +2,12 @@
 
 Fields the server acts on: ``model``, ``messages``, ``stream``, ``stream_options.include_usage``, ``tools``,
 ``tool_choice``, ``response_format``, ``stop``, ``max_tokens`` / ``max_completion_tokens``, ``temperature``,
-``top_p``, ``seed`` and, as an extension, ``top_k``. Fields that would change what comes back and that the server
-cannot honour are refused (``n > 1``, ``logprobs``, non-zero penalties, ``logit_bias``); any other field (``user``,
-``metadata``, ``store``, ``parallel_tool_calls``, ...) is ignored.
+``top_p``, ``seed``, ``frequency_penalty``, ``presence_penalty`` and, as extensions named as llama.cpp's server names
+them, ``top_k``, ``repeat_penalty``, ``repeat_last_n`` and DRY's ``dry_multiplier``, ``dry_base``,
+``dry_allowed_length``, ``dry_penalty_last_n``, ``dry_sequence_breakers`` (left out: the core's default, see
+:mod:`sirllm_agents.penalties`). Fields that would change what comes back and that the server cannot honour are
+refused (``n > 1``, ``logprobs``, ``logit_bias``); any other field (``user``, ``metadata``, ``store``,
+``parallel_tool_calls``, ...) is ignored.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from sirllm_agents.penalties import Penalties
 
 
 class StreamOptions(BaseModel):
@@ -37,12 +42,19 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0)
     seed: int | None = None
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repeat_penalty: float | None = Field(default=None, gt=0)
+    repeat_last_n: int | None = Field(default=None, ge=-1)
+    dry_multiplier: float | None = Field(default=None, ge=0)
+    dry_base: float | None = Field(default=None, ge=1)
+    dry_allowed_length: int | None = Field(default=None, ge=1)
+    dry_penalty_last_n: int | None = Field(default=None, ge=-1)
+    dry_sequence_breakers: list[str] | None = None
     # Refused unless left at what changes nothing:
     n: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
@@ -51,9 +63,6 @@ class ChatCompletionRequest(BaseModel):
             return "n", f"n={self.n} is not supported: this server returns one choice per request (n=1)"
         if self.logprobs or self.top_logprobs:
             return "logprobs", "logprobs are not supported by this server"
-        for name in ("frequency_penalty", "presence_penalty"):
-            if getattr(self, name):
-                return name, f"{name} is not supported by this server (leave it at 0)"
         if self.logit_bias:
             return "logit_bias", "logit_bias is not supported by this server"
         return None
@@ -83,6 +92,7 @@ class ChatCompletionRequest(BaseModel):
             "seed": self.seed,
             "stop": self.stop or None,
         }
+        options.update((name, getattr(self, name)) for name in Penalties.names() if getattr(self, name) is not None)
         if self.tools:
             options["tools"] = self.tools
             options["tool_choice"] = self.tool_choice

@@ -14,6 +14,7 @@ from operator import itemgetter
 from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.exceptions import OutputParserException
 from langchain_core.language_models import LanguageModelInput
 from langchain_core.language_models.chat_models import (
     BaseChatModel,
@@ -39,24 +40,34 @@ from langchain_core.output_parsers import (
     PydanticToolsParser,
 )
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable, RunnableConfig, RunnableMap, RunnablePassthrough, ensure_config
+from langchain_core.runnables import (
+    Runnable,
+    RunnableConfig,
+    RunnableLambda,
+    RunnableMap,
+    RunnablePassthrough,
+    ensure_config,
+)
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field, InstanceOf, PrivateAttr, model_validator
 
 from sirllm_agents import Engine, Reply, Session, SessionConfig, TextDelta, ToolCallDelta
+from sirllm_agents.penalties import Penalties
 from sirllm_agents.replies import normalize_tool_choice
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 # Run-config keys that name the conversation a call belongs to, in order of precedence.
 SESSION_ID_KEYS = ("session_id", "thread_id")
+REPETITION_OPTIONS = Penalties.names()
 GENERATION_OPTIONS = {
     "max_tokens": "max_new_tokens",
     "temperature": "temperature",
     "top_p": "top_p",
     "top_k": "top_k",
     "seed": "seed",
+    **{name: name for name in REPETITION_OPTIONS},
 }
 _TEXT_ONLY = "ChatSirLLM runs a text-only model"
 _SKIPPED_BLOCKS = ("tool_use", "tool_call", "tool_call_chunk", "function_call", "reasoning", "thinking")
@@ -136,6 +147,23 @@ class ChatSirLLM(BaseChatModel):
     """Seed for sampling when ``temperature > 0``, for repeatable replies."""
     stop: list[str] | None = None
     """Stop strings: the reply ends before the first one, which is not included."""
+    frequency_penalty: float | None = None
+    """OpenAI's: lowers a token's logit by this much per time it already occurs in the reply. The repetition
+    settings left at ``None`` are off for free text and take ``sirllm_agents.penalties.CONSTRAINED_PENALTIES`` for
+    tool calls and structured output."""
+    presence_penalty: float | None = None
+    """OpenAI's: lowers the logit of every token already in the reply by this much."""
+    repeat_penalty: float | None = None
+    """llama.cpp's (as in ChatOllama): divides positive logits (multiplies negative ones) of the tokens among the
+    reply's last ``repeat_last_n``."""
+    repeat_last_n: int | None = None
+    dry_multiplier: float | None = None
+    """DRY ("don't repeat yourself", as in llama.cpp): penalises the token that would extend a repetition of at
+    least ``dry_allowed_length`` tokens by ``dry_multiplier * dry_base ** (length - dry_allowed_length)``."""
+    dry_base: float | None = None
+    dry_allowed_length: int | None = None
+    dry_penalty_last_n: int | None = None
+    dry_sequence_breakers: list[str] | None = None
     timeout: float | None = None
     """Seconds a call may take; checked between decoded tokens, raising ``TimeoutError``."""
     max_retries: int = 0
@@ -166,6 +194,7 @@ class ChatSirLLM(BaseChatModel):
             "top_p": self.top_p,
             "top_k": self.top_k,
             "seed": self.seed,
+            **{name: getattr(self, name) for name in REPETITION_OPTIONS if getattr(self, name) is not None},
             **self.config.to_json(),
         }
 
@@ -242,7 +271,11 @@ class ChatSirLLM(BaseChatModel):
                 constrained call to a tool with the schema as its parameters; ``"json_mode"`` decodes any JSON object
                 (describe the keys in the prompt).
             include_raw: Return ``{"raw": AIMessage, "parsed": ..., "parsing_error": ...}`` instead of raising when
-                the reply does not parse (for example, when ``max_tokens`` cut it off).
+                the reply does not parse.
+
+        The value is closed within ``max_tokens`` (strings shortened, missing required keys at their smallest) when
+        it can be; a reply that ``max_tokens`` still cut off raises ``OutputParserException`` (or is the
+        ``parsing_error`` with ``include_raw``), never a partial object.
             strict: Accepted for compatibility; decoding is always held to the schema.
         """
         if kwargs:
@@ -273,6 +306,7 @@ class ChatSirLLM(BaseChatModel):
             parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
         else:
             raise ValueError(f"method must be 'json_schema', 'function_calling' or 'json_mode', got {method!r}")
+        parser = RunnableLambda(_whole_value) | parser
         if not include_raw:
             return llm | parser
         parse = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
@@ -420,6 +454,7 @@ class ChatSirLLM(BaseChatModel):
             "model_name": self.model_name,
             "model_provider": "sirllm",
             "finish_reason": reply.finish_reason,
+            "closed_at_limit": reply.closed_at_limit,
             "prefilled_tokens": stats.prefilled_tokens,
             "evicted_tokens": stats.evicted_tokens,
             "cache_len": stats.cache_len,
@@ -431,6 +466,17 @@ class ChatSirLLM(BaseChatModel):
         }
         message = AIMessageChunk(content="", usage_metadata=usage, response_metadata=metadata, chunk_position="last")
         return ChatGenerationChunk(message=message, generation_info={"finish_reason": reply.finish_reason})
+
+
+def _whole_value(message: AIMessage) -> AIMessage:
+    """The message, unless ``max_tokens`` cut its value off: a partial object is an error, not a result."""
+    if message.response_metadata.get("finish_reason") == "length":
+        raise OutputParserException(
+            "the structured reply was cut off by max_tokens before its value was complete (raise max_tokens); "
+            f"reply so far: {message.content!r}",
+            llm_output=message.content if isinstance(message.content, str) else None,
+        )
+    return message
 
 
 class _Deadline:

@@ -221,3 +221,17 @@ def test_conversion_reads_text_and_tool_calls():
         },
         {"role": "tool", "content": "2", "tool_call_id": "c1", "name": "add"},
     ]
+
+
+def test_repetition_penalties_as_fields_and_call_arguments(engine):
+    messages = [{"role": "user", "content": "Name three colours."}]
+    options = {"frequency_penalty": 1.5, "presence_penalty": 1.0}
+    penalised = engine.session(cache_size=512).chat(messages, max_new_tokens=16, **options)
+    plain = engine.session(cache_size=512).chat(messages, max_new_tokens=16)
+    assert penalised.content != plain.content
+    as_fields = SirLLM(engine=engine, max_new_tokens=16, cache_size=512, **options)
+    assert as_fields.chat([user("Name three colours.")]).message.content == penalised.content
+    llm = SirLLM(engine=engine, max_new_tokens=16, cache_size=512)
+    assert llm.chat([user("Name three colours.")], **options).message.content == penalised.content
+    with pytest.raises(ValueError, match="repeat_penalty must be > 0"):
+        llm.chat([user("hi")], repeat_penalty=0.0)

@@ -160,3 +160,13 @@ async def test_react_agent_runs_a_tool_step_end_to_end(engine):
         "42",
     )
     assert str(response).strip()
+
+
+def test_structured_predict_closes_within_the_budget_or_raises(engine):
+    prompt = PromptTemplate("Extract the person: {text}")
+    closed = SirLLM(engine=engine, max_new_tokens=34, cache_size=1024)  # the smallest call: 30
+    person = closed.structured_predict(Person, prompt, text="Ada Lovelace, the mathematician, is 36 years old.")
+    assert isinstance(person, Person)
+    short = SirLLM(engine=engine, max_new_tokens=4, cache_size=1024)
+    with pytest.raises(ValueError, match="cut off at max_new_tokens=4"):
+        short.structured_predict(Person, prompt, text="Ada is 36 years old.")

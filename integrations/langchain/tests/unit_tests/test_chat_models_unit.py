@@ -8,6 +8,7 @@ import json
 from typing import Literal
 
 import pytest
+from langchain_core.exceptions import OutputParserException
 from langchain_core.messages import AIMessage, ChatMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.tools import tool
 from langchain_sirllm import ChatSirLLM
@@ -124,8 +125,8 @@ def test_bind_tools_checks_tool_choice(llm):
 
 
 def test_unknown_call_arguments_are_an_error(llm):
-    with pytest.raises(TypeError, match=r"ChatSirLLM got unexpected call arguments: \['frequency_penalty'\]"):
-        llm.invoke("hi", frequency_penalty=0.5)
+    with pytest.raises(TypeError, match=r"ChatSirLLM got unexpected call arguments: \['logit_bias'\]"):
+        llm.invoke("hi", logit_bias={"1": 5.0})
 
 
 # -- calls ------------------------------------------------------------------------------------------------------
@@ -241,3 +242,37 @@ async def test_astream_left_early_rolls_the_reply_back(tiny_engine):
         full = chunk if full is None else full + chunk
     assert full.chunk_position == "last" and llm.session.stats.turns == 1
     assert json.dumps(full.usage_metadata)  # plain data
+
+
+def test_repetition_penalties_as_fields_and_call_arguments(tiny_engine):
+    messages = [{"role": "user", "content": "Say something."}]
+    penalised = tiny_engine.session().chat(messages, max_new_tokens=24, repeat_penalty=0.2, repeat_last_n=-1)
+    plain = tiny_engine.session().chat(messages, max_new_tokens=24)
+    assert penalised.content != plain.content
+    fields = ChatSirLLM(engine=tiny_engine, max_tokens=24, repeat_penalty=0.2, repeat_last_n=-1)
+    assert fields.invoke("Say something.").content == penalised.content
+    call = ChatSirLLM(engine=tiny_engine, max_tokens=24)
+    assert call.invoke("Say something.", repeat_penalty=0.2, repeat_last_n=-1).content == penalised.content
+    with pytest.raises(ValueError, match="frequency_penalty must be between -2 and 2"):
+        ChatSirLLM(engine=tiny_engine, frequency_penalty=3.0).invoke("hi")
+
+
+class Joke(BaseModel):
+    setup: str
+    punchline: str
+
+
+@pytest.mark.parametrize("method", ["json_schema", "function_calling"])
+def test_structured_output_is_closed_within_max_tokens_or_raises_never_partial(tiny_engine, method):
+    # 40 tokens: too few for the tiny model's rambling strings, enough for the closing, so the value is closed.
+    joke = ChatSirLLM(engine=tiny_engine, max_tokens=40).with_structured_output(Joke, method=method).invoke("Joke?")
+    assert isinstance(joke, Joke)
+    # 3 tokens: not even the smallest Joke fits; the reply is cut off and that is an error, not a partial object.
+    short = ChatSirLLM(engine=tiny_engine, max_tokens=3)
+    with pytest.raises(OutputParserException, match="cut off by max_tokens"):
+        short.with_structured_output(Joke, method=method).invoke("Joke?")
+    with pytest.raises(OutputParserException, match="cut off by max_tokens"):
+        short.with_structured_output(Joke.model_json_schema(), method=method).invoke("Joke?")
+    raw = short.with_structured_output(Joke, method=method, include_raw=True).invoke("Joke?")
+    assert raw["parsed"] is None and isinstance(raw["parsing_error"], OutputParserException)
+    assert raw["raw"].response_metadata["finish_reason"] == "length"

@@ -27,6 +27,7 @@ from llama_index.core.types import Model
 from pydantic import InstanceOf
 
 from sirllm_agents import AsyncReplyStream, Engine, Reply, ReplyStream, Session, SessionConfig, SessionStats, TextDelta
+from sirllm_agents.penalties import Penalties
 from sirllm_agents.replies import normalize_tool_choice
 
 from .utils import raw_response, to_session_messages
@@ -41,7 +42,8 @@ if TYPE_CHECKING:
 # change its first messages and force a full re-prefill, so SirLLM reports no practical limit: the largest int32.
 UNBOUNDED_CONTEXT_WINDOW = 2**31 - 1
 
-GENERATION_KWARGS = frozenset({"max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop"})
+REPETITION_KWARGS = Penalties.names()
+GENERATION_KWARGS = frozenset({"max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", *REPETITION_KWARGS})
 TOOL_KWARGS = frozenset({"tools", "tool_choice"})
 CALL_KWARGS = GENERATION_KWARGS | TOOL_KWARGS | {"session_id"}
 
@@ -89,6 +91,32 @@ class SirLLM(FunctionCallingLLM):
     top_k: int = Field(default=0, ge=0, description="Sample among the k likeliest tokens; 0 turns it off.")
     seed: int | None = Field(default=None, description="Makes sampling repeatable.")
     stop: list[str] | None = Field(default=None, description="Strings that end a reply (cut off, never shown).")
+    frequency_penalty: float | None = Field(
+        default=None,
+        description="OpenAI's: lowers a token's logit by this much per time it occurs in the reply. The repetition "
+        "settings left at None are off for free text and take sirllm_agents.penalties.CONSTRAINED_PENALTIES for tool "
+        "calls and structured output.",
+    )
+    presence_penalty: float | None = Field(
+        default=None, description="OpenAI's: lowers the logit of every token already in the reply by this much."
+    )
+    repeat_penalty: float | None = Field(
+        default=None,
+        description="llama.cpp's: divides positive logits (multiplies negative ones) of the reply's last "
+        "repeat_last_n tokens.",
+    )
+    repeat_last_n: int | None = Field(default=None, description="The window of repeat_penalty (-1: the whole reply).")
+    dry_multiplier: float | None = Field(
+        default=None,
+        description="DRY: lowers the token that would extend a repetition of at least dry_allowed_length tokens by "
+        "dry_multiplier * dry_base ** (length - dry_allowed_length).",
+    )
+    dry_base: float | None = Field(default=None, description="DRY's growth per repeated token.")
+    dry_allowed_length: int | None = Field(default=None, description="The longest repetition DRY leaves alone.")
+    dry_penalty_last_n: int | None = Field(default=None, description="How far back DRY looks (-1: the whole reply).")
+    dry_sequence_breakers: list[str] | None = Field(
+        default=None, description="Texts no repetition reaches back past (DRY)."
+    )
     context_window: int = Field(
         default=UNBOUNDED_CONTEXT_WINDOW,
         gt=0,
@@ -348,6 +376,7 @@ class SirLLM(FunctionCallingLLM):
             "top_k": self.top_k,
             "seed": self.seed,
             "stop": self.stop,
+            **{name: getattr(self, name) for name in REPETITION_KWARGS},
         }
         options.update((key, value) for key, value in kwargs.items() if key in GENERATION_KWARGS)
         if one_off or _one_off.get():
