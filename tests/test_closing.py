@@ -164,7 +164,7 @@ def test_no_closing_is_made_up_where_the_schema_cannot_be_closed_here():
 TELL = [{"role": "user", "content": "Tell me a joke about cats"}]
 
 
-@pytest.mark.parametrize("budget", [12, 20, 40])
+@pytest.mark.parametrize("budget", [12, 20, 28])  # under the ~35 tokens of the greedy joke on either backend
 def test_a_reply_about_to_run_out_is_closed_as_a_whole_value_within_the_budget(embedded_engine, budget):
     reply = embedded_engine.session(cache_size=1024).chat(
         TELL, response_format={"type": "json_schema", "schema": JOKE}, max_new_tokens=budget
