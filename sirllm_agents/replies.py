@@ -148,7 +148,7 @@ class Request:
     the session checks those it does not hold yet), the tools (normalized), whose calls are read from the reply, the
     constraint on decoding, and how much text may be streamed while the reply could still turn out to be a call."""
 
-    messages: list
+    messages: Sequence[Mapping[str, Any]]
     tools: list[dict] | None
     read_calls: bool
     constraint: TokenConstraint | None
@@ -178,14 +178,16 @@ def plan_request(
     return Request(messages, specs, read_calls, constraint, mode)
 
 
-def messages_as_held(messages: Sequence[Mapping[str, Any]], response_format: Mapping[str, Any] | None) -> list:
+def messages_as_held(
+    messages: Sequence[Mapping[str, Any]], response_format: Mapping[str, Any] | None
+) -> Sequence[Mapping[str, Any]]:
     """``messages`` as a session ingests them: with a ``response_format``, the system message tells the model the
     JSON it is held to (the grammar enforces the shape; the prompt gives it the meaning). The pool routes on these,
     so a resent JSON conversation finds its session. Only the first message is read here (the session checks the
     others as it takes them in)."""
     messages = check_messages(messages)
     if response_format is None:
-        return list(messages)
+        return messages
     schema = response_schema(response_format)
     if schema is None:
         instruction = "Reply with a JSON object."

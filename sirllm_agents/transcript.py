@@ -187,14 +187,16 @@ class ChatTemplate:
 
         Probed once on a few conversations (with and without a system message, tool calls and grouped tool
         results): true for templates that render each message from itself, its neighbours and the first message
-        (SmolLM2, Qwen2.5, Llama 3, Mistral, Gemma, ...). A template whose output depends on the whole conversation
-        (one that counts messages, or numbers them) fails the probe, and every call renders it whole."""
+        (SmolLM2's is one). A template whose output depends on the whole conversation (one that counts messages, or
+        numbers them) fails the probe, and every call renders it whole."""
         tool = {"type": "function", "function": {"name": _PROBE_NAME, "parameters": {"type": "object"}}}
         probed = False
         for conversation, tools in _probe_conversations(tool):
             try:
-                whole = [self.render(conversation[:end], False, tools) for end in range(len(conversation) + 1)]
-                prompts = [self.render(conversation[:end], True, tools) for end in range(len(conversation) + 1)]
+                # An empty conversation renders to nothing (transformers refuses to render one given a template).
+                ends = range(1, len(conversation) + 1)
+                whole = [""] + [self.render(conversation[:end], False, tools) for end in ends]
+                prompts = [""] + [self.render(conversation[:end], True, tools) for end in ends]
             except ValueError:
                 continue  # the template refuses this conversation (roles it does not take): try the next one
             probed = True
@@ -303,15 +305,13 @@ class Transcript:
             messages, raw = [], []
             for i in range(held):
                 message = incoming[i]
-                if message != self.raw[i]:
-                    normalized = normalize_message(i, message)
-                    if not same_message(normalized, self.messages[i]):
-                        messages.append(normalized)
-                        raw.append(_snapshot(message))
-                        continue
-                    self.raw[i] = _snapshot(message)
-                messages.append(self.messages[i])
-                raw.append(self.raw[i])
+                if message == self.raw[i]:
+                    messages.append(self.messages[i])
+                    raw.append(self.raw[i])
+                    continue
+                normalized = normalize_message(i, message)
+                messages.append(self.messages[i] if same_message(normalized, self.messages[i]) else normalized)
+                raw.append(_snapshot(message))  # the form it comes in now: the next call matches it at once
         for i in range(held, len(incoming)):
             messages.append(normalize_message(i, incoming[i]))
             raw.append(_snapshot(incoming[i]))

@@ -53,6 +53,8 @@ def test_what_new_messages_add_renders_as_in_the_whole_conversation(tokenizer, t
 def test_a_template_that_numbers_messages_is_rendered_whole(tiny_engine):
     template = ChatTemplate(tiny_engine.model.tokenizer, NUMBERING_TEMPLATE)
     assert not template.concatenates
+    # The same template without the numbers passes the probe: the number is what fails it.
+    assert ChatTemplate(tiny_engine.model.tokenizer, NUMBERING_TEMPLATE.replace("{{ loop.index }} ", "")).concatenates
     messages = conversation(4)
     assert template.context(messages, 7) == messages[:7]
     base = tiny_engine.model
