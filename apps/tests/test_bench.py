@@ -424,3 +424,21 @@ def test_structured_bench_completeness_and_wilson_interval():
     low, high = wilson(25, 50)
     assert abs(low - 0.3664) < 1e-4 and abs(high - 0.6336) < 1e-4
     assert len(set(prompts("joke", 50))) == 50 and not set(prompts("joke", 10, tuning=True)) & set(prompts("joke", 50))
+
+
+def test_long_run_records_every_step_and_summarizes_each_tenth(tiny_engine, tmp_path):
+    from sirllm_agents_apps.bench.long_run import run, table
+    from sirllm_agents_apps.bench.plots import long_run_plot
+
+    results = run(tiny_engine, steps=40, cache_size=96, reply_every=10, reply_tokens=3, threads=1)
+    records, summary = results["records"], results["summary"]
+    assert [r["step"] for r in records] == list(range(40))
+    assert [r["generated"] for r in records] == [step % 10 == 0 for step in range(40)]
+    assert all(r["cpu_seconds"] >= 0 and r["seconds"] >= r["model_seconds"] >= 0 for r in records)
+    assert records[-1]["messages"] == 1 + 2 * 40  # the system message, then an observation and a reply per step
+    assert [d["steps"] for d in summary["deciles"]] == [[4 * i, 4 * i + 3] for i in range(10)]
+    assert summary["max_cache_len"] <= 96 and summary["restarts"] == 0
+    assert summary["last_over_second_cpu"] > 0
+    assert "CPU time" in table(results)
+    long_run_plot(results, tmp_path / "long-run.png")
+    assert (tmp_path / "long-run.png").stat().st_size > 0

@@ -3,9 +3,10 @@
 One session on the embedded model, cache 512, through the core API as an agent framework would use it: every step
 sends the whole conversation with one new short observation; nine steps in ten the agent's reply is scripted and the
 step is ingested (``Session.ingest``), every tenth it is generated (``Session.chat``). Per step it records the wall
-time, the time inside the model (prefill and decode, from the turn's stats), the process's resident memory and the
-history length. The summary compares the median step of the last tenth of the run against the second tenth (the
-first holds the warm-up), and the memory after step 500 against the end.
+time, the process's CPU time (all its threads: on a shared machine this moves far less with other processes' load
+than the wall time does), the time inside the model (prefill and decode, from the turn's stats), the process's
+resident memory and the history length. The summary compares the median step of the last tenth of the run against
+the second tenth (the first holds the warm-up), in wall and CPU time, and the memory after step 500 against the end.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def run(
     records = []
     for step in range(steps):
         messages.append({"role": "user", "content": observation(step)})
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         if step % reply_every == 0:
             reply = session.chat(messages, max_new_tokens=reply_tokens)
             messages.append(reply.as_message())
@@ -51,12 +52,13 @@ def run(
         else:
             messages.append({"role": "assistant", "content": REPLIES[step % len(REPLIES)]})
             stats = session.ingest(messages)
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         records.append(
             {
                 "step": step,
                 "generated": step % reply_every == 0,
                 "seconds": seconds,
+                "cpu_seconds": cpu_seconds,
                 "model_seconds": stats.prefill_seconds + stats.decode_seconds,
                 "rss_mib": process.memory_info().rss / 2**20,
                 "messages": len(messages),
@@ -83,8 +85,8 @@ def run(
 
 
 def summarize(records: list[dict]) -> dict:
-    """Per tenth of the run: the median step (all steps, and the ingested ones alone), the median time outside the
-    model, and the memory at its end; then the targets' ratios."""
+    """Per tenth of the run: the median step (all steps, and the ingested ones alone) in wall and CPU time, the median
+    time outside the model, and the memory at its end; then the targets' ratios."""
     tenth = max(1, len(records) // 10)
     deciles = []
     for begin in range(0, tenth * 10, tenth):
@@ -95,6 +97,7 @@ def summarize(records: list[dict]) -> dict:
                 "steps": [part[0]["step"], part[-1]["step"]],
                 "median_ms": 1000 * statistics.median(r["seconds"] for r in part),
                 "median_ingest_ms": 1000 * statistics.median(r["seconds"] for r in ingested),
+                "median_cpu_ms": 1000 * statistics.median(r["cpu_seconds"] for r in part),
                 "median_host_ms": 1000 * statistics.median(r["seconds"] - r["model_seconds"] for r in part),
                 "rss_mib": part[-1]["rss_mib"],
                 "messages": part[-1]["messages"],
@@ -105,6 +108,7 @@ def summarize(records: list[dict]) -> dict:
         "deciles": deciles,
         "last_over_second": deciles[-1]["median_ms"] / deciles[1]["median_ms"],
         "last_over_second_ingest": deciles[-1]["median_ingest_ms"] / deciles[1]["median_ingest_ms"],
+        "last_over_second_cpu": deciles[-1]["median_cpu_ms"] / deciles[1]["median_cpu_ms"],
         "rss_after_step_500_mib": base,
         "rss_end_mib": records[-1]["rss_mib"],
         "rss_growth": records[-1]["rss_mib"] / base - 1,
@@ -118,16 +122,19 @@ def table(results: dict) -> str:
     s = results["summary"]
     lines = [
         f"{results['backend']}, {results['steps']} steps, cache {results['cache_size']}, {results['threads']} threads:",
-        "| steps | messages | median step (ms) | ingested steps (ms) | outside the model (ms) | RSS (MiB) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| steps | messages | median step (ms) | ingested steps (ms) | CPU per step (ms) | outside the model (ms) | "
+        "RSS (MiB) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for d in s["deciles"]:
         lines.append(
             f"| {d['steps'][0]}-{d['steps'][1]} | {d['messages']} | {d['median_ms']:.1f} | "
-            f"{d['median_ingest_ms']:.1f} | {d['median_host_ms']:.2f} | {d['rss_mib']:.0f} |"
+            f"{d['median_ingest_ms']:.1f} | {d['median_cpu_ms']:.1f} | {d['median_host_ms']:.2f} | "
+            f"{d['rss_mib']:.0f} |"
         )
     lines.append(
-        f"last tenth / second tenth: {s['last_over_second']:.3f} (ingested steps {s['last_over_second_ingest']:.3f});"
+        f"last tenth / second tenth: {s['last_over_second']:.3f} (ingested steps {s['last_over_second_ingest']:.3f}, "
+        f"CPU time {s['last_over_second_cpu']:.3f});"
         f" RSS growth after step {RSS_FROM_STEP}: {100 * s['rss_growth']:.2f}%; restarts {s['restarts']}; "
         f"largest cache {s['max_cache_len']}"
     )

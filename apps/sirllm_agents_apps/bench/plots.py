@@ -114,6 +114,7 @@ def long_run_plot(results: dict, path: Path) -> None:
     deciles = results["summary"]["deciles"]
     middles = [(d["steps"][0] + d["steps"][1]) / 2 for d in deciles]
     latency.plot(middles, [d["median_ms"] for d in deciles], "k-o", label="median of each tenth")
+    latency.plot(middles, [d["median_cpu_ms"] for d in deciles], "k--s", label="median CPU time of each tenth")
     latency.set_yscale("log")
     title = f"{results['steps']} steps on {results['backend']}, cache {results['cache_size']}"
     latency.set(xlabel="step", ylabel="milliseconds per step (log)", title=title)
