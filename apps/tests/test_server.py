@@ -305,6 +305,16 @@ def test_a_structured_output_loop_continues_the_session_it_names(base_url, model
     assert second["usage"]["prompt_tokens_details"]["cached_tokens"] > first["usage"]["prompt_tokens"]
 
 
+def test_a_structured_output_loop_without_a_session_id_finds_its_session(base_url, model):
+    messages = [_user(_unique("Give me JSON."))]
+    body = {"model": model, "response_format": {"type": "json_object"}, "max_tokens": 20}
+    first = _post(base_url, {**body, "messages": messages})
+    messages += [first.json()["choices"][0]["message"], _user("Another.")]
+    second = _post(base_url, {**body, "messages": messages})
+    assert second.headers["X-Session-Id"] == first.headers["X-Session-Id"]  # routed by prefix, as held
+    assert second.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > first.json()["usage"]["prompt_tokens"]
+
+
 def test_cached_tokens_grow_over_a_five_step_loop(client, model, engine):
     messages, cached, reused = [], [], []
     session = engine.session()

@@ -244,7 +244,13 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
             messages = chat.core_messages()
             options = chat.options(settings.default_max_tokens)
             # Routed here, before decoding, so the session's id can go in the response headers.
-            session = await asyncio.to_thread(engine.route, messages, session_header, tools=options.get("tools"))
+            session = await asyncio.to_thread(
+                engine.route,
+                messages,
+                session_header,
+                tools=options.get("tools"),
+                response_format=options.get("response_format"),
+            )
         except ValueError as error:
             raise _bad_request(error) from None
         except SessionBusyError as error:
