@@ -9,6 +9,7 @@ import threading
 import pytest
 
 from sirllm_agents import Engine, SessionConfig
+from sirllm_agents.store import DirectoryStore
 
 CACHE = dict(cache_size=64, decay=0.9)  # small enough that every conversation below evicts
 SCRIPTS = {
@@ -235,3 +236,47 @@ def test_bad_session_ids_are_value_errors_that_change_nothing(tiny_engine, sessi
     with pytest.raises(ValueError, match=f"session_id must be a non-empty string, got {session_id!r}"):
         engine.chat([{"role": "user", "content": "Hi"}], session_id, max_new_tokens=2)
     assert engine.pool.live_ids() == ["kept"] and not engine.pool._pins
+
+
+class GatedStore(DirectoryStore):
+    """A store whose write of session "a" waits for ``gate``: a slow disk, or a spill to a network mount."""
+
+    def __init__(self, folder):
+        super().__init__(folder)
+        self.gate, self.writing = threading.Event(), threading.Event()
+
+    def save(self, session):
+        if session.session_id == "a":
+            self.writing.set()
+            assert self.gate.wait(timeout=300)
+        return super().save(session)
+
+
+def test_a_slow_spill_stalls_only_its_own_conversation(tiny_engine, tmp_path, expected):
+    store = GatedStore(tmp_path)
+    engine = Engine(tiny_engine.model, store=store, config=SessionConfig(**CACHE), max_live_sessions=1)
+    first = {name: [{"role": "user", "content": SCRIPTS[name][0]}] for name in "abc"}
+    a = engine.chat(first["a"], "a", max_new_tokens=6)
+    replies = {}
+
+    def chat(name, messages):
+        replies[name] = engine.chat(messages, name, max_new_tokens=6).token_ids
+
+    # b's call pushes a out of memory; a's write hangs (after b's reply was made, in b's thread).
+    b = threading.Thread(target=chat, args=("b", first["b"]))
+    b.start()
+    assert store.writing.wait(timeout=300)
+    assert "a" not in engine.pool.live_ids() + engine.pool.spilled_ids()  # moving: its file is being written
+    # A call for a waits for its file; c's call meanwhile runs to its end (spilling b, whose write is not gated).
+    history_a = first["a"] + [{"role": "assistant", "content": a.text}, {"role": "user", "content": SCRIPTS["a"][1]}]
+    waiting = threading.Thread(target=chat, args=("a", history_a))
+    waiting.start()
+    chat("c", first["c"])
+    assert replies["c"] == expected["c"][0]
+    assert "a" not in replies and waiting.is_alive()
+    store.gate.set()
+    for thread in (b, waiting):
+        thread.join(timeout=300)
+    assert replies["b"] == expected["b"][0]
+    assert replies["a"] == expected["a"][1]  # read back from its file, exactly
+    assert engine.pool.live_ids() == ["a"] and not engine.pool._moving and not engine.pool._pins
