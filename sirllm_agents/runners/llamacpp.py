@@ -115,7 +115,7 @@ class LlamaCppContext:
                 "or later"
             )
         if sequences > 1 and (llama.llama_model_n_swa(backend.model) > 0 or llama.llama_model_is_hybrid(backend.model)):
-            # Their memory is two caches, whose per-sequence states `_one_stream` cannot take apart.
+            # Their memory is two caches, whose per-sequence states `export_sequence` cannot take apart.
             raise LlamaCppError(
                 f"{backend.path.name}: shared contexts take models with one KV cache, and this one has sliding-window "
                 "or recurrent layers; give each conversation a context of its own (new_runner)"
@@ -151,6 +151,7 @@ class LlamaCppContext:
         self.batch = llama.llama_batch_init(backend.batch_size, 0, 1)
         weakref.finalize(self, _free, self.context, self.batch)
         self.free_sequences = list(range(sequences))
+        self.state_header = self._state_header()
 
     def new_runner(self, capacity: int | None = None) -> LlamaCppRunner:
         """A runner on the lowest free sequence id, for at most ``capacity`` tokens (default: the context's)."""
@@ -169,6 +170,60 @@ class LlamaCppContext:
         llama.llama_memory_seq_rm(self.memory, sequence, -1, -1)
         self.free_sequences.append(sequence)
         self.free_sequences.sort()
+
+    def export_sequence(self, sequence: int) -> bytes:
+        """``sequence``'s state as llama.cpp exports it from a context of one KV stream, whatever this context has
+        (so a session file does not depend on the context it was saved from).
+
+        After a header, llama.cpp writes the stream count, then per stream its cell count and, when not zero, its
+        cells. A sequence's cells all lie in its own stream (stream ``sequence``), so every other stream is a bare
+        zero count, which is dropped."""
+        size = llama.llama_state_seq_get_size(self.context, sequence)
+        data = (ctypes.c_uint8 * size)()
+        blob = bytes(data[: llama.llama_state_seq_get_data(self.context, data, size, sequence)])
+        if self.sequences == 1:
+            return blob
+        start, end = self.state_header + 4 * (1 + sequence), len(blob) - 4 * (self.sequences - 1 - sequence)
+        others = np.frombuffer(blob[self.state_header + 4 : start] + blob[end:], dtype=np.uint32)
+        if _u32(blob, self.state_header) != self.sequences or others.any():
+            raise LlamaCppError(
+                f"llama.cpp exported sequence {sequence}'s state in a layout this version of sirllm-agents does not "
+                "know; give the conversation a context of its own (new_runner)"
+            )
+        return blob[: self.state_header] + np.uint32(1).tobytes() + blob[start:end]
+
+    def import_sequence(self, sequence: int, blob: bytes) -> None:
+        """Load a state :meth:`export_sequence` gave (from this context or any other) into ``sequence``."""
+        if self.sequences > 1:
+            if _u32(blob, self.state_header) != 1:
+                raise LlamaCppError("this sequence state holds several KV streams; it was not saved by sirllm-agents")
+            zeros = bytes(4)
+            blob = (
+                blob[: self.state_header]
+                + np.uint32(self.sequences).tobytes()
+                + zeros * sequence
+                + blob[self.state_header + 4 :]
+                + zeros * (self.sequences - 1 - sequence)
+            )
+        data = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
+        if llama.llama_state_seq_set_data(self.context, data, len(blob), sequence) == 0:
+            raise LlamaCppError("llama.cpp refused the saved sequence state (another model, or too large a cache)")
+
+    def _state_header(self) -> int:
+        """Bytes llama.cpp writes before the stream count of a sequence's state (a magic number and the sequence id
+        in 0.3.36; none in older versions), read off the export of a sequence still empty: the stream count and
+        one zero cell count per stream follow the header."""
+        size = llama.llama_state_seq_get_size(self.context, 0)
+        header = size - 4 * (1 + self.sequences)
+        if self.sequences > 1:
+            data = (ctypes.c_uint8 * size)()
+            blob = bytes(data[: llama.llama_state_seq_get_data(self.context, data, size, 0)])
+            if header < 0 or _u32(blob, header) != self.sequences:
+                raise LlamaCppError(
+                    "llama.cpp exports sequence states in a layout this version of sirllm-agents does not know, so "
+                    "a shared context could not save them; give each conversation a context of its own (new_runner)"
+                )
+        return header
 
     def remove(self, sequence: int, start: int, stop: int) -> None:
         """Drop cache indices ``start`` up to ``stop`` (-1: the end) of ``sequence``."""
@@ -256,10 +311,7 @@ class LlamaCppRunner:
         return twin
 
     def state(self) -> dict[str, torch.Tensor]:
-        size = llama.llama_state_seq_get_size(self.context, self.sequence)
-        data = (ctypes.c_uint8 * size)()
-        written = llama.llama_state_seq_get_data(self.context, data, size, self.sequence)
-        blob = _one_stream(bytes(data[:written]), self.sequence, self.shared.sequences)
+        blob = self.shared.export_sequence(self.sequence)
         tensors = {
             "llamacpp.sequence": torch.frombuffer(bytearray(blob), dtype=torch.uint8),
             "llamacpp.length": torch.tensor([self.length]),
@@ -278,10 +330,7 @@ class LlamaCppRunner:
         self.length, self.logits = 0, None
         blob = tensors["llamacpp.sequence"].contiguous().numpy().tobytes()
         if blob:
-            blob = _many_streams(blob, self.sequence, self.shared.sequences)
-        data = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
-        if blob and llama.llama_state_seq_set_data(self.context, data, len(blob), self.sequence) == 0:
-            raise LlamaCppError("llama.cpp refused the saved sequence state (another model, or too large a cache)")
+            self.shared.import_sequence(self.sequence, blob)
         self.length = length
         self.logits = tensors["logits"].float().clone() if "logits" in tensors else None
 
@@ -382,33 +431,9 @@ def _checked_inputs(runners: Sequence[LlamaCppRunner], tokens: Sequence[Sequence
     return ids
 
 
-def _one_stream(blob: bytes, sequence: int, streams: int) -> bytes:
-    """A sequence's state exported from a context of ``streams`` KV streams, as a context of one stream exports it
-    (so a session file does not depend on the context it was saved from).
-
-    llama.cpp writes the stream count, then per stream its cell count and, when not zero, its cells; a sequence's
-    cells all lie in its own stream (stream ``sequence``), so the other streams are bare zero counts. (Models with two
-    caches write two such layouts; shared contexts refuse them.)"""
-    if streams == 1:
-        return blob
-    head, tail = 4 + 4 * sequence, 4 * (streams - 1 - sequence)
-    counts = np.frombuffer(blob[4:head] + blob[len(blob) - tail :], dtype=np.uint32)
-    if int(np.frombuffer(blob[:4], dtype=np.uint32)[0]) != streams or counts.any():
-        raise LlamaCppError(
-            "llama.cpp exported this sequence's state in a layout this version of sirllm-agents does not know; give "
-            "the conversation a context of its own (new_runner)"
-        )
-    return np.uint32(1).tobytes() + blob[head : len(blob) - tail]
-
-
-def _many_streams(blob: bytes, sequence: int, streams: int) -> bytes:
-    """The inverse of :func:`_one_stream`: a one-stream state placed in stream ``sequence`` of ``streams``."""
-    if streams == 1:
-        return blob
-    if int(np.frombuffer(blob[:4], dtype=np.uint32)[0]) != 1:
-        raise LlamaCppError("this saved sequence state holds several KV streams; it was not saved by sirllm-agents")
-    zeros = bytes(4)
-    return np.uint32(streams).tobytes() + zeros * sequence + blob[4:] + zeros * (streams - 1 - sequence)
+def _u32(blob: bytes, offset: int) -> int | None:
+    """The little-endian uint32 at ``offset`` (None past the end)."""
+    return int.from_bytes(blob[offset : offset + 4], "little") if 0 <= offset <= len(blob) - 4 else None
 
 
 def _free(context, batch) -> None:
