@@ -28,6 +28,8 @@ import llama_cpp as llama
 import numpy as np
 import torch
 
+from .base import batch_inputs
+
 if logging.getLogger("llama-cpp-python").level == logging.NOTSET:
     # llama-cpp-python prints every llama.cpp log line unless its logger says otherwise; keep errors only.
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
@@ -69,6 +71,10 @@ class LlamaCppBackend:
     def new_runner(self, capacity: int) -> LlamaCppRunner:
         """A runner in a llama.cpp context of its own."""
         return LlamaCppRunner(LlamaCppContext(self, sequences=1, capacity=capacity), capacity)
+
+    def decode_together(self, runners: Sequence[LlamaCppRunner], tokens: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """:func:`decode_together`: the runners must share one context (``shared_context``)."""
+        return decode_together(runners, tokens)
 
     def shared_context(self, sequences: int, capacity: int) -> LlamaCppContext:
         """One llama.cpp context for up to ``sequences`` conversations of at most ``capacity`` tokens each; its
@@ -405,29 +411,19 @@ def _calls(
 
 
 def _checked_inputs(runners: Sequence[LlamaCppRunner], tokens: Sequence[Sequence[int]]) -> list[list[int]]:
-    if len(runners) != len(tokens):
-        raise ValueError(f"{len(runners)} runners but {len(tokens)} token lists: give one list per runner")
+    names = [f"runner {n} (sequence {runner.sequence})" for n, runner in enumerate(runners)]
     if not runners:
-        return []
+        return batch_inputs(runners, tokens, 0, names)
     shared = runners[0].shared
-    seen: set[int] = set()
-    ids = []
-    for n, (runner, chunk) in enumerate(zip(runners, tokens)):
-        name = f"runner {n} (sequence {runner.sequence})"
+    for runner, name in zip(runners, names):
         if runner.shared is not shared:
             raise ValueError(f"{name} is in another llama.cpp context than runner 0: only one context decodes at once")
-        if runner.sequence in seen:
-            raise ValueError(f"{name} appears twice: give each runner once, with all its tokens")
-        seen.add(runner.sequence)
-        chunk = [int(token) for token in chunk]
-        bad = [token for token in chunk if not 0 <= token < shared.backend.vocab_size]
-        if bad:
-            raise ValueError(f"{name}: token id {bad[0]} is outside the vocabulary (0-{shared.backend.vocab_size - 1})")
+    ids = batch_inputs(runners, tokens, shared.backend.vocab_size, names)
+    for runner, chunk, name in zip(runners, ids, names):
         if runner.length + len(chunk) > runner.capacity:
             raise LlamaCppError(
                 f"{name}: cannot cache {len(chunk)} more tokens: {runner.length} of {runner.capacity} held"
             )
-        ids.append(chunk)
     return ids
 
 
