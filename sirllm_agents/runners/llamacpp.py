@@ -157,7 +157,7 @@ class LlamaCppContext:
         self.batch = llama.llama_batch_init(backend.batch_size, 0, 1)
         weakref.finalize(self, _free, self.context, self.batch)
         self.free_sequences = list(range(sequences))
-        self.state_header = self._state_header()
+        self.state_header = self._state_header() if sequences > 1 else 0
 
     def new_runner(self, capacity: int | None = None) -> LlamaCppRunner:
         """A runner on the lowest free sequence id, for at most ``capacity`` tokens (default: the context's)."""
@@ -216,19 +216,18 @@ class LlamaCppContext:
             raise LlamaCppError("llama.cpp refused the saved sequence state (another model, or too large a cache)")
 
     def _state_header(self) -> int:
-        """Bytes llama.cpp writes before the stream count of a sequence's state (a magic number and the sequence id
-        in 0.3.36; none in older versions), read off the export of a sequence still empty: the stream count and
-        one zero cell count per stream follow the header."""
+        """Bytes llama.cpp writes before the stream count of a sequence's state (a magic number and the sequence id,
+        in the llama.cpp of llama-cpp-python 0.3.36), read off the export of a sequence still empty: the stream count
+        and one zero cell count per stream follow the header."""
         size = llama.llama_state_seq_get_size(self.context, 0)
-        header = size - 4 * (1 + self.sequences)
-        if self.sequences > 1:
-            data = (ctypes.c_uint8 * size)()
-            blob = bytes(data[: llama.llama_state_seq_get_data(self.context, data, size, 0)])
-            if header < 0 or _u32(blob, header) != self.sequences:
-                raise LlamaCppError(
-                    "llama.cpp exports sequence states in a layout this version of sirllm-agents does not know, so "
-                    "a shared context could not save them; give each conversation a context of its own (new_runner)"
-                )
+        data = (ctypes.c_uint8 * size)()
+        blob = bytes(data[: llama.llama_state_seq_get_data(self.context, data, size, 0)])
+        header = len(blob) - 4 * (1 + self.sequences)
+        if header < 0 or _u32(blob, header) != self.sequences:
+            raise LlamaCppError(
+                "llama.cpp exports sequence states in a layout this version of sirllm-agents does not know, so a "
+                "shared context could not save them; give each conversation a context of its own (new_runner)"
+            )
         return header
 
     def remove(self, sequence: int, start: int, stop: int) -> None:
@@ -264,15 +263,14 @@ class LlamaCppRunner:
 
     def __init__(self, context: LlamaCppContext, capacity: int, sequence: int | None = None):
         self.backend = context.backend
-        self.shared = context
+        self.context = context  # the LlamaCppContext holding this runner's sequence
         self.capacity = capacity
         if sequence is None:  # the context was made for this runner alone
             sequence = context.free_sequences.pop(0)
         self.sequence = sequence
-        self.context = context.context
         self.memory = context.memory
         weakref.finalize(self, context.release, sequence)
-        self.length = 0  # tokens cached; a decode broken midway can leave more in the context, until `truncate`
+        self.length = 0  # tokens cached; an interrupted rollback can leave more in the sequence, until `truncate`
         self.logits: torch.Tensor | None = None
 
     def __len__(self) -> int:
@@ -289,7 +287,7 @@ class LlamaCppRunner:
         start = 0
         for index in keep + [self.length]:
             if index > start:
-                self.shared.remove(self.sequence, start, index)
+                self.context.remove(self.sequence, start, index)
             start = index + 1
         begin = 0
         while begin < len(keep):
@@ -302,22 +300,22 @@ class LlamaCppRunner:
         self.length = len(keep)
 
     def truncate(self, length: int) -> None:
-        self.shared.remove(self.sequence, length, -1)
+        self.context.remove(self.sequence, length, -1)
         self.length = length
         self.logits = None
 
     def copy(self) -> LlamaCppRunner:
         """An independent copy: in a context of its own for a runner that has one, else on another sequence of the
         same shared context (an error when none is free)."""
-        if self.shared.sequences == 1:
+        if self.context.sequences == 1:
             twin = self.backend.new_runner(self.capacity)
         else:
-            twin = self.shared.new_runner(self.capacity)
+            twin = self.context.new_runner(self.capacity)
         twin.load_state({name: tensor.clone() for name, tensor in self.state().items()})
         return twin
 
     def state(self) -> dict[str, torch.Tensor]:
-        blob = self.shared.export_sequence(self.sequence)
+        blob = self.context.export_sequence(self.sequence)
         tensors = {
             "llamacpp.sequence": torch.frombuffer(bytearray(blob), dtype=torch.uint8),
             "llamacpp.length": torch.tensor([self.length]),
@@ -332,11 +330,11 @@ class LlamaCppRunner:
         length = int(tensors["llamacpp.length"][0])
         if length > self.capacity:
             raise LlamaCppError(f"the saved state holds {length} tokens, more than this runner's {self.capacity}")
-        self.shared.remove(self.sequence, -1, -1)
+        self.context.remove(self.sequence, -1, -1)
         self.length, self.logits = 0, None
         blob = tensors["llamacpp.sequence"].contiguous().numpy().tobytes()
         if blob:
-            self.shared.import_sequence(self.sequence, blob)
+            self.context.import_sequence(self.sequence, blob)
         self.length = length
         self.logits = tensors["logits"].float().clone() if "logits" in tensors else None
 
@@ -354,17 +352,17 @@ def decode_together(runners: Sequence[LlamaCppRunner], tokens: Sequence[Sequence
     ids = _checked_inputs(runners, tokens)
     if not runners:
         return []
-    shared = runners[0].shared
+    context = runners[0].context
     scores = [np.empty(len(chunk), dtype=np.float32) for chunk in ids]
     last = [None if runner.logits is None else runner.logits.numpy() for runner in runners]
     try:
-        for call in _calls(runners, ids, shared.backend.batch_size):
+        for call in _calls(runners, ids, context.backend.batch_size):
             triples = [
                 (runners[r].sequence, runners[r].length + i, ids[r][i])
                 for r, start, stop in call
                 for i in range(start, stop)
             ]
-            rows = shared.decode(triples)
+            rows = context.decode(triples)
             offset = 0
             for r, start, stop in call:
                 chunk = np.array(ids[r][start:stop])
@@ -376,7 +374,7 @@ def decode_together(runners: Sequence[LlamaCppRunner], tokens: Sequence[Sequence
                 offset += len(chunk)
     except BaseException:
         for runner in runners:
-            runner.shared.remove(runner.sequence, runner.length, -1)
+            runner.context.remove(runner.sequence, runner.length, -1)
         raise
     for runner, chunk, logits in zip(runners, ids, last):
         if chunk:
@@ -414,11 +412,11 @@ def _checked_inputs(runners: Sequence[LlamaCppRunner], tokens: Sequence[Sequence
     names = [f"runner {n} (sequence {runner.sequence})" for n, runner in enumerate(runners)]
     if not runners:
         return batch_inputs(runners, tokens, 0, names)
-    shared = runners[0].shared
+    context = runners[0].context
     for runner, name in zip(runners, names):
-        if runner.shared is not shared:
+        if runner.context is not context:
             raise ValueError(f"{name} is in another llama.cpp context than runner 0: only one context decodes at once")
-    ids = batch_inputs(runners, tokens, shared.backend.vocab_size, names)
+    ids = batch_inputs(runners, tokens, context.backend.vocab_size, names)
     for runner, chunk, name in zip(runners, ids, names):
         if runner.length + len(chunk) > runner.capacity:
             raise LlamaCppError(
