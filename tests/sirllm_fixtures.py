@@ -148,9 +148,9 @@ def held_lengths(runner) -> set[int]:
     if runner.backend.name == "llamacpp":
         import llama_cpp
 
-        first = llama_cpp.llama_memory_seq_pos_min(runner.memory, 0)
+        first = llama_cpp.llama_memory_seq_pos_min(runner.memory, runner.sequence)
         assert first in (-1, 0), f"llama.cpp's sequence starts at position {first}"
-        return {llama_cpp.llama_memory_seq_pos_max(runner.memory, 0) + 1}
+        return {llama_cpp.llama_memory_seq_pos_max(runner.memory, runner.sequence) + 1}
     return {layer.keys.shape[2] for layer in runner.kv.layers if layer.keys is not None}
 
 

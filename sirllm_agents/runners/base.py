@@ -72,7 +72,33 @@ class Backend(Protocol):
         """What a cached state is only valid for: the architecture, dtype and a fingerprint of the weights."""
         ...
 
+    def decode_together(self, runners: Sequence[ModelRunner], tokens: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """``runners[i].ingest(tokens[i])`` for every ``i``, in batched forwards: each runner's surprisals and logits
+        as its own ``ingest`` gives them. A bad input raises before any runner changes, naming the runner."""
+        ...
+
 
 def surprisal(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """``-log softmax(logits)[target]`` per row, without materializing the log-softmax."""
     return logits.logsumexp(-1) - logits.gather(-1, targets[:, None].to(logits.device))[:, 0]
+
+
+def batch_inputs(
+    runners: Sequence[ModelRunner], tokens: Sequence[Sequence[int]], vocab_size: int, names: Sequence[str]
+) -> list[list[int]]:
+    """``tokens`` as lists of ints, after checking what every backend's ``decode_together`` needs: one list per
+    runner, no runner twice, every id in the vocabulary. Errors name the runner (``names[i]``)."""
+    if len(runners) != len(tokens):
+        raise ValueError(f"{len(runners)} runners but {len(tokens)} token lists: give one list per runner")
+    seen: set[int] = set()
+    ids = []
+    for runner, chunk, name in zip(runners, tokens, names):
+        if id(runner) in seen:
+            raise ValueError(f"{name} appears twice: give each runner once, with all its tokens")
+        seen.add(id(runner))
+        chunk = [int(token) for token in chunk]
+        bad = [token for token in chunk if not 0 <= token < vocab_size]
+        if bad:
+            raise ValueError(f"{name}: token id {bad[0]} is outside the vocabulary (0-{vocab_size - 1})")
+        ids.append(chunk)
+    return ids

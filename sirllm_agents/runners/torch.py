@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from .base import surprisal
+from .base import batch_inputs, surprisal
 from .rope import KeyRotator
 
 
@@ -31,6 +31,10 @@ class TorchBackend:
     def new_runner(self, capacity: int) -> TorchRunner:
         # A DynamicCache grows as needed: the capacity is the cache's to enforce.
         return TorchRunner(self)
+
+    def decode_together(self, runners: Sequence[TorchRunner], tokens: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """:func:`decode_together` on runners of these weights."""
+        return decode_together(runners, tokens)
 
     def eos_token_ids(self) -> set[int]:
         """The end-of-sequence ids of the model's generation config."""
@@ -132,3 +136,90 @@ class TorchRunner:
 
     def _filled_layers(self) -> list:
         return [layer for layer in self.kv.layers if layer.keys is not None and layer.keys.numel()]
+
+
+@torch.no_grad()
+def decode_together(runners: Sequence[TorchRunner], tokens: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """Append ``tokens[i]`` to ``runners[i]``'s cache for every ``i`` in one forward of the batch, and return each
+    runner's surprisals, as :meth:`TorchRunner.ingest` gives them up to float rounding (the padded attention sums in
+    another order).
+
+    Row ``b`` of the batch is runner ``b``'s conversation alone: its cache, zero-padded after its own tokens to the
+    longest cache, then its new tokens at its own next positions, zero-padded to the longest input with queries
+    nobody reads. A mask hides the padding. Runners change only once the forward has succeeded, and an input error
+    names the runner."""
+    names = [f"runner {n}" for n in range(len(runners))]
+    ids = batch_inputs(runners, tokens, runners[0].backend.vocab_size if runners else 0, names)
+    for runner, name in zip(runners, names):
+        if runner.backend is not runners[0].backend:
+            raise ValueError(f"{name} runs other weights than runner 0: one model decodes at once")
+    scores = [torch.empty(0) for _ in ids]
+    rows = [n for n, chunk in enumerate(ids) if chunk]
+    if not rows:
+        return scores
+    batch, inputs = [runners[n] for n in rows], [ids[n] for n in rows]
+    backend = batch[0].backend
+    past, new = max(runner.length for runner in batch), max(len(chunk) for chunk in inputs)
+    stacked = _stacked_cache(batch, past)
+    out = backend.weights(
+        input_ids=torch.tensor([chunk + [0] * (new - len(chunk)) for chunk in inputs], device=backend.device),
+        position_ids=torch.stack([torch.arange(r.length, r.length + new, device=backend.device) for r in batch]),
+        attention_mask=_padding_mask(batch, past, new, backend.weights.dtype, backend.device),
+        past_key_values=stacked,
+        use_cache=True,
+    )
+    logits = out.logits.float()
+    updates = []
+    for b, (runner, chunk) in enumerate(zip(batch, inputs)):
+        own = runner._filled_layers()
+        layers = []
+        for layer, joint in enumerate(stacked.layers):
+            keys = joint.keys[b : b + 1, :, past : past + len(chunk)]
+            values = joint.values[b : b + 1, :, past : past + len(chunk)]
+            if own:
+                keys = torch.cat((own[layer].keys[:, :, : runner.length], keys), dim=2)
+                values = torch.cat((own[layer].values[:, :, : runner.length], values), dim=2)
+            layers.append((keys, values))
+        target = torch.tensor(chunk, device=logits.device)
+        chunk_scores = torch.empty(len(chunk), dtype=torch.float32, device=logits.device)
+        chunk_scores[1:] = surprisal(logits[b, : len(chunk) - 1], target[1:])
+        chunk_scores[0] = torch.inf if runner.logits is None else surprisal(runner.logits[None], target[:1])[0]
+        updates.append((layers, logits[b, len(chunk) - 1], chunk_scores.cpu()))
+    for n, runner, (layers, last, chunk_scores) in zip(rows, batch, updates):
+        runner.kv = DynamicCache()
+        for layer, (keys, values) in enumerate(layers):
+            runner.kv.update(keys, values, layer)
+        runner.length += len(ids[n])
+        runner.logits = last
+        scores[n] = chunk_scores
+    return scores
+
+
+def _padding_mask(
+    runners: Sequence[TorchRunner], past: int, new: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """The additive attention mask [batch, 1, new, past + new]: row ``b``'s queries see runner ``b``'s own cached
+    tokens and, causally, its new ones; never the padding (every query sees itself, so no row is all hidden)."""
+    visible = torch.zeros(len(runners), new, past + new, dtype=torch.bool, device=device)
+    visible[:, :, past:] = torch.ones(new, new, dtype=torch.bool, device=device).tril()
+    for b, runner in enumerate(runners):
+        visible[b, :, : runner.length] = True
+    mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def _stacked_cache(runners: Sequence[TorchRunner], length: int) -> DynamicCache:
+    """The runners' caches as one batch: row ``b`` holds runner ``b``'s keys and values, zeros past its own length
+    up to ``length``."""
+    stacked = DynamicCache()
+    filled = [runner._filled_layers() for runner in runners]
+    layers = next((own for own in filled if own), [])
+    for layer, example in enumerate(layers):
+        keys = example.keys.new_zeros(len(runners), example.keys.shape[1], length, example.keys.shape[3])
+        values = example.values.new_zeros(len(runners), example.values.shape[1], length, example.values.shape[3])
+        for b, (runner, own) in enumerate(zip(runners, filled)):
+            if own:
+                keys[b, :, : runner.length] = own[layer].keys[0, :, : runner.length]
+                values[b, :, : runner.length] = own[layer].values[0, :, : runner.length]
+        stacked.update(keys, values, layer)
+    return stacked
