@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from sirllm_agents_apps.bench import agent_loop, backends, data
+from sirllm_agents_apps.bench import agent_loop, backends, data, locomo_data
 from sirllm_agents_apps.bench.memory import POLICIES, Player, Setting, cloze_picks, key_share_in_cache, run_setting
 from sirllm_agents_apps.bench.plots import agent_loop_plot, memory_plot
 from sirllm_agents_apps.bench.report import report
@@ -442,3 +442,200 @@ def test_long_run_records_every_step_and_summarizes_each_tenth(tiny_engine, tmp_
     assert "CPU time" in table(results)
     long_run_plot(results, tmp_path / "long-run.png")
     assert (tmp_path / "long-run.png").stat().st_size > 0
+
+
+LOCOMO = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "locomo"
+needs_locomo = pytest.mark.skipif(not any(LOCOMO.glob("*.json")), reason=f"the LoCoMo data folder is absent ({LOCOMO})")
+
+
+def _locomo_raw(qa: list[dict]) -> dict:
+    """A two-session LoCoMo-shaped conversation: Ann's turns D1:1, D1:3, D2:1; Bo's D1:2, D2:2."""
+
+    def turn(speaker, dia_id, text, **extra):
+        return {"speaker": speaker, "dia_id": dia_id, "text": text, **extra}
+
+    return {
+        "speaker_a": "Ann",
+        "speaker_b": "Bo",
+        "session_1_date_time": "1:00 pm on 3 May, 2023",
+        "session_1": [
+            turn("Ann", "D1:1", "Hi Bo!"),
+            turn("Bo", "D1:2", "Hi Ann, I adopted a cat.", blip_caption="a photo of a grey cat"),
+            turn("Ann", "D1:3", "I moved to Lisbon yesterday."),
+        ],
+        "session_2_date_time": "9:00 am on 1 June, 2023",
+        "session_2": [turn("Ann", "D2:1", "I started painting."), turn("Bo", "D2:2", "Nice!")],
+        "session_3_date_time": "a session the annotators dated but never wrote",
+        "qa": qa,
+    }
+
+
+def _qa(question, answer, category, evidence=("D1:3",)):
+    entry = {"question": question, "evidence": list(evidence), "category": category}
+    return entry | ({"adversarial_answer": answer} if category == locomo_data.ADVERSARIAL else {"answer": answer})
+
+
+def test_locomo_conversation_becomes_dated_messages_and_evidence_indexes():
+    qa = [
+        _qa("Where did Ann move?", "Lisbon", 4),
+        _qa("What did Bo adopt?", "a cat", 4, ["D:1:2"]),  # the annotations' own spelling quirks
+        _qa("What does Ann do and where?", "paints in Lisbon", 1, ["D1:3; D2:01"]),
+        _qa("What did Ann sculpt?", "a vase", 4, ["D9:9", "D"]),  # no such turn: never asked
+        _qa("Which city did Bo move to?", "Lisbon", 5),
+    ]
+    conversation = locomo_data.parse("99", _locomo_raw(qa))
+    assert [m["role"] for m in conversation.messages] == ["user", "assistant", "user", "user", "assistant"]
+    assert conversation.messages[0]["content"] == "[1:00 pm on 3 May, 2023]\nAnn: Hi Bo!"
+    assert (
+        conversation.messages[1]["content"] == "Bo: Hi Ann, I adopted a cat. [shares an image: a photo of a grey cat]"
+    )
+    assert conversation.messages[3]["content"].startswith("[9:00 am on 1 June, 2023]\nAnn: ")
+    assert conversation.session_ends == (3, 5) and conversation.sessions == (0, 0, 0, 1, 1)
+    assert [q.evidence for q in conversation.questions] == [(2,), (1,), (2, 3), (2,)]
+    assert [q.session for q in conversation.questions] == [0, 0, 1, 0]
+    assert conversation.unanswerable == 1
+    adversarial = conversation.questions[-1]
+    assert (adversarial.answer, adversarial.adversarial_answer) == (locomo_data.NOT_MENTIONED, "Lisbon")
+    # The oracle sees the evidence turns only, each dated, with its role.
+    assert conversation.oracle_messages(conversation.questions[2]) == [
+        {"role": "user", "content": "[1:00 pm on 3 May, 2023]\nAnn: I moved to Lisbon yesterday."},
+        {"role": "user", "content": "[9:00 am on 1 June, 2023]\nAnn: I started painting."},
+    ]
+    cut = locomo_data.first_sessions(conversation, 1)
+    assert len(cut.messages) == 3 and [q.index for q in cut.questions] == [0, 1, 4]
+
+
+def test_locomo_token_f1_follows_locomo_normalization():
+    f1 = locomo_data.token_f1
+    assert f1("The cat, sat.", "a cat sat") == 1.0  # case, punctuation and articles do not count
+    assert f1("cat on mat", "the cat sat on the mat") == pytest.approx(2 * 1.0 * 0.75 / 1.75)
+    assert f1("cat cat", "cat") == pytest.approx(2 / 3)  # a repeated word matches once
+    assert f1("dog", "cat") == 0.0 and f1("", "cat") == 0.0
+    assert locomo_data.says_not_mentioned("That is NOT mentioned anywhere.")
+    assert not locomo_data.says_not_mentioned("In Lisbon.")
+
+
+def test_locomo_candidates_come_from_other_questions_of_the_category_shaped_like_the_gold():
+    dates = ["7 May 2023", "June 2023", "The week before 9 June 2023", "2022", "last Sunday in May"]
+    qa = [_qa(f"When did event {i} happen?", d, 2) for i, d in enumerate(dates)]
+    qa += [_qa("When did Ann paint?", "while on holiday", 2), _qa("When did Bo sing?", "June 2023.", 2)]
+    qa += [_qa("Where did Ann move?", "Lisbon", 4)]
+    qa += [_qa(f"What did Bo do {i}?", f"answer {i}", 5) for i in range(5)]
+    conversation = locomo_data.parse("99", _locomo_raw(qa))
+    question = conversation.questions[0]
+    options, gold = locomo_data.candidates(conversation, question)
+    assert options[gold] == "7 May 2023" and len(options) == 5
+    # Four other dates: the free-text answer of the category comes last, "June 2023." only once (normalized), and
+    # the single-hop answer never.
+    assert sorted(options) == sorted(dates[:4] + ["last Sunday in May"])
+    assert locomo_data.candidates(conversation, question) == (options, gold)  # the same on every run
+    orders = {tuple(locomo_data.candidates(conversation, question, seed)[0]) for seed in range(8)}
+    assert len(orders) > 1  # the seed draws the order (and which same-shaped answers, when there are more)
+    # Too few other answers in its category: fewer candidates, and the question is not chosen.
+    single = conversation.questions[7]
+    assert locomo_data.candidates(conversation, single) == (["Lisbon"], 0)
+    adversarial = conversation.questions[8]
+    options, gold = locomo_data.candidates(conversation, adversarial)
+    assert options[gold] == locomo_data.NOT_MENTIONED
+    assert "answer 0" in options and set(options) - {locomo_data.NOT_MENTIONED} < {f"answer {i}" for i in range(5)}
+
+    chosen = locomo_data.choose_questions(conversation, 4)
+    assert [q.category for q in chosen].count(2) == 2 and [q.category for q in chosen].count(5) == 2
+    assert chosen == locomo_data.choose_questions(conversation, 4)
+    assert [q.index for q in chosen] == sorted(q.index for q in chosen)
+    assert single not in locomo_data.choose_questions(conversation, None)
+
+
+def test_bootstrap_interval_is_seeded_and_brackets_the_mean():
+    from sirllm_agents_apps.bench.bootstrap import mean_interval
+
+    values = [1, 0, 0, 1, 1, 0, 1, 1, 1, 0]
+    cell = mean_interval(values, seed=3)
+    assert cell == mean_interval(values, seed=3)
+    assert cell["low"] < cell["mean"] == 0.6 < cell["high"] and cell["n"] == 10
+    assert mean_interval([0.5] * 4) == {"mean": 0.5, "low": 0.5, "high": 0.5, "n": 4}
+
+
+def _in_cell(record: dict, cell: str) -> bool:
+    """Whether a LoCoMo record counts in a summary cell: all, its category, or the answerable (non-adversarial)."""
+    answerable = cell == "answerable" and record["category"] != "adversarial"
+    return cell in ("all", record["category"]) or answerable
+
+
+@needs_locomo
+def test_locomo_bench_writes_every_cell_and_its_measures_hold(tiny_engine, tmp_path, monkeypatch):
+    import sirllm_agents.engine
+
+    monkeypatch.setattr(sirllm_agents.engine, "Engine", lambda *args, **kwargs: tiny_engine)
+    out = tmp_path / "results"
+    # The first 3 sessions of conversation 26 (58 messages, ~2,600 tokens): 160 tokens evict most of them, 4096
+    # hold them all.
+    argv = ["bench", "locomo", "--data", str(LOCOMO), "--conversations", "26", "--sessions", "3"]
+    argv += ["--questions", "6", "--cache-size", "160,4096", "--policies", "streaming,truncate,sirllm,default"]
+    cli([*argv, "--later-sessions", "0", "--threads", "1", "--out", str(out)])
+    [result] = out.glob("locomo-*.json")
+    assert result.with_suffix(".png").stat().st_size > 1000
+    results = json.loads(result.read_text())
+    categories = {q["category"] for q in results["questions"]}
+    assert len(results["questions"]) == 6 and categories == {"single-hop", "temporal", "adversarial"}
+    cells = {"all", "answerable", *categories}
+    assert set(results["oracle"]["summary"]) == cells
+    assert all(r["evidence_kept"] == 1.0 for r in results["oracle"]["records"])  # the oracle holds only evidence
+    settings = {(run["policy"], run["cache_size"]) for run in results["runs"]}
+    assert settings == {(p, s) for p in ("streaming", "truncate", "sirllm", "default") for s in (160, 4096)}
+    for run in results["runs"]:
+        assert set(run["summary"]) == {"end", "evidence"}
+        for mode, summary in run["summary"].items():
+            assert set(summary) == cells
+            for category, cell in summary.items():
+                rows = [r for r in run["records"] if r["mode"] == mode and _in_cell(r, category)]
+                assert cell["questions"] == len(rows) == cell["cloze"]["n"]
+                assert cell["cloze"]["mean"] == pytest.approx(sum(r["cloze"] for r in rows) / len(rows))
+                assert cell["cloze"]["low"] <= cell["cloze"]["mean"] <= cell["cloze"]["high"]
+        assert all(0.0 <= r["evidence_kept"] <= 1.0 for r in run["records"])
+        if run["cache_size"] == 4096:  # nothing evicted: every evidence token is still there
+            assert all(r["evidence_kept"] == 1.0 for r in run["records"]) and run["evicted_tokens"] == 0
+    by_setting = {(run["policy"], run["cache_size"]): run for run in results["runs"]}
+    streaming = by_setting["streaming", 160]["records"]
+    assert min(r["evidence_kept"] for r in streaming) < 1.0 and by_setting["streaming", 160]["evicted_tokens"] > 0
+    # Mode evidence asks right after the session of the last evidence turn (no later sessions), before the end.
+    ends = {r["point"] for r in streaming if r["mode"] == "evidence"}
+    assert ends <= {18, 35, 58} and any(point < 58 for point in ends)
+    # Policies differ only by what they evict: with room for everything they hold the same tokens and score alike.
+    full_sized = [by_setting[p, 4096]["records"] for p in ("streaming", "sirllm", "default")]
+    for rows in zip(*full_sized):
+        assert len({r["picked"] for r in rows}) == 1
+        assert max(r["answer_logprob"] for r in rows) - min(r["answer_logprob"] for r in rows) < 1e-4
+    assert by_setting["default", 160]["session_policy"] == "supersede" and by_setting["default", 160]["recent_size"]
+    table = report(out)
+    assert "### LoCoMo: conversations 26" in table and "| oracle (evidence turns only) |" in table
+    assert "| streaming | 160 | end |" in table
+
+
+def test_locomo_greedy_replies_are_scored_by_token_f1_and_truncate_leaves_them_room(tiny_engine):
+    from sirllm_agents_apps.bench import locomo
+
+    qa = [_qa(f"Where did Ann go on trip {i}?", city, 4) for i, city in enumerate(["Lisbon", "Oslo", "Rome", "Bern"])]
+    qa += [_qa("Where did Ann go first?", "Paris", 4, ["D1:1"])]
+    qa += [
+        _qa(f"What did Bo paint {i}?", f"a {colour} boat", 5)
+        for i, colour in enumerate(["red", "blue", "green", "tan"])
+    ]
+    raw = _locomo_raw(qa)
+    raw["session_2"] += [{"speaker": "Ann", "dia_id": f"D2:{i}", "text": "Nothing new. " * 12} for i in range(3, 9)]
+    conversation = locomo_data.parse("99", raw)
+    asked = locomo.prepare(conversation, locomo_data.choose_questions(conversation, None))
+    oracle = locomo.run_oracle(tiny_engine, conversation, asked, generate=True)
+    assert len(oracle) == 9
+    for record, a in zip(oracle, asked):
+        if a.question.category == locomo_data.ADVERSARIAL:
+            assert record["f1"] == float(locomo_data.says_not_mentioned(record["reply"]))
+        else:
+            assert record["f1"] == locomo_data.token_f1(record["reply"], a.question.answer)
+    # A cache of 200 tokens holds the question, a 32-token reply and the newest messages only.
+    setting = locomo.Setting("truncate", 200)
+    records, sessions = locomo.run_truncated(tiny_engine, conversation, asked, setting, ["end"], 0, generate=True)
+    assert all(len(s.cache) <= 200 for s in sessions) and all(r["reply"] is not None for r in records)
+    assert 0 < records[0]["messages_kept"] < len(conversation.messages)
+    first = next(r for r in records if r["question"] == 4)  # its evidence, the first turn, was trimmed
+    assert first["evidence_kept"] == 0.0

@@ -76,6 +76,7 @@ def add_parser(commands) -> None:
     recall.add_argument("--model", default=None, help="model folder, hub id or .gguf file (default: embedded SmolLM2)")
     recall.add_argument("--backend", default="auto", choices=BACKENDS, help="llamacpp for GGUF files, else torch")
     _common(recall)
+    _locomo_parser(tasks)
     loop = tasks.add_parser("agent-loop", help="per-step latency and memory of SirLLM against stateless and llama.cpp")
     loop.add_argument("--steps", type=int, default=100)
     loop.add_argument("--peers", default="sirllm,stateless,llamacpp")
@@ -132,6 +133,32 @@ def add_parser(commands) -> None:
     )
     pool.add_argument("--results", default="bench-results", help="folder with the recall-*.json results")
     pool.add_argument("--out", default=None, help="folder for the plots (default: --results)")
+
+
+def _locomo_parser(tasks) -> None:
+    locomo = tasks.add_parser(
+        "locomo", help="LoCoMo's long conversations: cloze, evidence kept and the oracle, per category and policy"
+    )
+    locomo.add_argument("--data", required=True, help="folder with LoCoMo's conversations as NN.json files")
+    locomo.add_argument(
+        "--conversations", default=None, help="how many (the first N files) or which (comma list of file stems)"
+    )
+    locomo.add_argument(
+        "--questions", type=int, default=None, help="per conversation, spread over the categories (default: all)"
+    )
+    locomo.add_argument("--sessions", type=int, default=None, help="only each conversation's first N sessions")
+    locomo.add_argument("--policies", default="streaming,truncate,sirllm,default", help="comma list; full cannot fit")
+    locomo.add_argument("--cache-size", type=_numbers(int), default=[1024], help="comma list for a sweep")
+    _entropy_options(locomo)
+    locomo.add_argument("--mode", default="end,evidence", help="when questions are asked: end, evidence or both")
+    locomo.add_argument(
+        "--later-sessions", type=int, default=2, help="mode evidence: sessions fed after the last evidence turn's"
+    )
+    locomo.add_argument("--generate", action="store_true", help="also a greedy reply per question, scored by token F1")
+    locomo.add_argument("--seed", type=int, default=0, help="question choice, candidates and bootstrap resamples")
+    locomo.add_argument("--model", default=None, help="model folder, hub id or .gguf file (default: embedded SmolLM2)")
+    locomo.add_argument("--backend", default="auto", choices=BACKENDS, help="llamacpp for GGUF files, else torch")
+    _common(locomo)
 
 
 def _entropy_options(parser) -> None:
@@ -268,6 +295,11 @@ def main(args: argparse.Namespace) -> None:
 
         results = _recall(args, threads)
         plot = plots.recall_plot
+    elif args.task == "locomo":
+        from . import plots
+
+        results = _locomo(args, threads)
+        plot = plots.locomo_plot
     elif args.task == "backends":
         from . import backends, plots
 
@@ -428,3 +460,89 @@ def _recall(args: argparse.Namespace, threads: int) -> dict:
         "threads": threads,
         "runs": runs,
     }
+
+
+def _locomo(args: argparse.Namespace, threads: int) -> dict:
+    from rich.progress import Progress
+
+    from sirllm_agents.engine import Engine
+
+    from . import locomo, locomo_data
+
+    policies = args.policies.split(",")
+    if "full" in policies:
+        raise SystemExit("full does not fit LoCoMo's conversations (past 8,192 positions): the oracle stands in for it")
+    unknown = set(policies) - set(locomo.POLICIES)
+    if unknown:
+        raise SystemExit(f"unknown policies {sorted(unknown)}: expected some of {', '.join(locomo.POLICIES)}")
+    modes = args.mode.split(",")
+    if not modes or set(modes) - set(locomo.MODES):
+        raise SystemExit(f"--mode must name some of {', '.join(locomo.MODES)}, got {args.mode!r}")
+    try:
+        conversations = locomo_data.load(args.data, args.conversations)
+    except locomo_data.LocomoDataMissingError as error:
+        raise SystemExit(str(error)) from None
+    if args.sessions:
+        conversations = [locomo_data.first_sessions(c, args.sessions) for c in conversations]
+    settings = []
+    for policy in policies:
+        grid = [(1.0, 0.0)] if policy == locomo.DEFAULT else _entropy_grid(policy, args)
+        settings += [locomo.Setting(policy, size, *pair) for size in args.cache_size for pair in grid]
+    engine = Engine(args.model, backend=args.backend, threads=threads)
+    asked = [
+        (c, locomo.prepare(c, locomo_data.choose_questions(c, args.questions, args.seed), args.seed))
+        for c in conversations
+    ]
+    oracle = [r for c, a in asked for r in locomo.run_oracle(engine, c, a, args.generate)]
+    messages = sum(len(c.messages) for c in conversations)
+    runs = []
+    with Progress() as progress:
+        for setting in settings:
+            label = f"locomo {setting.policy} cache={setting.cache_size}"
+            if setting.policy not in (*UNSCORED, locomo.TRUNCATE, locomo.DEFAULT):
+                label += f" decay={setting.decay}" + (f" recent={setting.recent}" if setting.recent else "")
+            bar = progress.add_task(label, total=messages)
+            runs.append(
+                locomo.run_setting(
+                    engine,
+                    asked,
+                    setting,
+                    oracle,
+                    modes,
+                    args.later_sessions,
+                    args.generate,
+                    args.seed,
+                    lambda bar=bar: progress.advance(bar),
+                )
+            )
+    results = {
+        "task": "locomo",
+        "model": engine.model.name,
+        "backend": engine.model.backend.name,
+        "data": str(args.data),
+        "conversations": [c.name for c in conversations],
+        "sessions": args.sessions,
+        "questions_per_conversation": args.questions,
+        "questions": [
+            {
+                "conversation": c.name,
+                "question": a.question.index,
+                "category": locomo_data.CATEGORIES[a.question.category],
+                "text": a.question.text,
+                "options": list(a.options),
+                "gold": a.gold,
+                "evidence": list(a.question.evidence),
+            }
+            for c, chosen in asked
+            for a in chosen
+        ],
+        "modes": modes,
+        "later_sessions": args.later_sessions,
+        "generate": args.generate,
+        "seed": args.seed,
+        "threads": threads,
+        "oracle": {"summary": locomo.summarize(oracle, args.seed), "records": oracle},
+        "runs": runs,
+    }
+    results["targets"] = locomo.targets(results, args.seed)
+    return results

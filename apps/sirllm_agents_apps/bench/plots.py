@@ -217,3 +217,85 @@ def backends_plot(results: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+LOCOMO_GROUPS = ("all", "answerable", "single-hop", "multi-hop", "temporal", "open-domain", "adversarial")
+LOCOMO_CHANCE = 1 / 5  # the gold and four other answers
+
+
+def locomo_label(run: dict) -> str:
+    """A LoCoMo setting's name: the policy, the entropy policies' decay and recent window when set, and what the
+    library's default resolved to."""
+    if run["policy"] == "default":
+        return f"default ({run['session_policy']}, recent {run['recent_size']})"
+    label = run["policy"]
+    if run["policy"] not in ("streaming", "truncate"):
+        label += f" decay={run['decay']}" if run["decay"] != 1.0 else ""
+        label += f" recent={run['recent']}" if run.get("recent") else ""
+    return label
+
+
+def locomo_plot(results: dict, path: Path) -> None:
+    """Per category (and over all questions), cloze accuracy and evidence kept, one bar per setting with its
+    bootstrap 95% interval, the oracle as a black mark; one column per mode, at cache 1024 (or the first size run).
+    With several cache sizes a last panel shows overall cloze against the cache size."""
+    plt = _pyplot()
+    sizes = sorted({run["cache_size"] for run in results["runs"]})
+    size = 1024 if 1024 in sizes else sizes[0]
+    runs = [run for run in results["runs"] if run["cache_size"] == size]
+    modes = results["modes"]
+    columns = len(modes) + (len(sizes) > 1)
+    fig, axes = plt.subplots(2, columns, figsize=(7 * columns, 8.5), squeeze=False)
+    oracle = results["oracle"]["summary"]
+    width = 0.8 / max(1, len(runs))
+    for column, mode in enumerate(modes):
+        groups = [g for g in LOCOMO_GROUPS if g in oracle]
+        for row, field in enumerate(("cloze", "evidence_kept")):
+            ax = axes[row][column]
+            for index, run in enumerate(runs):
+                cells = [run["summary"][mode].get(g, {}).get(field) for g in groups]
+                xs = [i + (index - (len(runs) - 1) / 2) * width for i in range(len(groups))]
+                means = [c["mean"] if c else 0.0 for c in cells]
+                errors = [
+                    [c["mean"] - c["low"] if c else 0.0 for c in cells],
+                    [c["high"] - c["mean"] if c else 0.0 for c in cells],
+                ]
+                ax.bar(xs, means, width, yerr=errors, capsize=2, label=locomo_label(run), color=f"C{index % 10}")
+            if field == "cloze":
+                for i, group in enumerate(groups):
+                    ax.hlines(oracle[group]["cloze"]["mean"], i - 0.45, i + 0.45, color="black", linewidth=2)
+                ax.plot([], [], color="black", linewidth=2, label="oracle (evidence turns only)")
+                ax.axhline(LOCOMO_CHANCE, color="grey", linestyle=":", label="chance")
+            counts = [oracle[g]["questions"] for g in groups]
+            ax.set_xticks(range(len(groups)), [f"{g}\n({n})" for g, n in zip(groups, counts)], fontsize=8)
+            what = "cloze accuracy" if field == "cloze" else "share of the evidence turns' tokens cached"
+            ax.set(ylim=(0, 1.02), ylabel=what, title=f"mode {mode}, cache {size}")
+        axes[0][column].legend(fontsize=7)
+    if len(sizes) > 1:
+        ax = axes[0][-1]
+        mode = modes[0]
+        lines: dict[str, list[tuple[int, dict]]] = {}
+        for run in results["runs"]:
+            lines.setdefault(locomo_label(run), []).append((run["cache_size"], run["summary"][mode]["all"]["cloze"]))
+        for label, points in sorted(lines.items()):
+            points.sort(key=lambda p: p[0])
+            xs = [p[0] for p in points]
+            [line] = ax.plot(xs, [p[1]["mean"] for p in points], marker="o", label=label)
+            ax.fill_between(
+                xs, [p[1]["low"] for p in points], [p[1]["high"] for p in points], alpha=0.15, color=line.get_color()
+            )
+        ax.axhline(oracle["all"]["cloze"]["mean"], color="black", linestyle="--", label="oracle")
+        ax.set(
+            xlabel="cache size (tokens)",
+            ylabel="cloze accuracy, all questions",
+            ylim=(0, 1.02),
+            title=f"mode {mode}: against the cache size",
+        )
+        ax.set_xscale("log", base=2)
+        ax.legend(fontsize=7)
+        axes[1][-1].axis("off")
+    names = ", ".join(results["conversations"])
+    fig.suptitle(f"LoCoMo conversations {names}, {results['model']}; bars: bootstrap 95% intervals", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

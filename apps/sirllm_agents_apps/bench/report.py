@@ -177,6 +177,64 @@ def _serve_table(results: dict) -> list[str]:
     return [head, "", table(results).rstrip("\n")]
 
 
+def _interval(cell: dict | None, scale: float = 100.0, digits: int = 1) -> str:
+    """``mean [low, high]`` of a bootstrap cell, as percentages by default; ``-`` when absent."""
+    if not cell:
+        return "-"
+    return f"{scale * cell['mean']:.{digits}f} [{scale * cell['low']:.{digits}f}, {scale * cell['high']:.{digits}f}]"
+
+
+def _locomo_table(results: dict) -> list[str]:
+    from .plots import LOCOMO_GROUPS, locomo_label
+
+    oracle = results["oracle"]["summary"]
+    groups = [g for g in LOCOMO_GROUPS if g in oracle]
+    counts = ", ".join(f"{g} {oracle[g]['questions']}" for g in groups)
+    lines = [
+        f"### LoCoMo: conversations {', '.join(results['conversations'])}, {results['model']} on "
+        f"{results['backend']}; questions: {counts}",
+        "",
+        "Cloze accuracy per category, % [bootstrap 95% interval]; evidence kept and the answer's log-likelihood gap "
+        "to the oracle (nats per token), over all questions.",
+        "",
+        "| setting | cache | mode | " + " | ".join(groups) + " | evidence kept | gap to oracle | seconds |",
+        "| --- | ---: | --- |" + " ---: |" * (len(groups) + 3),
+    ]
+    cells = " | ".join(_interval(oracle[g].get("cloze")) for g in groups)
+    lines.append(f"| oracle (evidence turns only) | | | {cells} | {_interval(oracle['all']['evidence_kept'])} | | |")
+    for run in results["runs"]:
+        for mode in results["modes"]:
+            summary = run["summary"][mode]
+            cells = " | ".join(_interval(summary.get(g, {}).get("cloze")) for g in groups)
+            lines.append(
+                f"| {locomo_label(run)} | {run['cache_size']} | {mode} | {cells} | "
+                f"{_interval(summary['all'].get('evidence_kept'))} | "
+                f"{_interval(summary['all'].get('oracle_gap'), 1.0, 2)} | {run['seconds']:.0f} |"
+            )
+    if results.get("generate"):
+        lines += ["", "Greedy reply, LoCoMo token F1 (%), over all questions:", ""]
+        lines.append(f"- oracle: {_interval(oracle['all'].get('f1'))}")
+        for run in results["runs"]:
+            for mode in results["modes"]:
+                lines.append(f"- {locomo_label(run)}, {mode}: {_interval(run['summary'][mode]['all'].get('f1'))}")
+    if results.get("targets"):
+        lines += [
+            "",
+            "Targets (cache 1024, mode end), paired per question: difference [95% interval]; met by the estimate, "
+            "clear when the whole interval meets it.",
+            "",
+            "| target | questions | difference | met | clear |",
+            "| --- | --- | ---: | --- | --- |",
+        ]
+        for t in results["targets"]:
+            d = t["difference"]
+            lines.append(
+                f"| {t['target']} | {t['category']} ({d['n']}) | {_interval(d, 1.0, 3)} | "
+                f"{'yes' if t['met'] else 'no'} | {'yes' if t['clear'] else 'no'} |"
+            )
+    return lines
+
+
 def report(folder: str | Path) -> str:
     """Markdown for every ``*.json`` result in ``folder``, by task, oldest first."""
     sections = []
@@ -187,6 +245,7 @@ def report(folder: str | Path) -> str:
             "recall": _recall_table,
             "backends": _backends_table,
             "serve": _serve_table,
+            "locomo": _locomo_table,
         }
         table = tables.get(results["task"], _memory_table)(results)
         sections.append("\n".join(table + ["", f"(from `{path.name}`)"]))
