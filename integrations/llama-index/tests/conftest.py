@@ -1,16 +1,18 @@
-"""One embedded SmolLM2-135M-Instruct engine for the whole test run, shared by every SirLLM."""
+"""The embedded SmolLM2-135M-Instruct on each backend in turn (PyTorch, and llama.cpp when it is installed), loaded once
+per test run and shared by every SirLLM of that backend."""
 
 from __future__ import annotations
 
 import pytest
 from llama_index.llms.sirllm import SirLLM
+from sirllm_fixtures import embedded_engine  # noqa: F401  (the embedded model on each backend)
 
 from sirllm_agents import Engine
 
 
 @pytest.fixture(scope="session")
-def engine() -> Engine:
-    return Engine()
+def engine(embedded_engine: Engine) -> Engine:  # noqa: F811
+    return embedded_engine
 
 
 @pytest.fixture
