@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from tokenizers.decoders import DecodeStream
@@ -59,6 +59,16 @@ class GenerationConfig:
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
         self.penalties(constrained=False)  # checks the values given
+
+    @classmethod
+    def of(cls, config: GenerationConfig | None = None, **options: Any) -> GenerationConfig:
+        """``config`` (default: the defaults) with the ``options`` given replacing some of its fields; an option left
+        at ``None`` keeps the field's value. Every caller takes its decoding defaults from here. Raises ValueError
+        naming an option that is not a field."""
+        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown decoding options {unknown}: expected GenerationConfig fields")
+        return dataclasses.replace(config or cls(), **{k: v for k, v in options.items() if v is not None})
 
     def penalties(self, constrained: bool) -> Penalties:
         """The repetition penalties of a reply: the values given over the default of its kind."""

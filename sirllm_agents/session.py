@@ -105,22 +105,9 @@ class Session:
         tools: Sequence[Mapping[str, Any]] | None = None,
         tool_choice: Any = None,
         response_format: Mapping[str, Any] | None = None,
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: str | list[str] | None = None,
         constraint: TokenConstraint | None = None,
-        frequency_penalty: float | None = None,
-        presence_penalty: float | None = None,
-        repeat_penalty: float | None = None,
-        repeat_last_n: int | None = None,
-        dry_multiplier: float | None = None,
-        dry_base: float | None = None,
-        dry_allowed_length: int | None = None,
-        dry_penalty_last_n: int | None = None,
-        dry_sequence_breakers: list[str] | None = None,
+        generation: GenerationConfig | None = None,
+        **decoding: Any,
     ) -> ReplyStream:
         """Reply to ``messages`` event by event: :class:`~sirllm_agents.replies.TextDelta` as the content is decoded
         (never a broken UTF-8 character, never part of a stop string, never tool-call markup), then one
@@ -133,6 +120,9 @@ class Session:
         ...}`` or ``{"type": "json_object"}`` (grammar-constrained JSON). ``constraint`` is a custom
         :class:`~sirllm_agents.generation.TokenConstraint`.
 
+        How to decode: ``generation`` (a :class:`~sirllm_agents.generation.GenerationConfig`, default: its
+        defaults) with any of its fields given as keywords over it (``max_new_tokens``, ``temperature``, ``top_p``,
+        ``top_k``, ``seed``, ``stop``, the repetition penalties); a keyword left at ``None`` keeps the default.
         Repetition penalties (``frequency_penalty``, ``presence_penalty``, ``repeat_penalty`` over
         ``repeat_last_n`` tokens, DRY's ``dry_*``; see :mod:`sirllm_agents.penalties`): off for free text unless
         given; a grammar-constrained reply uses :data:`~sirllm_agents.penalties.CONSTRAINED_PENALTIES` for those not
@@ -142,23 +132,7 @@ class Session:
         back: the session then holds the conversation up to and including ``messages``, as if no reply had been
         asked for, so the next call may either resend ``messages`` with a new message or retry them as they were.
         """
-        config = GenerationConfig(
-            max_new_tokens,
-            temperature,
-            top_p,
-            top_k,
-            seed,
-            stop or [],
-            frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty,
-            repeat_penalty=repeat_penalty,
-            repeat_last_n=repeat_last_n,
-            dry_multiplier=dry_multiplier,
-            dry_base=dry_base,
-            dry_allowed_length=dry_allowed_length,
-            dry_penalty_last_n=dry_penalty_last_n,
-            dry_sequence_breakers=dry_sequence_breakers,
-        )
+        config = GenerationConfig.of(generation, **decoding)
         request = plan_request(self.model, messages, tools, tool_choice, response_format)
         if constraint is not None:
             if request.constraint is not None:

@@ -1,10 +1,10 @@
-"""Reply text assembly: whole characters only, stop strings cut and never shown."""
+"""Reply text assembly (whole characters, stop strings cut and never shown) and the one home of decoding options."""
 
 from __future__ import annotations
 
 import pytest
 
-from sirllm_agents.generation import ReplyText
+from sirllm_agents.generation import GenerationConfig, ReplyText
 
 TEXT = "Grüße aus Köln 🙂🚀 — 東京 ok"
 
@@ -30,3 +30,19 @@ def test_stop_string_is_cut_and_no_part_of_it_is_shown(tokenizer, stop):
     pieces.append(text.finish())
     assert text.stopped
     assert text.text == TEXT[: TEXT.index(stop)] == "".join(pieces)
+
+
+def test_decoding_options_come_from_one_home(tiny_engine):
+    base = GenerationConfig(max_new_tokens=9, temperature=0.5)
+    config = GenerationConfig.of(base, temperature=None, top_k=3, stop="\n")
+    assert (config.max_new_tokens, config.temperature, config.top_k, config.stop) == (9, 0.5, 3, ["\n"])
+    assert GenerationConfig.of(max_new_tokens=None) == GenerationConfig()
+    with pytest.raises(ValueError, match=r"unknown decoding options \['max_tokens'\]"):
+        GenerationConfig.of(max_tokens=5)
+    session = tiny_engine.session(cache_size=64)
+    messages = [{"role": "user", "content": "Hi"}]
+    with pytest.raises(ValueError, match="max_tokens"):
+        session.chat(messages, max_tokens=5)
+    assert len(session) == 0 and not session.transcript.messages  # refused before anything was prefilled
+    reply = session.chat(messages, generation=GenerationConfig(max_new_tokens=3), temperature=None)
+    assert len(reply.token_ids) <= 3

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from sirllm_agents.config import SessionConfig
 from sirllm_agents.engine import Engine
+from sirllm_agents.generation import GenerationConfig
 from sirllm_agents.session import Session
 
 from .memory_view import print_memory
@@ -34,7 +35,7 @@ class ChatLoop:
         read: Callable[[str], str] = input,
         console: Console | None = None,
         system: str | None = None,
-        max_new_tokens: int = 256,
+        max_new_tokens: int = GenerationConfig.max_new_tokens,
         penalties: dict | None = None,
     ):
         self.engine, self.read, self.console = engine, read, console or Console()
@@ -152,7 +153,7 @@ def main(
     backend: str = "auto",
     config: SessionConfig | None = None,
     system: str | None = None,
-    max_new_tokens: int = 256,
+    max_new_tokens: int = GenerationConfig.max_new_tokens,
     load: str | None = None,
     penalties: dict | None = None,
 ) -> None:

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     chat.add_argument("--backend", default="auto", choices=BACKENDS, help="llamacpp for GGUF files, else torch")
     _session_options(chat)
     chat.add_argument("--system", default=None, help="a system prompt")
-    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--max-new-tokens", type=int, default=GenerationConfig.max_new_tokens)
     _repetition_options(chat)
     chat.add_argument("--load", default=None, metavar="SESSION_FILE", help="resume a saved session")
 
@@ -50,7 +50,12 @@ def main(argv: list[str] | None = None) -> None:
     _session_options(serve)
     serve.add_argument("--max-queue", type=int, default=16, help="chat requests in flight or waiting; past it, 429")
     serve.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="largest request body; past it, 413")
-    serve.add_argument("--max-tokens", type=int, default=512, help="a reply's bound when the request gives none")
+    serve.add_argument(
+        "--max-tokens",
+        type=int,
+        default=GenerationConfig.max_new_tokens,
+        help="a reply's bound when the request gives none (default: the library's)",
+    )
     serve.add_argument(
         "--session-store",
         default=None,

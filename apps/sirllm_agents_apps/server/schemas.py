@@ -82,13 +82,15 @@ class ChatCompletionRequest(BaseModel):
             messages.append(message)
         return messages
 
-    def options(self, default_max_tokens: int) -> dict[str, Any]:
-        """The keyword arguments of ``Engine.astream`` for this request (messages and session aside)."""
+    def options(self, default_max_tokens: int | None = None) -> dict[str, Any]:
+        """The keyword arguments of ``Engine.astream`` for this request (messages and session aside). What the
+        request leaves out is left out here, so that the library's defaults (``GenerationConfig``) apply; the reply's
+        bound falls back to ``default_max_tokens`` first, when given."""
         options: dict[str, Any] = {
             "max_new_tokens": self.max_completion_tokens or self.max_tokens or default_max_tokens,
-            "temperature": 0.0 if self.temperature is None else self.temperature,
-            "top_p": 1.0 if self.top_p is None else self.top_p,
-            "top_k": self.top_k or 0,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
             "seed": self.seed,
             "stop": self.stop or None,
         }

@@ -53,7 +53,7 @@ from langchain_core.utils.function_calling import convert_to_json_schema, conver
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field, InstanceOf, PrivateAttr, model_validator
 
-from sirllm_agents import Engine, Reply, Session, SessionConfig, TextDelta, ToolCallDelta
+from sirllm_agents import Engine, GenerationConfig, Reply, Session, SessionConfig, TextDelta, ToolCallDelta
 from sirllm_agents.penalties import Penalties
 from sirllm_agents.replies import normalize_tool_choice
 
@@ -137,12 +137,12 @@ class ChatSirLLM(BaseChatModel):
     """An already loaded engine to share between wrappers. Without one, engines are shared per ``model``."""
     config: InstanceOf[SessionConfig] = Field(default_factory=SessionConfig)
     """How the session's KV cache is bounded (see :class:`sirllm_agents.SessionConfig`)."""
-    temperature: float = 0.0
-    """Sampling temperature; 0 decodes greedily."""
-    max_tokens: int = 256
+    temperature: float = GenerationConfig.temperature
+    """Sampling temperature; 0 (the default) decodes greedily."""
+    max_tokens: int = GenerationConfig.max_new_tokens
     """Most tokens to generate per reply."""
-    top_p: float = 1.0
-    top_k: int = 0
+    top_p: float = GenerationConfig.top_p
+    top_k: int = GenerationConfig.top_k
     seed: int | None = None
     """Seed for sampling when ``temperature > 0``, for repeatable replies."""
     stop: list[str] | None = None

@@ -26,7 +26,17 @@ from llama_index.core.llms.llm import ToolSelection
 from llama_index.core.types import Model
 from pydantic import InstanceOf
 
-from sirllm_agents import AsyncReplyStream, Engine, Reply, ReplyStream, Session, SessionConfig, SessionStats, TextDelta
+from sirllm_agents import (
+    AsyncReplyStream,
+    Engine,
+    GenerationConfig,
+    Reply,
+    ReplyStream,
+    Session,
+    SessionConfig,
+    SessionStats,
+    TextDelta,
+)
 from sirllm_agents.penalties import Penalties
 from sirllm_agents.replies import normalize_tool_choice
 
@@ -85,10 +95,16 @@ class SirLLM(FunctionCallingLLM):
         description="How each session's KV cache is bounded (sirllm_agents.SessionConfig); its fields (cache_size, "
         "start_size, recent_size, decay, policy, prefill_chunk) are also taken as keywords.",
     )
-    max_new_tokens: int = Field(default=256, gt=0, description="Most tokens decoded for one reply.")
-    temperature: float = Field(default=0.0, ge=0.0, description="Sampling temperature; 0 decodes greedily.")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    top_k: int = Field(default=0, ge=0, description="Sample among the k likeliest tokens; 0 turns it off.")
+    max_new_tokens: int = Field(
+        default=GenerationConfig.max_new_tokens, gt=0, description="Most tokens decoded for one reply."
+    )
+    temperature: float = Field(
+        default=GenerationConfig.temperature, ge=0.0, description="Sampling temperature; 0 decodes greedily."
+    )
+    top_p: float = Field(default=GenerationConfig.top_p, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    top_k: int = Field(
+        default=GenerationConfig.top_k, ge=0, description="Sample among the k likeliest tokens; 0 turns it off."
+    )
     seed: int | None = Field(default=None, description="Makes sampling repeatable.")
     stop: list[str] | None = Field(default=None, description="Strings that end a reply (cut off, never shown).")
     frequency_penalty: float | None = Field(
