@@ -2,9 +2,9 @@
 another, each on a runner of its own (today's path), on the same prompts and greedy tokens.
 
 For each model, thread count and N in 1, 2, 4, 8: every conversation is prefilled (not timed), then decodes
-``--tokens`` greedy tokens; the two ways alternate ``--repeats`` times and the medians are compared within the run,
-by wall time and by the process's CPU time (steadier on a machine other jobs share). Each run also checks that both
-ways decoded the same tokens.
+``--tokens`` greedy tokens both ways in lockstep (each step timed both ways, in alternating order, so both meet the
+same load on a machine other jobs share); medians of ``--repeats`` runs, compared by wall and by the process's CPU
+time. Each run also checks that both ways decoded the same tokens.
 
 The models: on llama.cpp the embedded SmolLM2-135M (Q4_1) or ``--model``, and the same weights re-quantized to Q4_0
 (unless ``--no-q4_0``): ggml's CPU backend multiplies Q4_0 weights by several tokens at once with matrix kernels, but
@@ -35,6 +35,7 @@ from sirllm_agents.runners.llamacpp import LlamaCppBackend
 TOPICS = ["lighthouses", "volcanoes", "bees", "trains", "glaciers", "chess", "tea", "comets"]
 COUNTS = (1, 2, 4, 8)
 CAPACITY = 256  # cache cells per conversation: room for a prompt and the reply
+WAYS = ("alone", "together")
 
 
 def prompts(tokenizer, n: int) -> list[list[int]]:
@@ -58,29 +59,30 @@ def new_runners(backend: Backend, n: int, together: bool) -> list[ModelRunner]:
     return [backend.new_runner(CAPACITY) for _ in range(n)]
 
 
-def decode(backend: Backend, ids: list[list[int]], tokens: int, together: bool):
-    """Wall and CPU seconds to decode ``tokens`` greedy tokens per conversation, together or one conversation after
-    another, and the tokens."""
-    runners = new_runners(backend, len(ids), together)
-    if together:
-        backend.decode_together(runners, ids)
-    else:
-        for runner, prompt in zip(runners, ids):
-            runner.ingest(prompt)
-    replies: list[list[int]] = [[] for _ in ids]
-    wall, cpu = time.perf_counter(), time.process_time()
-    if together:
-        for _ in range(tokens):
-            step = [int(runner.logits.argmax()) for runner in runners]
-            for reply, token in zip(replies, step):
+def decode_both_ways(backend: Backend, ids: list[list[int]], tokens: int) -> dict[str, tuple[float, float, list]]:
+    """Decode ``tokens`` greedy tokens per conversation both ways in lockstep, so that both meet the same load: each
+    step times the together call for every conversation and the one-after-another calls, in alternating order.
+    Returns per way the wall and CPU seconds and the replies."""
+    runners = {way: new_runners(backend, len(ids), together=way == "together") for way in WAYS}
+    backend.decode_together(runners["together"], ids)
+    for runner, prompt in zip(runners["alone"], ids):
+        runner.ingest(prompt)
+    wall, cpu = dict.fromkeys(WAYS, 0.0), dict.fromkeys(WAYS, 0.0)
+    replies: dict[str, list[list[int]]] = {way: [[] for _ in ids] for way in WAYS}
+    for step in range(tokens):
+        for way in WAYS if step % 2 == 0 else WAYS[::-1]:
+            started, started_cpu = time.perf_counter(), time.process_time()
+            chosen = [int(runner.logits.argmax()) for runner in runners[way]]
+            for reply, token in zip(replies[way], chosen):
                 reply.append(token)
-            backend.decode_together(runners, [[token] for token in step])
-    else:
-        for runner, reply in zip(runners, replies):
-            for _ in range(tokens):
-                reply.append(int(runner.logits.argmax()))
-                runner.ingest(reply[-1:])
-    return time.perf_counter() - wall, time.process_time() - cpu, replies
+            if way == "together":
+                backend.decode_together(runners[way], [[token] for token in chosen])
+            else:
+                for runner, token in zip(runners[way], chosen):
+                    runner.ingest([token])
+            wall[way] += time.perf_counter() - started
+            cpu[way] += time.process_time() - started_cpu
+    return {way: (wall[way], cpu[way], replies[way]) for way in WAYS}
 
 
 def compare(name: str, backend: Backend, tokenizer, tokens: int, repeats: int) -> None:
@@ -89,18 +91,12 @@ def compare(name: str, backend: Backend, tokenizer, tokens: int, repeats: int) -
     print("                  (wall)              (wall)       wall     CPU time")
     for n in COUNTS:
         ids = prompts(tokenizer, n)
-        alone_wall, alone_cpu, together_wall, together_cpu, same = [], [], [], [], True
-        for _ in range(repeats):
-            wall, cpu, alone_replies = decode(backend, ids, tokens, together=False)
-            alone_wall.append(wall)
-            alone_cpu.append(cpu)
-            wall, cpu, together_replies = decode(backend, ids, tokens, together=True)
-            together_wall.append(wall)
-            together_cpu.append(cpu)
-            same = same and alone_replies == together_replies
-        alone_rate = n * tokens / statistics.median(alone_wall)
-        together_rate = n * tokens / statistics.median(together_wall)
-        cpu_ratio = statistics.median(alone_cpu) / statistics.median(together_cpu)
+        runs = [decode_both_ways(backend, ids, tokens) for _ in range(repeats)]
+        wall = {way: statistics.median(run[way][0] for run in runs) for way in WAYS}
+        cpu = {way: statistics.median(run[way][1] for run in runs) for way in WAYS}
+        same = all(run["alone"][2] == run["together"][2] for run in runs)
+        alone_rate, together_rate = n * tokens / wall["alone"], n * tokens / wall["together"]
+        cpu_ratio = cpu["alone"] / cpu["together"]
         print(
             f"  {n:13}   {alone_rate:11.1f} tok/s   {together_rate:6.1f} tok/s   "
             f"{together_rate / alone_rate:5.2f}x   {cpu_ratio:5.2f}x       {'yes' if same else 'NO'}"
@@ -128,7 +124,7 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", choices=["llamacpp", "torch"], default=["llamacpp"])
     args = parser.parse_args()
     path = Path(args.model) if args.model else embedded_model_path()
-    print(f"{args.tokens} tokens per conversation, medians of {args.repeats} alternated runs")
+    print(f"{args.tokens} tokens per conversation, medians of {args.repeats} runs")
     print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     if "llamacpp" in args.backends:
         with tempfile.TemporaryDirectory() as folder:

@@ -109,7 +109,8 @@ class LlamaCppBackend:
 
 class LlamaCppContext:
     """A llama.cpp context holding up to ``sequences`` conversations, each a sequence id of at most ``capacity``
-    tokens in a KV cache stream of its own."""
+    tokens in a KV cache stream of its own. Like a llama.cpp context, not for two threads at once: whoever steps
+    its runners (a scheduler) must be the only one calling into it."""
 
     def __init__(self, backend: LlamaCppBackend, sequences: int, capacity: int):
         if sequences < 1:
