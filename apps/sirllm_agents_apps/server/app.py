@@ -44,12 +44,12 @@ CHAT_PATH = "/v1/chat/completions"
 @dataclass
 class ServerSettings:
     """``api_key``: when set, ``/v1/*`` and ``/metrics`` need ``Authorization: Bearer <key>``. ``model_names``:
-        the names a request's ``model`` may give besides the served model's own name (default ``sirllm``).
-        ``max_queue``: chat requests being decoded or waiting, past which the server answers 429. ``max_body_bytes``:
-        the largest request body (413 past it). ``default_max_tokens``: a reply's bound when the request gives none (None:
-    the library's, ``GenerationConfig.max_new_tokens``).
-        ``handoff_idle_seconds``: with a shared store, a session idle this long is saved to the store and its lease given
-        up, so another replica may continue it (None: only when spilled for room or when the server stops)."""
+    the names a request's ``model`` may give besides the served model's own name (default ``sirllm``).
+    ``max_queue``: chat requests being decoded or waiting, past which the server answers 429. ``max_body_bytes``:
+    the largest request body (413 past it). ``default_max_tokens``: a reply's bound when the request gives none
+    (None: the library's, ``GenerationConfig.max_new_tokens``). ``handoff_idle_seconds``: with a shared store, a
+    session idle this long is saved to the store and its lease given up, so another replica may continue it (None:
+    only when spilled for room or when the server stops)."""
 
     api_key: str | None = None
     model_names: tuple[str, ...] = (MODEL_ALIAS,)
