@@ -94,9 +94,8 @@ class SessionPool:
         config: SessionConfig | None = None,
         response_format: Mapping[str, Any] | None = None,
     ) -> Iterator[Session]:
-        """The session for a call, pinned in memory until the block ends. The sessions the call pushes past
-        ``max_live_sessions`` are written after it, so that no call waits for a spill before its reply."""
-        session, victims = self._route(messages, tools, session_id, config, response_format, pin=True)
+        """The session for a call, pinned in memory until the block ends."""
+        session = self.route(messages, tools, session_id, config, response_format, pin=True)
         try:
             yield session
         finally:
@@ -105,7 +104,7 @@ class SessionPool:
                 if self._pins[session.session_id] <= 0:
                     del self._pins[session.session_id]
                 self._last_used[session.session_id] = time.monotonic()
-                victims += self._victims()
+                victims = self._victims()
             self._spill_out(victims)
 
     def route(
@@ -124,22 +123,8 @@ class SessionPool:
         its own settings. With a ``response_format`` the messages are matched as the session holds them (see
         :func:`~sirllm_agents.replies.messages_as_held`). With a shared store, a session named by id that another
         process holds raises :class:`~sirllm_agents.store.SessionBusyError`; one found by prefix that another
-        process holds is not waited for: a new session takes the call."""
-        session, victims = self._route(messages, tools, session_id, config, response_format, pin=pin)
-        self._spill_out(victims)
-        return session
-
-    def _route(
-        self,
-        messages: Sequence[Mapping[str, Any]],
-        tools: list[dict] | None,
-        session_id: str | None,
-        config: SessionConfig | None,
-        response_format: Mapping[str, Any] | None,
-        *,
-        pin: bool,
-    ) -> tuple[Session, list[Session]]:
-        """:meth:`route` without the spills it makes due: the session and the sessions taken out to be written."""
+        process holds is not waited for: a new session takes the call. The idle sessions this pushes past
+        ``max_live_sessions`` are written before it returns, outside the pool's lock."""
         if session_id is not None and not (isinstance(session_id, str) and session_id):
             raise ValueError(f"session_id must be a non-empty string, got {session_id!r}")
         named = session_id is not None
@@ -164,7 +149,8 @@ class SessionPool:
                 del self._moving[found]
             reading.set()
             break
-        return session, victims
+        self._spill_out(victims)
+        return session
 
     def _find(
         self, session_id: str | None, config: SessionConfig | None, named: bool
