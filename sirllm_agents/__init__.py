@@ -11,6 +11,7 @@ from .policies import ContextOverflowError, FullPolicy, Policy, SirLLMPolicy, St
 from .replies import Reply, ReplyStream, TextDelta, ToolCallDelta
 from .runners.rope import UnsupportedModelError
 from .session import AsyncReplyStream, Session, SessionStats, TurnStats
+from .scheduler import EngineBusyError
 from .store import DirectoryStore, SessionBusyError, SessionStore, SharedDirectoryStore
 from .tools import ToolCall
 
@@ -19,6 +20,7 @@ __all__ = [
     "ContextOverflowError",
     "DirectoryStore",
     "Engine",
+    "EngineBusyError",
     "FullPolicy",
     "GenerationConfig",
     "Memory",

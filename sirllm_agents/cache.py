@@ -6,7 +6,7 @@ those. The token records here are the source of truth: a forward broken midway i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -17,13 +17,16 @@ from .token_shapes import TokenShapes
 
 _RECORDS = ("token_ids", "scores", "positions", "turns", "template")
 
+Forward = Callable[[ModelRunner, Sequence[int]], torch.Tensor]  # runs ids through a runner: their surprisals
+
 
 class SirLLMCache:
     """At most ``cache_size`` tokens; when full, ``policy`` chooses who stays and the runner moves them.
 
     Per cached token it records the token id, its score (token entropy, decayed each turn), its position in the
     whole conversation (``positions``, never reset by eviction), the turn it came from, and whether the chat template
-    wrote it (``template``).
+    wrote it (``template``). ``forward`` runs the model (default: ``runner.ingest``; a session passes its model's
+    scheduler, which batches it with other conversations' forwards).
     """
 
     def __init__(
@@ -33,8 +36,10 @@ class SirLLMCache:
         cache_size: int,
         shapes: TokenShapes,
         history_window: int | None = None,
+        forward: Forward | None = None,
     ):
         self.runner = runner
+        self.forward: Forward = forward or _ingest
         self.policy = policy
         self.cache_size = cache_size
         self.shapes = shapes
@@ -90,7 +95,7 @@ class SirLLMCache:
 
     def ingest(self, ids: Sequence[int], positions: Sequence[int], turn: int, template: Sequence[bool]) -> None:
         """Run ``ids`` through the model into the cache and record them, each scored by its surprisal."""
-        scores = self.runner.ingest(ids)
+        scores = self.forward(self.runner, ids)
         self._record(torch.tensor(list(ids)), scores, torch.tensor(list(positions)), turn, torch.tensor(list(template)))
 
     def refeed_newest(self, ids: Sequence[int], positions: Sequence[int], turn: int, template: Sequence[bool]) -> None:
@@ -99,7 +104,7 @@ class SirLLMCache:
         eviction took the conversation's last token, the newest cached one stands in for it."""
         kept = {name: getattr(self, name)[-1:] for name in _RECORDS}
         self._keep_oldest(len(self) - 1)
-        scores = self.runner.ingest([int(kept["token_ids"][0]), *ids])
+        scores = self.forward(self.runner, [int(kept["token_ids"][0]), *ids])
         scores[0] = kept["scores"][0]
         self._record(
             torch.cat((kept["token_ids"], torch.tensor(list(ids), dtype=torch.long))),
@@ -146,7 +151,7 @@ class SirLLMCache:
 
     def copy(self) -> SirLLMCache:
         """A copy sharing no state with this cache (the policy and shapes, which never change, are shared)."""
-        twin = SirLLMCache(self.runner.copy(), self.policy, self.cache_size, self.shapes)
+        twin = SirLLMCache(self.runner.copy(), self.policy, self.cache_size, self.shapes, forward=self.forward)
         for name in _RECORDS:
             setattr(twin, name, getattr(self, name).clone())
         twin.history = self.history.copy()
@@ -164,3 +169,7 @@ class SirLLMCache:
         for name in _RECORDS:
             setattr(self, name, tensors[f"cache.{name}"])
         self.history.load(int(tensors["history.start"][0]), tensors["history.ids"], tensors["history.turns"])
+
+
+def _ingest(runner: ModelRunner, ids: Sequence[int]) -> torch.Tensor:
+    return runner.ingest(ids)

@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 from . import loading
 from .runners import Backend, ModelRunner
 from .runners.torch import TorchBackend
+from .scheduler import DEFAULT_PARALLEL, Scheduler
 from .token_shapes import TokenShapes
 from .transcript import ChatTemplate
 
@@ -30,7 +31,14 @@ class Model:
     folder, a hub id, a ``.gguf`` file, or an already loaded ``PreTrainedModel`` together with ``tokenizer=``.
     """
 
-    def __init__(self, backend: Backend, tokenizer, name: str, chat_template: str | None = None):
+    def __init__(
+        self,
+        backend: Backend,
+        tokenizer,
+        name: str,
+        chat_template: str | None = None,
+        parallel: int = DEFAULT_PARALLEL,
+    ):
         if getattr(tokenizer, "backend_tokenizer", None) is None:
             raise ValueError(f"{name}: sirllm-agents needs a fast (tokenizers) tokenizer")
         self.backend = backend
@@ -41,6 +49,8 @@ class Model:
         eos = backend.eos_token_ids() | {tokenizer.eos_token_id}
         self.stop_token_ids: frozenset[int] = frozenset(i for i in eos if i is not None)
         self.token_shapes = TokenShapes.from_tokenizer(tokenizer, backend.vocab_size)
+        # Every forward of every session on this model goes through it: up to `parallel` requests decode together.
+        self.scheduler = Scheduler(backend, max_running=parallel)
 
     @classmethod
     def load(
@@ -54,6 +64,7 @@ class Model:
         threads: int | None = None,
         trust_remote_code: bool = False,
         chat_template: str | None = None,
+        parallel: int = DEFAULT_PARALLEL,
     ) -> Model:
         """Load ``model`` (see the class docstring) on ``backend``:
 
@@ -62,6 +73,9 @@ class Model:
           intra-op thread count), needing the ``llamacpp`` extra;
         * ``"auto"``: llama.cpp for a GGUF file (the embedded model is one) when ``llama-cpp-python`` is installed
           and neither a device other than the CPU nor a torch dtype is asked for, else torch.
+
+        ``parallel``: how many requests run at once, their decode steps batched together (on llama.cpp, that many
+        conversations share one context); more wait their turn (see :mod:`sirllm_agents.scheduler`).
         """
         backend = _chosen_backend(backend, model, device, dtype)
         if backend == "llamacpp":
@@ -74,7 +88,8 @@ class Model:
                 )
             if tokenizer is None:
                 tokenizer = loading.gguf_tokenizer(gguf)
-            return cls(LlamaCppBackend(gguf, threads), tokenizer, loading.model_name(model), chat_template)
+            backend = LlamaCppBackend(gguf, threads, sequences=parallel)
+            return cls(backend, tokenizer, loading.model_name(model), chat_template, parallel)
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.float32)
         if isinstance(model, PreTrainedModel):
             if tokenizer is None:
@@ -84,7 +99,7 @@ class Model:
             weights, tokenizer, name = loading.load(
                 model, device=device, dtype=dtype, trust_remote_code=trust_remote_code
             )
-        return cls(TorchBackend(weights), tokenizer, name, chat_template)
+        return cls(TorchBackend(weights), tokenizer, name, chat_template, parallel)
 
     def new_runner(self, capacity: int) -> ModelRunner:
         """A runner for one conversation of at most ``capacity`` cached tokens."""

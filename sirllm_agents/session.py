@@ -167,7 +167,7 @@ class Session:
         request = plan_request(self.model, messages, tools, None, None)
         with self._locked():
             turn = TurnStats()
-            with self._rolling_back(turn):
+            with self.model.scheduler.request(), self._rolling_back(turn):
                 asked, _ = self._ask(request, turn, reserve=0)
                 start = time.perf_counter()
                 option_ids = scoring.reply_ids(self.model, asked, options)
@@ -188,7 +188,7 @@ class Session:
         request = plan_request(self.model, messages, tools, None, None)
         with self._locked():
             turn = TurnStats()
-            with self._rolling_back(turn):
+            with self.model.scheduler.request(), self._rolling_back(turn):
                 self._extend(request, turn, reserve=0)
             turn.input_tokens = self._position
             self.cache.decay(self.config.decay)
@@ -296,7 +296,7 @@ class Session:
         with self._locked():
             turn = TurnStats()
             shown = ShownText(request.stream_mode)
-            with self._rolling_back(turn):
+            with self.model.scheduler.request() as ticket, self._rolling_back(turn):
                 # Reserve room for a reply of up to a quarter of the cache before the turn is cached; a longer reply
                 # evicts while decoding.
                 reserve = min(config.max_new_tokens, self.cache_size // 4)
@@ -307,7 +307,8 @@ class Session:
                 )
                 for piece in decoding:
                     if text := shown.push(piece):
-                        yield TextDelta(text)
+                        with ticket.away():
+                            yield TextDelta(text)
                 turn.decode_seconds += time.perf_counter() - start
                 text, finish_reason, token_ids = decoding.text, decoding.finish_reason, decoding.token_ids
                 turn.generated_tokens = len(token_ids)
@@ -473,7 +474,8 @@ class Session:
 
     def _new_cache(self) -> SirLLMCache:
         runner = self.model.new_runner(self.cache_size)
-        return SirLLMCache(runner, self.policy, self.cache_size, self.model.token_shapes, self.config.history_window)
+        shapes, window = self.model.token_shapes, self.config.history_window
+        return SirLLMCache(runner, self.policy, self.cache_size, shapes, window, self.model.scheduler.ingest)
 
     def _reset(self) -> None:
         self.cache = self._new_cache()

@@ -8,6 +8,7 @@ from sirllm_agents.config import DEFAULT_POLICY, RECENT_SHARE, SessionConfig
 from sirllm_agents.generation import GenerationConfig
 from sirllm_agents.model import BACKENDS
 from sirllm_agents.policies import POLICIES
+from sirllm_agents.scheduler import DEFAULT_PARALLEL
 
 from .bench import cli as bench_cli
 
@@ -47,6 +48,12 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (also $SIRLLM_API_KEY)")
     serve.add_argument("--max-live-sessions", type=int, default=16, help="sessions kept in memory; more spill to disk")
+    serve.add_argument(
+        "--parallel",
+        type=int,
+        default=DEFAULT_PARALLEL,
+        help=f"requests decoded together; more wait their turn (default {DEFAULT_PARALLEL})",
+    )
     _session_options(serve)
     serve.add_argument("--max-queue", type=int, default=16, help="chat requests in flight or waiting; past it, 429")
     serve.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="largest request body; past it, 413")
@@ -197,7 +204,12 @@ def _serve(args: argparse.Namespace) -> None:
         if args.session_store is not None:
             store = SharedDirectoryStore(args.session_store, owner=args.replica_name, lease_seconds=args.lease_seconds)
         engine = Engine(
-            args.model, backend=args.backend, config=config, max_live_sessions=args.max_live_sessions, store=store
+            args.model,
+            backend=args.backend,
+            parallel=args.parallel,
+            config=config,
+            max_live_sessions=args.max_live_sessions,
+            store=store,
         )
     except ValueError as error:
         raise SystemExit(f"sirllm-agents serve: {error}") from None

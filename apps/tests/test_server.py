@@ -138,11 +138,15 @@ def test_models_health_and_metrics(base_url, client, model):
         "tokens_evicted_total",
         "tokens_generated_total",
         "request_latency_seconds_count",
+        "scheduler_running",
+        "scheduler_waiting",
     ):
         assert f"\nsirllm_{name} " in text or text.startswith(f"# HELP sirllm_{name} ")
     assert 'sirllm_requests_total{endpoint="/v1/chat/completions",code="200"}' in text
-    generated = next(line for line in text.splitlines() if line.startswith("sirllm_tokens_generated_total "))
-    assert int(generated.split()[1]) >= 4
+    figures = dict(line.split() for line in text.splitlines() if line and not line.startswith("#") and "{" not in line)
+    assert int(figures["sirllm_tokens_generated_total"]) >= 4
+    # A reply of 4 tokens takes at least 4 forwards, each in a call of its own or shared with another conversation.
+    assert int(figures["sirllm_scheduler_forwards_total"]) >= int(figures["sirllm_scheduler_calls_total"]) >= 4
 
 
 # -- replies ----------------------------------------------------------------------------------------------------------

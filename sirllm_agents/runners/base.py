@@ -8,7 +8,7 @@ the policies, the tools or the adapters.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -59,6 +59,7 @@ class Backend(Protocol):
     name: str  # "torch" or "llamacpp"
     max_length: int  # positions the model was trained on
     vocab_size: int  # rows of its logits
+    step_tokens: int | None  # the most tokens of one input a scheduler's step runs (None: the whole input)
 
     def new_runner(self, capacity: int) -> ModelRunner:
         """A runner for one conversation that will never hold more than ``capacity`` tokens."""
@@ -70,6 +71,10 @@ class Backend(Protocol):
 
     def identity(self) -> dict[str, Any]:
         """What a cached state is only valid for: the architecture, dtype and a fingerprint of the weights."""
+        ...
+
+    def batch_key(self, runner: ModelRunner, tokens: int) -> Hashable:
+        """Inputs (``tokens`` long) of runners with equal keys may be decoded together."""
         ...
 
     def decode_together(self, runners: Sequence[ModelRunner], tokens: Sequence[Sequence[int]]) -> list[torch.Tensor]:

@@ -1,10 +1,11 @@
 """The llama.cpp backend: a GGUF file run by llama.cpp (through ``llama-cpp-python``'s low-level API).
 
-A conversation is one sequence id in a llama.cpp context: either a context of its own (``new_runner``), or one of
-many sequences sharing a context (``shared_context``), whose tokens :func:`decode_together` evaluates in the same
-``llama_decode`` calls. A shared context gives each sequence a KV cache stream of its own (llama.cpp's non-unified
-cache), so its cells lie as in a context of its own, its attention spans its own cells only, and it decodes the same
-logits, bit for bit, as when alone.
+A conversation is one sequence id in a llama.cpp context shared by up to ``sequences`` conversations (the backend
+places each new runner on a free sequence, making a context when none has one), whose tokens
+:func:`decode_together` evaluates in the same ``llama_decode`` calls. A shared context gives each sequence a KV cache
+stream of its own (llama.cpp's non-unified cache), so its cells lie as in a context of its own, its attention spans
+its own cells only, and it decodes the same logits, bit for bit, as when alone. Every call into a context holds its
+lock, so runners of one context may be used from several threads.
 
 Eviction removes the evicted ranges of the sequence (``llama_memory_seq_rm``) and shifts each kept range down to its
 new cache indices (``llama_memory_seq_add``); llama.cpp re-rotates the shifted keys itself before the next decode.
@@ -19,6 +20,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import threading
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,14 +51,20 @@ class LlamaCppError(RuntimeError):
 
 
 class LlamaCppBackend:
-    """A GGUF model loaded once by llama.cpp, serving any number of :class:`LlamaCppRunner`."""
+    """A GGUF model loaded once by llama.cpp, serving any number of :class:`LlamaCppRunner`, up to ``sequences`` of
+    them in one context (so they can be decoded together; 1: a context per conversation)."""
 
     name = "llamacpp"
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None, batch_size: int = BATCH_SIZE):
+    def __init__(
+        self, path: str | os.PathLike, threads: int | None = None, batch_size: int = BATCH_SIZE, sequences: int = 1
+    ):
+        if not isinstance(sequences, int) or sequences < 1:
+            raise ValueError(f"sequences must be a positive integer, got {sequences!r}")
         self.path = Path(path)
         self.threads = threads or torch.get_num_threads()
         self.batch_size = batch_size
+        self.step_tokens = batch_size  # a scheduler's step takes one llama_decode's worth of a long input
         llama.llama_backend_init()
         params = llama.llama_model_default_params()
         self.model = llama.llama_model_load_from_file(str(self.path).encode(), params)
@@ -67,13 +75,28 @@ class LlamaCppBackend:
         self.vocab_size: int = llama.llama_vocab_n_tokens(self.vocab)
         self.max_length: int = llama.llama_model_n_ctx_train(self.model)
         self._identity: dict[str, Any] | None = None
+        self.sequences = sequences if sequences == 1 or _can_share(self) else 1
+        self._contexts: list[weakref.ref[LlamaCppContext]] = []  # freed once their last runner is
+        self._placing = threading.Lock()
 
     def new_runner(self, capacity: int) -> LlamaCppRunner:
-        """A runner in a llama.cpp context of its own."""
-        return LlamaCppRunner(LlamaCppContext(self, sequences=1, capacity=capacity), capacity)
+        """A runner on a free sequence of a context with room for ``capacity`` tokens per sequence (a new context of
+        ``sequences`` sequences when none has one)."""
+        with self._placing:
+            for ref in self._contexts:
+                context = ref()
+                if context is not None and context.capacity >= capacity and context.free_sequences:
+                    return context.new_runner(capacity)
+            context = LlamaCppContext(self, self.sequences, capacity)
+            self._contexts = [ref for ref in self._contexts if ref() is not None] + [weakref.ref(context)]
+            return context.new_runner(capacity)
+
+    def batch_key(self, runner: LlamaCppRunner, tokens: int) -> LlamaCppContext:
+        """Runners of one context decode together."""
+        return runner.context
 
     def decode_together(self, runners: Sequence[LlamaCppRunner], tokens: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-        """:func:`decode_together`: the runners must share one context (``shared_context``)."""
+        """:func:`decode_together`: the runners must share one context."""
         return decode_together(runners, tokens)
 
     def shared_context(self, sequences: int, capacity: int) -> LlamaCppContext:
@@ -121,11 +144,10 @@ class LlamaCppContext:
                 "this llama-cpp-python has no per-sequence KV cache streams (kv_unified); shared contexts need 0.3.17 "
                 "or later"
             )
-        if sequences > 1 and (llama.llama_model_n_swa(backend.model) > 0 or llama.llama_model_is_hybrid(backend.model)):
-            # Their memory is two caches, whose per-sequence states `export_sequence` cannot take apart.
+        if sequences > 1 and not _can_share(backend):
             raise LlamaCppError(
                 f"{backend.path.name}: shared contexts take models with one KV cache, and this one has sliding-window "
-                "or recurrent layers; give each conversation a context of its own (new_runner)"
+                "or recurrent layers; give each conversation a context of its own (new_runner with sequences=1)"
             )
         self.backend = backend
         self.sequences = sequences
@@ -159,24 +181,27 @@ class LlamaCppContext:
         weakref.finalize(self, _free, self.context, self.batch)
         self.free_sequences = list(range(sequences))
         self.state_header = self._state_header() if sequences > 1 else 0
+        self.lock = threading.RLock()  # held by every call into the context
 
     def new_runner(self, capacity: int | None = None) -> LlamaCppRunner:
         """A runner on the lowest free sequence id, for at most ``capacity`` tokens (default: the context's)."""
         capacity = self.capacity if capacity is None else capacity
         if capacity > self.capacity:
             raise ValueError(f"a sequence of this context holds at most {self.capacity} tokens, not {capacity}")
-        if not self.free_sequences:
-            raise LlamaCppError(
-                f"all {self.sequences} sequences of this llama.cpp context are in use; drop a runner or make the "
-                "shared context with more sequences"
-            )
-        return LlamaCppRunner(self, capacity, self.free_sequences.pop(0))
+        with self.lock:
+            if not self.free_sequences:
+                raise LlamaCppError(
+                    f"all {self.sequences} sequences of this llama.cpp context are in use; drop a runner or make the "
+                    "shared context with more sequences"
+                )
+            return LlamaCppRunner(self, capacity, self.free_sequences.pop(0))
 
     def release(self, sequence: int) -> None:
         """Empty ``sequence`` and make it free for a new runner (a runner's finalizer calls this)."""
-        llama.llama_memory_seq_rm(self.memory, sequence, -1, -1)
-        self.free_sequences.append(sequence)
-        self.free_sequences.sort()
+        with self.lock:
+            llama.llama_memory_seq_rm(self.memory, sequence, -1, -1)
+            self.free_sequences.append(sequence)
+            self.free_sequences.sort()
 
     def export_sequence(self, sequence: int) -> bytes:
         """``sequence``'s state as llama.cpp exports it from a context of one KV stream, whatever this context has
@@ -185,9 +210,10 @@ class LlamaCppContext:
         After a header, llama.cpp writes the stream count, then per stream its cell count and, when not zero, its
         cells. A sequence's cells all lie in its own stream (stream ``sequence``), so every other stream is a bare
         zero count, which is dropped."""
-        size = llama.llama_state_seq_get_size(self.context, sequence)
-        data = (ctypes.c_uint8 * size)()
-        blob = bytes(data[: llama.llama_state_seq_get_data(self.context, data, size, sequence)])
+        with self.lock:
+            size = llama.llama_state_seq_get_size(self.context, sequence)
+            data = (ctypes.c_uint8 * size)()
+            blob = bytes(data[: llama.llama_state_seq_get_data(self.context, data, size, sequence)])
         if self.sequences == 1:
             return blob
         start, end = self.state_header + 4 * (1 + sequence), len(blob) - 4 * (self.sequences - 1 - sequence)
@@ -213,7 +239,9 @@ class LlamaCppContext:
                 + zeros * (self.sequences - 1 - sequence)
             )
         data = (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob)
-        if llama.llama_state_seq_set_data(self.context, data, len(blob), sequence) == 0:
+        with self.lock:
+            loaded = llama.llama_state_seq_set_data(self.context, data, len(blob), sequence)
+        if loaded == 0:
             raise LlamaCppError("llama.cpp refused the saved sequence state (another model, or too large a cache)")
 
     def _state_header(self) -> int:
@@ -233,7 +261,9 @@ class LlamaCppContext:
 
     def remove(self, sequence: int, start: int, stop: int) -> None:
         """Drop cache indices ``start`` up to ``stop`` (-1: the end) of ``sequence``."""
-        if not llama.llama_memory_seq_rm(self.memory, sequence, start, stop):
+        with self.lock:
+            removed = llama.llama_memory_seq_rm(self.memory, sequence, start, stop)
+        if not removed:
             raise LlamaCppError(f"llama.cpp could not remove cache indices {start}-{stop} of sequence {sequence}")
 
     def decode(self, tokens: Sequence[tuple[int, int, int]]) -> np.ndarray:
@@ -262,12 +292,10 @@ class LlamaCppRunner:
     """One conversation: a sequence id of a :class:`LlamaCppContext`, holding at most ``capacity`` tokens (see
     :class:`~sirllm_agents.runners.ModelRunner`)."""
 
-    def __init__(self, context: LlamaCppContext, capacity: int, sequence: int | None = None):
+    def __init__(self, context: LlamaCppContext, capacity: int, sequence: int):
         self.backend = context.backend
         self.context = context  # the LlamaCppContext holding this runner's sequence
         self.capacity = capacity
-        if sequence is None:  # the context was made for this runner alone
-            sequence = context.free_sequences.pop(0)
         self.sequence = sequence
         self.memory = context.memory
         weakref.finalize(self, context.release, sequence)
@@ -281,7 +309,10 @@ class LlamaCppRunner:
         return decode_together([self], [ids])[0]
 
     def retain(self, keep: torch.Tensor) -> None:
-        keep = keep.tolist()
+        with self.context.lock:
+            self._retain(keep.tolist())
+
+    def _retain(self, keep: list[int]) -> None:
         # Remove the gaps between kept indices, then shift each run of consecutive kept indices down to its new
         # indices, oldest first (a run never lands on cells another run still holds). The calls take microseconds;
         # unlike the PyTorch runner's swap, an interrupt between two of them would leave the sequence half moved.
@@ -306,12 +337,8 @@ class LlamaCppRunner:
         self.logits = None
 
     def copy(self) -> LlamaCppRunner:
-        """An independent copy: in a context of its own for a runner that has one, else on another sequence of the
-        same shared context (an error when none is free)."""
-        if self.context.sequences == 1:
-            twin = self.backend.new_runner(self.capacity)
-        else:
-            twin = self.context.new_runner(self.capacity)
+        """An independent copy, on a free sequence of any context of the backend (see ``new_runner``)."""
+        twin = self.backend.new_runner(self.capacity)
         twin.load_state({name: tensor.clone() for name, tensor in self.state().items()})
         return twin
 
@@ -353,6 +380,11 @@ def decode_together(runners: Sequence[LlamaCppRunner], tokens: Sequence[Sequence
     ids = _checked_inputs(runners, tokens)
     if not runners:
         return []
+    with runners[0].context.lock:
+        return _decode_together(runners, ids)
+
+
+def _decode_together(runners: Sequence[LlamaCppRunner], ids: list[list[int]]) -> list[torch.Tensor]:
     context = runners[0].context
     scores = [np.empty(len(chunk), dtype=np.float32) for chunk in ids]
     last = [None if runner.logits is None else runner.logits.numpy() for runner in runners]
@@ -424,6 +456,14 @@ def _checked_inputs(runners: Sequence[LlamaCppRunner], tokens: Sequence[Sequence
                 f"{name}: cannot cache {len(chunk)} more tokens: {runner.length} of {runner.capacity} held"
             )
     return ids
+
+
+def _can_share(backend: LlamaCppBackend) -> bool:
+    """Whether contexts can hold several conversations: llama.cpp must have per-sequence KV streams, and the
+    model's memory be one KV cache (sliding-window or recurrent layers add a second one, whose per-sequence states
+    :meth:`LlamaCppContext.export_sequence` cannot take apart)."""
+    streams = hasattr(llama.llama_context_default_params(), "kv_unified")
+    return streams and not (llama.llama_model_n_swa(backend.model) > 0 or llama.llama_model_is_hybrid(backend.model))
 
 
 def _u32(blob: bytes, offset: int) -> int | None:

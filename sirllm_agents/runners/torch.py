@@ -17,6 +17,7 @@ class TorchBackend:
     """A loaded transformers model (any device and dtype) serving any number of :class:`TorchRunner`."""
 
     name = "torch"
+    step_tokens = None  # a scheduler's step runs a prompt chunk whole, as ``ingest`` does
 
     def __init__(self, weights: PreTrainedModel):
         self.weights = weights.eval()
@@ -31,6 +32,11 @@ class TorchBackend:
     def new_runner(self, capacity: int) -> TorchRunner:
         # A DynamicCache grows as needed: the capacity is the cache's to enforce.
         return TorchRunner(self)
+
+    def batch_key(self, runner: TorchRunner, tokens: int) -> str | int:
+        """Decode steps (one token each) run together; a longer input runs alone, since a padded batch would cost
+        every row its length."""
+        return "decode" if tokens == 1 else id(runner)
 
     def decode_together(self, runners: Sequence[TorchRunner], tokens: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """:func:`decode_together` on runners of these weights."""

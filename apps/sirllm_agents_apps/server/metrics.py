@@ -6,6 +6,7 @@ import threading
 from collections import Counter
 
 from sirllm_agents import Engine, TurnStats
+from sirllm_agents.scheduler import Scheduler
 
 # Upper bounds, in seconds, of the request-latency histogram's buckets.
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -59,6 +60,7 @@ class Metrics:
                 "# TYPE sirllm_requests_in_flight gauge",
                 f"sirllm_requests_in_flight {self.in_flight}",
             ]
+            lines += _scheduler_lines(engine.model.scheduler)
             for name, (_, help_text) in TOKEN_COUNTERS.items():
                 metric = f"sirllm_tokens_{name}_total"
                 lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} counter", f"{metric} {self.tokens[name]}"]
@@ -82,3 +84,18 @@ class Metrics:
                 f"{metric}_count {self.latency_count}",
             ]
         return "\n".join(lines) + "\n"
+
+
+def _scheduler_lines(scheduler: Scheduler) -> list[str]:
+    """The scheduler's figures: requests decoding and waiting, and how many conversations its calls carried."""
+    figures = [
+        ("running", "gauge", "Requests being decoded (their forwards batched together).", scheduler.running),
+        ("waiting", "gauge", "Requests waiting for the model.", scheduler.waiting),
+        ("calls_total", "counter", "Calls into the model's backend (each a batched forward).", scheduler.calls),
+        ("forwards_total", "counter", "Conversations' forwards those calls ran.", scheduler.forwards),
+    ]
+    lines = []
+    for name, kind, help_text, value in figures:
+        metric = f"sirllm_scheduler_{name}"
+        lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} {kind}", f"{metric} {value}"]
+    return lines
