@@ -10,8 +10,8 @@ from .persistence import SessionFileError
 from .policies import ContextOverflowError, FullPolicy, Policy, SirLLMPolicy, StreamingPolicy
 from .replies import Reply, ReplyStream, TextDelta, ToolCallDelta
 from .runners.rope import UnsupportedModelError
-from .session import AsyncReplyStream, Session, SessionStats, TurnStats
 from .scheduler import EngineBusyError
+from .session import AsyncReplyStream, Session, SessionStats, TurnStats
 from .store import DirectoryStore, SessionBusyError, SessionStore, SharedDirectoryStore
 from .tools import ToolCall
 

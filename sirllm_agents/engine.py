@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import threading
 import weakref
@@ -22,7 +23,7 @@ from .store import SessionStore
 DEFAULT_MAX_LIVE_SESSIONS = 16
 DEFAULT_MAX_SPILLED_SESSIONS = 1024
 
-_shared: weakref.WeakValueDictionary[str | None, Engine] = weakref.WeakValueDictionary()
+_shared: weakref.WeakValueDictionary[tuple, Engine] = weakref.WeakValueDictionary()
 _shared_lock = threading.Lock()
 
 
@@ -88,13 +89,18 @@ class Engine:
         )
 
     @classmethod
-    def shared(cls, model: str | None = None) -> Engine:
-        """The process-wide engine for ``model`` (``None``: the embedded model), loaded once and shared by every
-        adapter that asks for it; freed once nothing holds it."""
+    def shared(cls, model: str | None = None, **loading: Any) -> Engine:
+        """The process-wide engine for ``model`` (``None``: the embedded model) loaded with the keyword arguments
+        ``loading`` of :class:`Engine` (``backend``, ``device``, ``dtype``, ``threads``, ...; one left at ``None``
+        or at its default is not given): loaded once and shared by every adapter that asks for the same, freed once
+        nothing holds it."""
+        defaults = {name: p.default for name, p in inspect.signature(cls).parameters.items()}
+        given = {name: value for name, value in loading.items() if value is not None and value != defaults.get(name)}
+        key = (model, *sorted((name, str(value)) for name, value in given.items()))
         with _shared_lock:
-            engine = _shared.get(model)
+            engine = _shared.get(key)
             if engine is None:
-                engine = _shared[model] = cls(model)
+                engine = _shared[key] = cls(model, **given)
             return engine
 
     def session(self, config: SessionConfig | None = None, session_id: str | None = None, **settings: Any) -> Session:
@@ -115,8 +121,9 @@ class Engine:
         """Reply to ``messages`` (the whole conversation so far) on the pooled session for them: the one named
         ``session_id`` (created when new), else the one whose transcript is the longest prefix of ``messages``, else
         a new one. A session made by the call takes ``config`` (default: the engine's); one that exists keeps its
-        own. ``options`` takes the keywords of :meth:`Session.stream`. Thread-safe; calls on one session are
-        serialized, calls on different sessions run concurrently."""
+        own. ``options`` takes ``one_off`` (see :meth:`stream`) and the keywords of :meth:`Session.stream`.
+        Thread-safe; calls on one session are serialized, calls on different sessions run concurrently (their
+        forwards batched, see :mod:`sirllm_agents.scheduler`)."""
         return self.stream(messages, session_id, config=config, **options).finish()
 
     def stream(
@@ -125,17 +132,28 @@ class Engine:
         session_id: str | None = None,
         *,
         config: SessionConfig | None = None,
+        one_off: bool = False,
         **options: Any,
     ) -> ReplyStream:
         """Like :meth:`chat`, event by event (see :meth:`Session.stream`). The session is chosen when the first
         event is asked for (``stream.session`` from then on) and stays pinned in memory until the stream ends or is
-        closed."""
+        closed.
+
+        ``one_off=True`` runs the call on a copy of that session (``Session.fork``), dropped afterwards: a side call
+        (a structured extraction, a title, a completion) reuses what the conversation's session already holds and
+        leaves it as it was; a one-off call that no session matches leaves no session behind."""
 
         def events() -> Generator[Event, None, Reply]:
             tools, response_format = options.get("tools"), options.get("response_format")
             with self.pool.use(messages, tools, session_id, config, response_format) as session:
-                stream.session = session
-                return (yield from session.stream(messages, **options))
+                if not one_off:
+                    stream.session = session
+                    return (yield from session.stream(messages, **options))
+                made_here = session_id is None and not session.transcript.messages  # no session held a prefix
+                stream.session = session.fork()
+            if made_here:
+                self.pool.drop(session.session_id)
+            return (yield from stream.session.stream(messages, **options))
 
         stream = ReplyStream(events())
         return stream

@@ -18,6 +18,7 @@ import time
 from collections.abc import Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+
 import torch
 
 from .runners import Backend, ModelRunner
@@ -167,7 +168,7 @@ class Scheduler:
                 with self._changed():
                     if not forward.finished:
                         forward.undo()
-                    self._pending = [f for f in batch if not f.finished] + self._pending
+                    self._pending = [f for f in batch if not f.finished and f is not forward] + self._pending
                     self._stepping = False
                 raise
             now = time.monotonic()

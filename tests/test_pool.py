@@ -7,6 +7,7 @@ import asyncio
 import threading
 
 import pytest
+import torch
 
 from sirllm_agents import Engine, SessionConfig
 from sirllm_agents.store import DirectoryStore
@@ -72,6 +73,29 @@ def test_a_resent_json_conversation_finds_its_session(tiny_engine, tmp_path):
     second = engine.chat(messages, **json_mode)
     assert second.session_id == first.session_id and len(engine.pool.live_ids()) == 1
     assert second.stats.restarts == 0 and second.stats.reused_tokens > first.stats.input_tokens
+
+
+def test_a_one_off_call_runs_on_a_copy_and_leaves_the_pool_as_it_was(tiny_engine, tmp_path):
+    """A side call continuing a conversation reuses what its session holds, on a copy; the session is untouched and
+    its next turn is the reply it would have been. A one-off call that continues nothing leaves no session."""
+    engine = pooled_engine(tiny_engine, tmp_path)
+    messages = [{"role": "user", "content": "Plan a trip to Rome."}]
+    first = engine.chat(messages, "trip", max_new_tokens=6)
+    messages += [first.as_message(), {"role": "user", "content": "Which museums?"}]
+    session = engine.route([], "trip")
+    held, cached = session.transcript.length, session.cache.token_ids.clone()
+
+    side = engine.chat(messages + [{"role": "user", "content": "Summarise."}], one_off=True, max_new_tokens=6)
+    assert side.session_id != "trip" and side.stats.reused_tokens == held and side.stats.restarts == 0
+    assert engine.pool.live_ids() == ["trip"] and session.transcript.length == held
+    assert torch.equal(session.cache.token_ids, cached)
+
+    engine.chat([{"role": "user", "content": "Unrelated."}], one_off=True, max_new_tokens=4)
+    assert engine.pool.live_ids() == ["trip"]
+    after = engine.chat(messages, "trip", max_new_tokens=6)
+    alone = pooled_engine(tiny_engine, tmp_path / "alone")
+    alone.chat(messages[:1], "trip", max_new_tokens=6)
+    assert after.token_ids == alone.chat(messages, "trip", max_new_tokens=6).token_ids
 
 
 def test_an_async_stream_names_its_session_with_the_first_event_and_finishes_twice(tiny_engine, tmp_path):

@@ -149,6 +149,24 @@ def test_a_bad_input_fails_only_its_own_request():
     assert backend.calls == [[("good", 2)]]
 
 
+def test_an_interrupted_forward_is_dropped_and_the_next_runs_alone():
+    backend = FakeBackend()
+    scheduler = Scheduler(backend, gather_seconds=NEVER)
+    runner = FakeRunner("a")
+    real = backend.decode_together
+
+    def interrupted(runners, tokens):
+        backend.decode_together = real
+        raise KeyboardInterrupt
+
+    backend.decode_together = interrupted
+    with pytest.raises(KeyboardInterrupt), scheduler.request():
+        scheduler.ingest(runner, [1, 2, 3])
+    with scheduler.request():
+        assert scheduler.ingest(runner, [4]).tolist() == [0.0]
+    assert backend.calls == [[("a", 1)]] and len(runner) == 1
+
+
 def test_a_request_handing_a_result_to_its_caller_holds_no_step():
     backend = FakeBackend()
     scheduler = Scheduler(backend, max_running=2, gather_seconds=NEVER)
@@ -193,9 +211,8 @@ def test_admission_bounds_the_running_requests_and_the_queue():
     while scheduler.waiting < 1:
         threading.Event().wait(0.01)
     assert scheduler.running == 1
-    with pytest.raises(EngineBusyError, match=r"1 requests running and 1 waiting \(at most 1\)"):
-        with scheduler.request():
-            pass
+    with pytest.raises(EngineBusyError, match=r"1 requests running and 1 waiting \(at most 1\)"), scheduler.request():
+        pass
     release.set()
     for thread in threads:
         thread.join(JOIN)

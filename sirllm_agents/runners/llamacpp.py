@@ -204,12 +204,13 @@ class LlamaCppContext:
             self.free_sequences.sort()
 
     def export_sequence(self, sequence: int) -> bytes:
-        """``sequence``'s state as llama.cpp exports it from a context of one KV stream, whatever this context has
-        (so a session file does not depend on the context it was saved from).
+        """``sequence``'s state as llama.cpp exports it from sequence 0 of a context of one KV stream, whatever this
+        context and sequence are (so a session file does not depend on where it was saved from).
 
-        After a header, llama.cpp writes the stream count, then per stream its cell count and, when not zero, its
-        cells. A sequence's cells all lie in its own stream (stream ``sequence``), so every other stream is a bare
-        zero count, which is dropped."""
+        After a header ending in the sequence id, llama.cpp writes the stream count, then per stream its cell count
+        and, when not zero, its cells. A sequence's cells all lie in its own stream (stream ``sequence``), so every
+        other stream is a bare zero count, which is dropped; each cell names its sequence, which becomes 0 (an import
+        takes the sequence it is loaded into instead)."""
         with self.lock:
             size = llama.llama_state_seq_get_size(self.context, sequence)
             data = (ctypes.c_uint8 * size)()
@@ -223,7 +224,9 @@ class LlamaCppContext:
                 f"llama.cpp exported sequence {sequence}'s state in a layout this version of sirllm-agents does not "
                 "know; give the conversation a context of its own (new_runner)"
             )
-        return blob[: self.state_header] + np.uint32(1).tobytes() + blob[start:end]
+        return _as_sequence_zero(
+            blob[: self.state_header] + np.uint32(1).tobytes() + blob[start:end], self.state_header
+        )
 
     def import_sequence(self, sequence: int, blob: bytes) -> None:
         """Load a state :meth:`export_sequence` gave (from this context or any other) into ``sequence``."""
@@ -464,6 +467,23 @@ def _can_share(backend: LlamaCppBackend) -> bool:
     :meth:`LlamaCppContext.export_sequence` cannot take apart)."""
     streams = hasattr(llama.llama_context_default_params(), "kv_unified")
     return streams and not (llama.llama_model_n_swa(backend.model) > 0 or llama.llama_model_is_hybrid(backend.model))
+
+
+def _as_sequence_zero(blob: bytes, header: int) -> bytes:
+    """A one-stream sequence state (see :meth:`LlamaCppContext.export_sequence`) with its sequence ids set to 0: the
+    header's last four bytes, and each cell's one id (a cell is its position, its id count, 1, and its id)."""
+    data = bytearray(blob)
+    data[header - 4 : header] = bytes(4)
+    offset = header + 8  # past the stream count and the cell count
+    for _ in range(_u32(data, header + 4) or 0):
+        if _u32(data, offset + 4) != 1:
+            raise LlamaCppError(
+                "llama.cpp exported a sequence state in a layout this version of sirllm-agents does not know; give "
+                "each conversation a context of its own (sequences=1)"
+            )
+        data[offset + 8 : offset + 12] = bytes(4)
+        offset += 12
+    return bytes(data)
 
 
 def _u32(blob: bytes, offset: int) -> int | None:

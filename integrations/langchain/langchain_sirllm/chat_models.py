@@ -126,15 +126,23 @@ class ChatSirLLM(BaseChatModel):
 
             llm.invoke(messages, config={"configurable": {"thread_id": "user-42"}})
 
-        A call that names none runs on this instance's own session; ``bind_tools`` and ``with_structured_output``
-        share it. Calls on one session are serialized.
+        A call that names none runs on this instance's own session (a pooled one, under an id of the instance's);
+        ``bind_tools`` shares it. ``with_structured_output`` runs each call on a copy of the session its messages
+        continue (``Engine.stream(one_off=True)``), dropped afterwards, so the agent's cache is left as it was. Calls
+        on one session are serialized.
     """
 
     model: str | None = None
     """Model to load: a local folder, a Hugging Face hub id, or a ``.gguf`` file. ``None``: the embedded
     SmolLM2-135M-Instruct. Ignored when ``engine`` is given."""
     engine: Engine | None = Field(default=None, exclude=True)
-    """An already loaded engine to share between wrappers. Without one, engines are shared per ``model``."""
+    """An already loaded engine to share between wrappers. Without one, engines are shared per ``model``,
+    ``backend`` and ``threads`` (``Engine.shared``)."""
+    backend: str | None = None
+    """What runs the model: ``"llamacpp"``, ``"torch"`` or ``None`` (``"auto"``: llama.cpp for a GGUF file). Ignored
+    when ``engine`` is given."""
+    threads: int | None = None
+    """llama.cpp's threads (default: torch's thread count). Ignored when ``engine`` is given."""
     config: InstanceOf[SessionConfig] = Field(default_factory=SessionConfig)
     """How the session's KV cache is bounded (see :class:`sirllm_agents.SessionConfig`)."""
     temperature: float = GenerationConfig.temperature
@@ -171,7 +179,7 @@ class ChatSirLLM(BaseChatModel):
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
-    _session: Session | None = PrivateAttr(default=None)
+    _session_id: str = PrivateAttr(default_factory=lambda: f"chat-sirllm-{uuid.uuid4().hex}")
     _shared_engine: Engine | None = PrivateAttr(default=None)
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
@@ -209,17 +217,15 @@ class ChatSirLLM(BaseChatModel):
     def session(self) -> Session:
         """This model's own conversation session, for calls that name none (created, and the model loaded, on first
         use)."""
-        with self._lock:
-            if self._session is None:
-                self._session = self._engine().session(self.config)
-            return self._session
+        return self._engine().route([], self._session_id, config=self.config)
 
     def _engine(self) -> Engine:
         if self.engine is not None:
             return self.engine
-        if self._shared_engine is None:
-            self._shared_engine = Engine.shared(self.model)
-        return self._shared_engine
+        with self._lock:
+            if self._shared_engine is None:
+                self._shared_engine = Engine.shared(self.model, backend=self.backend, threads=self.threads)
+            return self._shared_engine
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = LangSmithParams(
@@ -287,7 +293,10 @@ class ChatSirLLM(BaseChatModel):
             tool = convert_to_openai_tool(schema)
             name = tool["function"]["name"]
             llm = self.bind_tools(
-                [schema], tool_choice=name, ls_structured_output_format={"kwargs": {"method": method}, "schema": tool}
+                [schema],
+                tool_choice=name,
+                one_off=True,
+                ls_structured_output_format={"kwargs": {"method": method}, "schema": tool},
             )
             parser: Runnable = (
                 PydanticToolsParser(tools=[schema], first_tool_only=True)
@@ -301,6 +310,7 @@ class ChatSirLLM(BaseChatModel):
             )
             llm = self.bind(
                 response_format=response_format,
+                one_off=True,
                 ls_structured_output_format={"kwargs": {"method": method}, "schema": json_schema},
             )
             parser = PydanticOutputParser(pydantic_object=schema) if is_pydantic else JsonOutputParser()
@@ -376,10 +386,7 @@ class ChatSirLLM(BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         session_id, chat, options = self._convert(messages, stop, kwargs)
-        if session_id is None:
-            stream = self.session.stream(chat, **options)
-        else:
-            stream = self._engine().stream(chat, session_id, config=self.config, **options)
+        stream = self._engine().stream(chat, session_id, config=self.config, **options)
         deadline = _Deadline(self.timeout)
         try:
             for event in stream:
@@ -410,10 +417,7 @@ class ChatSirLLM(BaseChatModel):
     ) -> AsyncIterator[ChatGenerationChunk]:
         """Decoded on a thread of the core's (the event loop stays free); leaving early rolls the reply back."""
         session_id, chat, options = self._convert(messages, stop, kwargs)
-        if session_id is None:
-            stream = self.session.astream(chat, **options)
-        else:
-            stream = self._engine().astream(chat, session_id, config=self.config, **options)
+        stream = self._engine().astream(chat, session_id, config=self.config, **options)
         deadline = _Deadline(self.timeout)
         try:
             async for event in stream:
@@ -429,13 +433,18 @@ class ChatSirLLM(BaseChatModel):
     def _convert(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
     ) -> tuple[str | None, list[dict], dict[str, Any]]:
-        """The session id, the messages as OpenAI-style dicts, and the core's call options."""
+        """The session id (None: the session the messages continue, for a one-off call), the messages as
+        OpenAI-style dicts, and the core's call options."""
         kwargs = dict(kwargs)
         kwargs.pop("stream", None)
         kwargs.pop("model", None)
+        one_off = bool(kwargs.pop("one_off", False))
         session_id = kwargs.pop("session_id", None)
+        if session_id is None and not one_off:
+            session_id = self._session_id
         options = {core: kwargs.pop(name, getattr(self, name)) for name, core in GENERATION_OPTIONS.items()}
         options["stop"] = stop if stop is not None else self.stop
+        options["one_off"] = one_off
         for name in ("tools", "tool_choice", "response_format"):
             options[name] = kwargs.pop(name, None)
         if kwargs:

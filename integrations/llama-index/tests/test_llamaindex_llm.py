@@ -108,7 +108,7 @@ def test_usage_reaches_token_counting_handler(engine):
     ]
 
 
-def test_complete_runs_on_the_side_session(llm):
+def test_complete_leaves_the_chat_session_as_it_was(llm):
     first = llm.chat([user("My name is Ada.")])
     cached = llm.session.cache.token_ids.tolist()
     completion = llm.complete("Write a word.")

@@ -50,8 +50,8 @@ def test_interleaved_conversations_by_call_keyword_match_serial_runs(pooled):
             assert figures["session_id"] == name and figures["cache_size"] == 128 and figures["restarts"] == 0
             assert turn == 0 or figures["reused_tokens"] > 0
             history[name].append(response.message)
-    assert llm.stats.turns == 0  # the LLM's own session was not used
-    assert sorted(pooled.pool.live_ids() + pooled.pool.spilled_ids()) == ["ada", "bo"]
+    pooled_ids = pooled.pool.live_ids() + pooled.pool.spilled_ids()
+    assert {"ada", "bo"} <= set(pooled_ids) and llm._session_id not in pooled_ids  # its own session: never made
     assert pooled.route([], "ada").config.decay == 0.9  # made with the LLM's settings
 
 
@@ -91,6 +91,6 @@ def test_bad_session_ids_are_clear_errors(pooled):
         llm.chat([user("Hi")], session_id="")
     with pytest.raises(ValueError, match="session_id"):
         SirLLM(engine=pooled, session_id="")
-    with pytest.raises(TypeError, match="completions run on SirLLM's side session"):
+    with pytest.raises(TypeError, match="completions run one-off, on no chat session"):
         llm.complete("Hi", session_id="x")
     assert pooled.pool.live_ids() == [] and llm.stats.turns == 0

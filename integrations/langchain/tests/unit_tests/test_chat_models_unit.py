@@ -204,6 +204,28 @@ def test_structured_output_json_schema(tiny_engine):
     assert raw["raw"].tool_calls[0]["name"] == "Choice"
 
 
+def test_structured_output_on_the_agents_conversation_leaves_its_cache_as_it_was(tiny_engine):
+    """An extraction over the agent's conversation runs one-off, on a session it drops afterwards: the agent's next
+    call continues from its cache as if the extraction had not run, and the pool keeps no extra session. (Its JSON
+    instructions go in the system message, so no held conversation is a prefix of it: it prefills everything.)"""
+    llm = ChatSirLLM(engine=tiny_engine, max_tokens=8)
+    conversation = [HumanMessage("My favourite colour is blue.")]
+    conversation.append(llm.invoke(conversation))
+    held, cached = llm.session.transcript.length, llm.session.cache.token_ids.tolist()
+    live = sorted(tiny_engine.pool.live_ids())
+    schema = {"title": "Colour", "type": "object", "properties": {"pick": {"enum": ["red", "blue"]}}}
+    for method in ("json_schema", "function_calling"):
+        extraction = llm.with_structured_output(schema, method=method, include_raw=True).invoke(
+            [*conversation, HumanMessage("Which colour?")]
+        )
+        assert extraction["raw"].response_metadata["session_id"] != llm.session.session_id
+    assert llm.session.cache.token_ids.tolist() == cached
+    assert sorted(tiny_engine.pool.live_ids()) == live
+    follow_up = llm.invoke([*conversation, HumanMessage("And mine?")])
+    assert follow_up.usage_metadata["input_token_details"]["cache_read"] == held
+    assert follow_up.response_metadata["restarts"] == 0
+
+
 class Choice(BaseModel):
     pick: Literal["red", "blue"]
 

@@ -54,8 +54,9 @@ def test_thread_ids_route_interleaved_conversations_to_their_own_sessions(engine
             assert meta["session_id"] == name and meta["cache_size"] == 96 and meta["cache_len"] <= 96
             assert meta["restarts"] == 0 and (turn == 0 or reply.usage_metadata["input_token_details"]["cache_read"])
             history[name].append(reply)
-    assert llm._session is None  # the model's own session was never needed
-    assert sorted(engine.pool.live_ids() + engine.pool.spilled_ids()) == sorted(scripts)
+    pooled_ids = engine.pool.live_ids() + engine.pool.spilled_ids()
+    assert set(scripts) <= set(pooled_ids)
+    assert llm._session_id not in pooled_ids  # the model's own session was never needed, so never made
     pooled = engine.route([], "alice")
     assert (pooled.cache_size, pooled.config.decay) == (96, 0.9)  # made with the model's settings
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -57,7 +58,8 @@ GENERATION_KWARGS = frozenset({"max_new_tokens", "temperature", "top_p", "top_k"
 TOOL_KWARGS = frozenset({"tools", "tool_choice"})
 CALL_KWARGS = GENERATION_KWARGS | TOOL_KWARGS | {"session_id"}
 
-# Set while structured_predict runs, so its one-off conversation goes to the side session, not the chat session.
+# Set while structured_predict runs, so its calls run one-off (on a copy of a session, dropped afterwards) and leave
+# the chat session as it was.
 _one_off: contextvars.ContextVar[bool] = contextvars.ContextVar("sirllm_one_off", default=False)
 
 
@@ -66,7 +68,8 @@ class SirLLM(FunctionCallingLLM):
 
     Chat calls run on one session that follows the conversation: each call prefills only the messages it has not
     seen, so send the whole history every time (LlamaIndex chat engines and agents do). ``complete`` and
-    ``structured_predict`` run on a second session and never disturb the chat cache.
+    ``structured_predict`` run one-off (``Engine.stream(one_off=True)``): on a copy of the session their messages
+    continue, if any, dropped afterwards, so they never disturb the chat cache.
 
     For many conversations on one loaded model, name them: ``session_id=`` (a field, or a keyword of a chat call,
     which wins) runs the chat on the engine's pooled session of that id, made with this LLM's cache settings when
@@ -154,8 +157,7 @@ class SirLLM(FunctionCallingLLM):
     )
 
     _engine: Engine = PrivateAttr()
-    _session: Session = PrivateAttr()
-    _side_session: Session = PrivateAttr()
+    _session_id: str = PrivateAttr()  # this LLM's own chat session, in the engine's pool
 
     def __init__(self, *, engine: Engine | None = None, **kwargs: Any) -> None:
         """Load ``model`` (or the embedded one), or share the already loaded ``engine``; other fields as above."""
@@ -163,10 +165,9 @@ class SirLLM(FunctionCallingLLM):
             raise ValueError("pass either engine= (an already loaded model) or model=, not both")
         super().__init__(**kwargs)
         if engine is None:
-            engine = Engine(self.model, backend=self.backend, device=self.device, dtype=self.dtype)
+            engine = Engine.shared(self.model, backend=self.backend, device=self.device, dtype=self.dtype)
         self._engine = engine
-        self._session = self._engine.session(self.config)
-        self._side_session = self._engine.session(self.config)
+        self._session_id = f"sirllm-{uuid.uuid4().hex}"
 
     @model_validator(mode="before")
     @classmethod
@@ -187,9 +188,7 @@ class SirLLM(FunctionCallingLLM):
     def session(self) -> Session:
         """The chat session (the pooled one named by the ``session_id`` field, if set): ``session.stats`` holds
         cached vs prefilled tokens, evictions and the cache length."""
-        if self.session_id is None:
-            return self._session
-        return self._engine.route([], self.session_id, config=self.config)
+        return self._engine.route([], self.session_id or self._session_id, config=self.config)
 
     @property
     def stats(self) -> SessionStats:
@@ -318,7 +317,7 @@ class SirLLM(FunctionCallingLLM):
         llm_kwargs: dict[str, Any] | None = None,
         **prompt_args: Any,
     ) -> Model:
-        """An ``output_cls`` instance, decoded as a grammar-constrained tool call on the side session."""
+        """An ``output_cls`` instance, decoded as a grammar-constrained tool call, one-off."""
         with _one_off_calls():
             return super().structured_predict(output_cls, prompt, llm_kwargs, **prompt_args)
 
@@ -337,7 +336,7 @@ class SirLLM(FunctionCallingLLM):
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        """One-turn chat on the side session (the chat session's cache is left as it was)."""
+        """One-turn chat, one-off (the chat session's cache is left as it was)."""
         return _completion(self._call(self._prompt_messages(prompt, formatted), kwargs, one_off=True).chat())
 
     @llm_completion_callback()
@@ -381,7 +380,7 @@ class SirLLM(FunctionCallingLLM):
                 f"it takes {', '.join(sorted(CALL_KWARGS))}"
             )
         if one_off and "session_id" in kwargs:
-            raise TypeError("completions run on SirLLM's side session: session_id= names a chat session")
+            raise TypeError("completions run one-off, on no chat session: session_id= names a chat session")
         session_id = kwargs.get("session_id", self.session_id)
         if session_id is not None and not (isinstance(session_id, str) and session_id):
             raise ValueError(f"session_id must be a non-empty string, got {session_id!r}")
@@ -395,42 +394,32 @@ class SirLLM(FunctionCallingLLM):
             **{name: getattr(self, name) for name in REPETITION_KWARGS},
         }
         options.update((key, value) for key, value in kwargs.items() if key in GENERATION_KWARGS)
-        if one_off or _one_off.get():
-            session, session_id = self._side_session, None
-        else:
-            session = self._session if session_id is None else None
+        one_off = one_off or _one_off.get()
+        if one_off:
+            session_id = None  # the session the messages continue, if any
+        elif session_id is None:
+            session_id = self._session_id
         tools = kwargs.get("tools")
         choice = normalize_tool_choice(kwargs.get("tool_choice"), tools)
-        options.update(tools=tools, tool_choice=choice)
-        return _Call(self, session, session_id, to_session_messages(messages), options)
+        options.update(tools=tools, tool_choice=choice, one_off=one_off)
+        return _Call(self, session_id, to_session_messages(messages), options)
 
 
 class _Call:
-    """One call: the session it runs on, the converted messages and options, and how replies become responses."""
+    """One call: the pooled session it runs on (None: the one its messages continue), the converted messages and
+    options, and how replies become responses."""
 
-    def __init__(
-        self,
-        llm: SirLLM,
-        session: Session | None,
-        session_id: str | None,
-        messages: list[dict[str, Any]],
-        options: dict[str, Any],
-    ):
+    def __init__(self, llm: SirLLM, session_id: str | None, messages: list[dict[str, Any]], options: dict[str, Any]):
         self.llm = llm
-        self.session = session  # the LLM's own chat or side session; None: the engine's pooled ``session_id``
         self.session_id = session_id
         self.messages = messages
         self.options = options
 
     def stream(self) -> ReplyStream:
-        """The reply stream, on the call's session (a pooled one is chosen, and pinned, once decoding starts)."""
-        if self.session is not None:
-            return self.session.stream(self.messages, **self.options)
+        """The reply stream (the session is chosen, and pinned, once decoding starts)."""
         return self.llm.engine.stream(self.messages, self.session_id, config=self.llm.config, **self.options)
 
     def astream(self) -> AsyncReplyStream:
-        if self.session is not None:
-            return self.session.astream(self.messages, **self.options)
         return self.llm.engine.astream(self.messages, self.session_id, config=self.llm.config, **self.options)
 
     def chat(self) -> ChatResponse:
