@@ -530,11 +530,13 @@ def run_agent_bench(
     llama_server_binary: str | Path | None = None,
     slot_context: int = 4096,
     report: Callable[[str], None] | None = None,
+    make_engine: Callable[[int], Any] | None = None,
 ) -> dict[str, Any]:
     """The agent workload for each target and each N in ``counts``: the sirllm-agents server here (one engine per
     N, so each N starts from an empty pool), running servers by URL, and llama-server (started per N with
     ``--parallel N``) on the GGUF of ``model`` (default: the embedded model's). Each server first answers one short
-    request, untimed. ``report`` gets a line after each run. The results as JSON data."""
+    request, untimed. ``report`` gets a line after each run; ``make_engine(N)``, when given, makes the engine of the
+    server here instead of ``model`` and ``cache_size``. The results as JSON data."""
     from sirllm_agents.loading import embedded_model_path
 
     gguf = None
@@ -556,10 +558,7 @@ def run_agent_bench(
             with contextlib.ExitStack() as stack:
                 engine = None
                 if target.kind == "here":
-                    from sirllm_agents import Engine, SessionConfig
-
-                    config = SessionConfig(cache_size=cache_size)
-                    engine = Engine(model, config=config, max_live_sessions=max(8, 2 * count), threads=threads)
+                    engine = (make_engine or _engine_maker(model, cache_size, threads))(count)
                     url = stack.enter_context(serving(engine))
                 elif target.kind == "llama-server":
                     url = stack.enter_context(llama_server(binary, gguf, count, threads, slot_context))
@@ -571,7 +570,7 @@ def run_agent_bench(
                 run.update(run_agents(url, kind, count, turns, max_tokens))
                 if engine is not None:
                     sessions = sorted({r["session_id"] for r in run["per_request"]})
-                    run.update(cache_bound(engine, sessions))
+                    run.update(cache_bound(engine, sessions), backend=engine.model.backend.name)
             runs.append(run)
             if report:
                 report(_run_line(run))
@@ -595,6 +594,16 @@ def run_agent_bench(
         else {"binary": str(binary), "version": _built_version(binary), "slot_context": slot_context},
         "runs": runs,
     }
+
+
+def _engine_maker(model: str | None, cache_size: int | None, threads: int) -> Callable[[int], Any]:
+    def make(conversations: int):
+        from sirllm_agents import Engine, SessionConfig
+
+        config = SessionConfig(cache_size=cache_size)
+        return Engine(model, config=config, max_live_sessions=max(8, 2 * conversations), threads=threads)
+
+    return make
 
 
 def _warm_up(url: str, kind: str) -> None:
