@@ -85,16 +85,7 @@ def run_mode(
 ) -> dict[str, Any]:
     """One mode's figures over ``conversations`` concurrent conversations of ``turns`` turns."""
     requests: list[dict] = []
-    threads = [
-        threading.Thread(target=_conversation, args=(url, i, turns, max_tokens, stateless, requests))
-        for i in range(conversations)
-    ]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - started
+    wall = _together(_conversation, [(url, i, turns, max_tokens, stateless, requests) for i in range(conversations)])
     if len(requests) != conversations * turns:
         raise RuntimeError(f"only {len(requests)} of {conversations * turns} requests succeeded")
     latencies = [r["seconds"] for r in requests]
@@ -114,6 +105,18 @@ def run_mode(
         "last_turn_latency_p50": percentile([r["seconds"] for r in requests if r["turn"] == turns - 1], 0.5),
         "per_request": sorted(requests, key=lambda r: (r["conversation"], r["turn"])),
     }
+
+
+def _together(conversation: Callable[..., None], arguments: list[tuple]) -> float:
+    """Runs ``conversation`` once per tuple of ``arguments``, each in a thread of its own, all at once; the wall
+    seconds until the last one ends."""
+    threads = [threading.Thread(target=conversation, args=args) for args in arguments]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - started
 
 
 @contextlib.contextmanager
@@ -412,16 +415,8 @@ def run_agents(url: str, kind: str, conversations: int, turns: int, max_tokens: 
     requests: list[dict] = []
     errors: list[str] = []
     run_id = uuid.uuid4().hex[:12]
-    threads = [
-        threading.Thread(target=_agent_conversation, args=(url, kind, i, turns, max_tokens, run_id, requests, errors))
-        for i in range(conversations)
-    ]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - started
+    arguments = [(url, kind, i, turns, max_tokens, run_id, requests, errors) for i in range(conversations)]
+    wall = _together(_agent_conversation, arguments)
     if errors:
         raise RuntimeError(f"{len(errors)} of {conversations} conversations failed at {url}: {errors[0]}")
     return {
