@@ -401,25 +401,27 @@ def _serve_agents(args: argparse.Namespace, out: Path, started: str) -> None:
         raise SystemExit(f"--targets: {error}") from None
     if any(t.kind == "here" for t in targets):
         extras.require("sirllm-agents bench serve", ["fastapi", "uvicorn"], SERVE_EXTRA)
+    if any(t.kind == "llama-server" for t in targets):
+        try:
+            serve_load.llama_server_files(args.model, args.llama_server_bin)
+        except (FileNotFoundError, ValueError) as error:
+            raise SystemExit(f"sirllm-agents bench serve: {error}") from None
     threads = args.threads or 2
     import torch
 
     torch.set_num_threads(threads)
-    try:
-        results = serve_load.run_agent_bench(
-            targets,
-            args.conversations or [1, 4, 8],
-            turns=args.turns or 10,
-            max_tokens=args.max_tokens,
-            model=args.model,
-            cache_size=args.cache_size,
-            threads=threads,
-            llama_server_binary=args.llama_server_bin,
-            slot_context=args.slot_context,
-            report=print,
-        )
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"sirllm-agents bench serve: {error}") from None
+    results = serve_load.run_agent_bench(
+        targets,
+        args.conversations or [1, 4, 8],
+        turns=args.turns or 10,
+        max_tokens=args.max_tokens,
+        model=args.model,
+        cache_size=args.cache_size,
+        threads=threads,
+        llama_server_binary=args.llama_server_bin,
+        slot_context=args.slot_context,
+        report=print,
+    )
     stem = _write_new(out / f"serve-agent-{started}", json.dumps(results, indent=1))
     print(serve_load.agent_table(results), end="")
     print(f"wrote {stem}.json")

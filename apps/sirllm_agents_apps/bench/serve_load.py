@@ -474,6 +474,23 @@ def default_llama_server() -> Path:
     return cache_home() / "llama-server" / "llama-server"
 
 
+def llama_server_files(model: str | None, binary: str | Path | None) -> tuple[Path, Path]:
+    """The GGUF file llama-server is to run (``model`` when it is one, else the embedded model's) and its binary
+    (``binary``, else where the build script puts it); a ValueError or FileNotFoundError that says what to do when
+    either is missing."""
+    from sirllm_agents.loading import embedded_model_path
+
+    if model and not str(model).endswith(".gguf"):
+        raise ValueError(f"llama-server needs a GGUF file: --model {model!r} is not one")
+    binary = Path(binary) if binary else default_llama_server()
+    if not binary.is_file():
+        raise FileNotFoundError(
+            f"no llama-server at {binary}: build it with `bash benchmarks/build_llama_server.sh` "
+            "(or give its path with --llama-server-bin)"
+        )
+    return (Path(model) if model else embedded_model_path()), binary
+
+
 @contextlib.contextmanager
 def llama_server(binary: Path, gguf: Path, parallel: int, threads: int, slot_context: int) -> Iterator[str]:
     """llama.cpp's C++ server on ``gguf`` in a child process on a free port of 127.0.0.1: ``parallel`` slots of
@@ -532,21 +549,9 @@ def run_agent_bench(
     ``--parallel N``) on the GGUF of ``model`` (default: the embedded model's). Each server first answers one short
     request, untimed. ``report`` gets a line after each run; ``make_engine(N)``, when given, makes the engine of the
     server here instead of ``model`` and ``cache_size``. The results as JSON data."""
-    from sirllm_agents.loading import embedded_model_path
-
-    gguf = None
-    binary = None
+    gguf = binary = None
     if any(t.kind == "llama-server" for t in targets):
-        gguf = Path(model) if model and str(model).endswith(".gguf") else None
-        if model and gguf is None:
-            raise ValueError(f"llama-server needs a GGUF file: --model {model!r} is not one")
-        gguf = gguf or embedded_model_path()
-        binary = Path(llama_server_binary) if llama_server_binary else default_llama_server()
-        if not binary.is_file():
-            raise FileNotFoundError(
-                f"no llama-server at {binary}: build it with `bash benchmarks/build_llama_server.sh` "
-                "(or give its path with --llama-server-bin)"
-            )
+        gguf, binary = llama_server_files(model, llama_server_binary)
     runs = []
     for target in targets:
         for count in counts:
