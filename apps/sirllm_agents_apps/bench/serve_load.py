@@ -379,6 +379,7 @@ def _agent_conversation(
                         "reused_tokens": reused,
                         "completion_tokens": usage["completion_tokens"],
                         "reply": reply,
+                        **({"timings": timings} if timings else {}),  # llama-server's own prompt and decode times
                     }
                 )
                 messages.append({"role": "assistant", "content": reply})
