@@ -99,17 +99,54 @@ def add_parser(commands) -> None:
     backends.add_argument("--tokens", type=int, default=32, help="greedy tokens per reply")
     backends.add_argument("--llamacpp-only", action="store_true", help="skip the PyTorch variants")
     _common(backends)
-    serve = tasks.add_parser("serve", help="load on the HTTP server: concurrent conversations, stateful and stateless")
-    serve.add_argument("--conversations", type=int, default=4, help="conversations sent concurrently")
-    serve.add_argument("--turns", type=int, default=6, help="turns per conversation")
+    serve = tasks.add_parser(
+        "serve",
+        help="load on the HTTP server: concurrent chats (stateful and stateless), or agent loops against servers",
+    )
+    serve.add_argument(
+        "--workload",
+        choices=("chat", "agent"),
+        default="chat",
+        help="chat: open chats, stateful then stateless; agent: tool outputs of ~100 tokens and 32-token greedy "
+        "replies, against each of --targets",
+    )
+    serve.add_argument(
+        "--conversations",
+        type=_numbers(int),
+        default=None,
+        help="conversations sent concurrently; agent: a comma list, one run per value (default: chat 4, agent 1,4,8)",
+    )
+    serve.add_argument("--turns", type=int, default=None, help="turns per conversation (default: chat 6, agent 10)")
     serve.add_argument("--max-tokens", type=int, default=32, help="each reply's bound")
-    serve.add_argument("--url", default=None, help="a running server (default: one started here on 127.0.0.1)")
+    serve.add_argument(
+        "--url",
+        default=None,
+        help="a running sirllm-agents server (chat: instead of one started here; agent: the target url=URL)",
+    )
     serve.add_argument("--model", default=None, help="the model of the server started here (default: embedded)")
-    serve.add_argument("--cache-size", type=int, default=None)
+    serve.add_argument("--cache-size", type=int, default=None, help="the cache bound of the server started here")
     serve.add_argument(
         "--llamacpp-server",
         action="store_true",
-        help="then the same conversations on llama-cpp-python's own server (needs llama-cpp-python[server])",
+        help="chat: then the same conversations on llama-cpp-python's own server (needs llama-cpp-python[server])",
+    )
+    serve.add_argument(
+        "--targets",
+        default=None,
+        help="agent: comma list of here (a sirllm-agents server started here), llama-server (llama.cpp's C++ server, "
+        "--parallel N, started per N) and NAME=URL (a running sirllm-agents server, e.g. "
+        "today=http://127.0.0.1:8001); default: here,llama-server, or url=URL with --url",
+    )
+    serve.add_argument(
+        "--llama-server-bin",
+        default=None,
+        help="agent: the llama-server binary (default: where benchmarks/build_llama_server.sh puts it)",
+    )
+    serve.add_argument(
+        "--slot-context",
+        type=int,
+        default=4096,
+        help="agent: llama-server's context per slot, in tokens (--ctx-size is N times this)",
     )
     _common(serve)
     structured = tasks.add_parser(
@@ -235,23 +272,7 @@ def main(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y%m%d-%H%M%S")
     if args.task == "serve":
-        from . import serve_load
-
-        if args.url is None:
-            extras.require("sirllm-agents bench serve", ["fastapi", "uvicorn"], SERVE_EXTRA)
-        results = serve_load.run(
-            args.conversations,
-            args.turns,
-            args.max_tokens,
-            args.url,
-            args.model,
-            args.cache_size,
-            llamacpp_threads=threads if args.llamacpp_server else None,
-        )
-        results["threads"] = threads
-        stem = _write_new(out / f"serve-{started}", json.dumps(results, indent=1))
-        print(serve_load.table(results), end="")
-        print(f"wrote {stem}.json")
+        _serve(args, threads, out, started)
         return
     if args.task == "structured":
         from rich.progress import Progress
@@ -333,6 +354,77 @@ def _write_new(stem: Path, text: str) -> Path:
             continue
         return candidate
     raise SystemExit(f"could not find a free result name like {stem}.json")
+
+
+def _serve(args: argparse.Namespace, threads: int, out: Path, started: str) -> None:
+    from . import serve_load
+
+    if args.workload == "agent":
+        _serve_agents(args, out, started)
+        return
+    conversations = args.conversations or [4]
+    if len(conversations) != 1:
+        raise SystemExit("bench serve --workload chat takes one --conversations value")
+    if args.targets or args.llama_server_bin:
+        raise SystemExit("--targets and --llama-server-bin are for --workload agent")
+    if args.url is None:
+        extras.require("sirllm-agents bench serve", ["fastapi", "uvicorn"], SERVE_EXTRA)
+    results = serve_load.run(
+        conversations[0],
+        args.turns or 6,
+        args.max_tokens,
+        args.url,
+        args.model,
+        args.cache_size,
+        llamacpp_threads=threads if args.llamacpp_server else None,
+    )
+    results["threads"] = threads
+    stem = _write_new(out / f"serve-{started}", json.dumps(results, indent=1))
+    print(serve_load.table(results), end="")
+    print(f"wrote {stem}.json")
+
+
+def _serve_agents(args: argparse.Namespace, out: Path, started: str) -> None:
+    """The agent workload: both servers get ``--threads`` threads, 2 unless given (the issue's setting)."""
+    from . import serve_load
+
+    if args.llamacpp_server:
+        raise SystemExit(
+            "--llamacpp-server is for --workload chat; the agent workload's llama.cpp target is llama-server"
+        )
+    text = args.targets or ("" if args.url else "here,llama-server")
+    if args.url:
+        text += f",url={args.url}"
+    try:
+        targets = serve_load.parse_targets(text)
+    except ValueError as error:
+        raise SystemExit(f"--targets: {error}") from None
+    if any(t.kind == "here" for t in targets):
+        extras.require("sirllm-agents bench serve", ["fastapi", "uvicorn"], SERVE_EXTRA)
+    if any(t.kind == "llama-server" for t in targets):
+        try:
+            serve_load.llama_server_files(args.model, args.llama_server_bin)
+        except (FileNotFoundError, ValueError) as error:
+            raise SystemExit(f"sirllm-agents bench serve: {error}") from None
+    threads = args.threads or 2
+    import torch
+
+    torch.set_num_threads(threads)
+    results = serve_load.run_agent_bench(
+        targets,
+        args.conversations or [1, 4, 8],
+        turns=args.turns or 10,
+        max_tokens=args.max_tokens,
+        model=args.model,
+        cache_size=args.cache_size,
+        threads=threads,
+        llama_server_binary=args.llama_server_bin,
+        slot_context=args.slot_context,
+        report=print,
+    )
+    stem = _write_new(out / f"serve-agent-{started}", json.dumps(results, indent=1))
+    print(serve_load.agent_table(results), end="")
+    print(f"wrote {stem}.json")
 
 
 def _long_run(args: argparse.Namespace, threads: int) -> dict:
