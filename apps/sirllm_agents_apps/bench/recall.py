@@ -122,13 +122,17 @@ def _generation_fields(reply: str, fact: Fact, fragments: set[tuple[str, ...]]) 
 
 
 def _fact_fields(conversation: Conversation, fact: Fact) -> dict:
-    return {
+    fields = {
         "kind": fact.kind,
         "updated": fact.previous is not None,
         "depth": fact.message / len(conversation.messages),  # where the (newest) statement sits, as a share
         "value": fact.value,
         "question": fact.question,
     }
+    category = getattr(fact, "category", None)  # the varied suite's questions have one (recall_varied.CATEGORIES)
+    if category is not None:
+        fields["category"] = category
+    return fields
 
 
 def _argmax(values: list[float]) -> int:
@@ -215,7 +219,32 @@ def summarize(records: list[dict]) -> dict:
     kinds = sorted({r["kind"] for r in answered})
     if kinds:
         result["kinds"] = {kind: _shares([r for r in answered if r["kind"] == kind]) for kind in kinds}
+    categories = sorted({r["category"] for r in answered if "category" in r})
+    if categories:
+        # The varied suite: the same shares per question category, and bootstrap intervals for every group.
+        result["categories"] = {}
+        for category in categories:
+            rows = [r for r in answered if r.get("category") == category]
+            updated = all(r["updated"] for r in rows)
+            result["categories"][category] = _shares(rows, updated) | {"intervals": _intervals(rows, updated)}
+        for group in ("all", "plain", "updated"):
+            if group in result:
+                rows = [r for r in answered if (group == "all") or (r["updated"] == (group == "updated"))]
+                result[group]["intervals"] = _intervals(rows, group == "updated")
     return result
+
+
+def _intervals(rows: list[dict], updated: bool) -> dict:
+    """95% percentile-bootstrap intervals of the cloze, generated and (for updated facts) old-value shares."""
+    from .bootstrap import mean_interval
+
+    fields = ["cloze", "generated", "well_formed"] + (["picked_previous", "generated_previous"] if updated else [])
+    intervals = {}
+    for f in fields:
+        values = [float(r[f]) for r in rows if r[f] is not None]
+        if values:
+            intervals[f] = mean_interval(values)
+    return intervals
 
 
 def _shares(rows: list[dict], updated: bool = False) -> dict:
