@@ -202,6 +202,29 @@ def share_in_cache(session: Session, message: int, value: str) -> float:
     return sum(kept) / len(kept)
 
 
+def restated_messages(model, messages: list[dict]) -> set[tuple[int, int]]:
+    """The (older, newer) message pairs whose sentences the ``supersede`` policy would pair as restatements with the
+    whole of ``messages`` cached: what its rule sees in a suite's conversation (its tests use this)."""
+    import torch
+
+    from sirllm_agents.policies import CachedTokens
+    from sirllm_agents.policies.sentences import sentence_index
+    from sirllm_agents.policies.supersede import restatements
+
+    text = model.template.render(messages, add_generation_prompt=False)
+    ids, marks = model.encode_marked(text, [m["content"] for m in messages])
+    token_ids, template = torch.tensor(ids), torch.tensor(marks)
+    tokens = CachedTokens(torch.zeros(len(ids)), template, *model.token_shapes.of(token_ids), token_ids)
+    # Message texts are the runs of unmarked tokens, in order.
+    run_start = ~template & torch.cat((torch.tensor([True]), template[:-1]))
+    message = (run_start.cumsum(0) - 1).tolist()
+    sentence = sentence_index(tokens)
+    first: dict[int, int] = {}  # each sentence's first token
+    for position, index in enumerate(sentence.tolist()):
+        first.setdefault(index, position)
+    return {(message[first[older]], message[first[newer]]) for older, newer in restatements(tokens, sentence)}
+
+
 def summarize(records: list[dict]) -> dict:
     """Shares over the facts that fit (``full`` may overflow): cloze and generated recall, well-formed replies and
     the value's tokens kept, for all facts, for facts never updated, for updated ones (with how often the value

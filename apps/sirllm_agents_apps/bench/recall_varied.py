@@ -338,7 +338,6 @@ KINDS = tuple(sorted({t.kind for t in TOPICS} | {kind for kind, _, _ in TOOL_FAC
 
 HOSTS = ("web", "api", "db", "cache", "queue", "worker", "edge", "batch")
 PRODUCTS = ("desk lamp", "kettle", "backpack", "headphones", "notebook", "water bottle", "doormat", "toaster")
-TESTS = ("test_login", "test_checkout", "test_refund", "test_search", "test_upload", "test_export", "test_sync")
 LEVELS = ("INFO", "INFO", "INFO", "DEBUG", "WARN")
 SMALL_TALK = (
     ("I tried baking sourdough again and it came out flat.", "Flat loaves usually mean a tired starter; feed it "
@@ -605,7 +604,8 @@ def _write_event(w: _Writer, plan: dict, what: str) -> tuple[int, int]:
         intro = intro.format(t=plan["topic"][2])
         ask = rng.choice(("Anything odd in there?", "Can you keep this around?", "Just so you have it."))
         user = f"{intro}{text}\n{ask}"
-        return w.add(user, rng.choice(("Thanks, I have it.", "Received; nothing alarming at a glance."))), len(intro) + offset
+        reply = rng.choice(("Thanks, I have it.", "Received; nothing alarming at a glance."))
+        return w.add(user, reply), len(intro) + offset
     topic: Topic = plan["topic"]
     if what == "later" and category == "same-opening":
         return w.add(rng.choice(topic.echoes), rng.choice(ACKS_ECHO)), None
@@ -669,8 +669,10 @@ def _tool_fact(w: _Writer, tool: str, value: str) -> tuple[str, int]:
                 "service": rng.choice(HOSTS),
                 "ticket": "{v}",
                 "severity": rng.choice(("sev2", "sev3")),
-                "samples": [{"host": f"{rng.choice(HOSTS)}-{w.number(1, 30)}", "value": w.number(50, 99)}
-                            for _ in range(rng.randint(4, 6))],  # fmt: skip
+                "samples": [
+                    {"host": f"{rng.choice(HOSTS)}-{w.number(1, 30)}", "value": w.number(50, 99)}
+                    for _ in range(rng.randint(4, 6))
+                ],
             }
         text = json.dumps(record, indent=1)
         offset = text.index("{v}")
@@ -744,8 +746,12 @@ def _draw_distractor(w: _Writer, kind: str) -> list[tuple[str, str]]:
         steps = [(f"Task: {task.format(h=host)}.", opening + f"\nAction: {first}[{host}]")]
         for tool in (second, None):
             observation = "Observation: " + json.dumps(
-                {"service": host, "samples": [w.number(1, 500) for _ in range(rng.randint(4, 8))],
-                 "window_min": w.number(5, 60), "healthy": rng.random() < 0.6}  # fmt: skip
+                {
+                    "service": host,
+                    "samples": [w.number(1, 500) for _ in range(rng.randint(4, 8))],
+                    "window_min": w.number(5, 60),
+                    "healthy": rng.random() < 0.6,
+                }
             )
             if tool:
                 steps.append((observation, _thought(w, tool, host) + f"\nAction: {tool}[{host}]"))
@@ -781,7 +787,8 @@ def _draw_distractor(w: _Writer, kind: str) -> list[tuple[str, str]]:
         second += rng.randint(1, 90)
         lines.append(
             f"{_clock(second)} {rng.choice(LEVELS)} "
-            f"{rng.choice(HOSTS)} request={rng.choice('abcdef')}{w.number(100, 999)} status={rng.choice((200, 200, 304, 500))} "
+            f"{rng.choice(HOSTS)} request={rng.choice('abcdef')}{w.number(100, 999)} "
+            f"status={rng.choice((200, 200, 304, 500))} "
             f"latency_ms={w.number(3, 980)}"
         )
     return [("Here is the service log from the last hour:\n" + "\n".join(lines) + "\nAnything worrying?",
