@@ -75,10 +75,16 @@ def add_parser(commands) -> None:
     )
     recall.add_argument("--policies", default="full,streaming,sirllm,truncate")
     _entropy_options(recall)
-    recall.add_argument("--facts", type=int, default=3, help="facts per conversation (the first is later updated)")
-    recall.add_argument("--no-update", action="store_true", help="state every fact once, never updated")
     recall.add_argument(
-        "--kinds", default=",".join(SUBJECTS), help=f"fact kinds to draw from (of {', '.join(SUBJECTS)})"
+        "--facts", type=int, default=3, help="generated suite: facts per conversation (the first is later updated)"
+    )
+    recall.add_argument(
+        "--no-update", action="store_true", help="generated suite: state every fact once, never updated"
+    )
+    recall.add_argument(
+        "--kinds",
+        default=",".join(SUBJECTS),
+        help=f"generated suite: fact kinds to draw from (of {', '.join(SUBJECTS)})",
     )
     recall.add_argument(
         "--categories",

@@ -229,7 +229,9 @@ def summarize(records: list[dict]) -> dict:
     """Shares over the facts that fit (``full`` may overflow): cloze and generated recall, well-formed replies and
     the value's tokens kept, for all facts, for facts never updated, for updated ones (with how often the value
     they replaced won instead), and per fact kind (``kinds``). Generation shares count the facts that have a reply
-    (``replies``): records pooled from cloze-only runs have none."""
+    (``replies``): records pooled from cloze-only runs have none. Records of the varied suite (``recall_varied``)
+    carry a question category: they add ``categories`` (the shares per category) and bootstrap ``intervals`` to
+    each group; there ``plain`` as a group still means every question whose fact was never updated."""
     answered = [r for r in records if not r["overflowed"]]
     result = {"facts": len(records), "overflowed": len(records) - len(answered)}
     for group, rows in (
