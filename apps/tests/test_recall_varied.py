@@ -107,6 +107,30 @@ def test_free_form_updates_share_no_opening_with_their_statement(conversations):
     assert len(forms) >= 20
 
 
+POOLS = {
+    "person": varied.PEOPLE,
+    "town": varied.TOWNS,
+    "weekday": varied.WEEKDAYS,
+    "colour": varied.COLOURS,
+    "passphrase": varied.PASS_WORDS,
+}
+
+
+def test_every_template_keeps_its_category_s_promise():
+    """Over all templates, not only those a sample of seeds draws: no change opens like any statement of its topic,
+    every lead opens with four words that hold no value, and every echo opens like its lead and names no value."""
+    for topic in varied.TOPICS:
+        statements = [topic.lead, *topic.phrasings]
+        assert "{v}" not in " ".join(topic.lead.split()[: varied.LEAD_WORDS])
+        for change in topic.changes:
+            for statement in statements:
+                assert not lower_openings(change) & lower_openings(statement), (change, statement)
+        lead = tuple(topic.lead.split()[: varied.LEAD_WORDS])
+        for echo in topic.echoes:
+            assert varied.openings(echo)[0] == lead, echo
+            assert not re.search(r"\d", echo) and not varied.names_any(echo, list(POOLS.get(topic.kind, ()))), echo
+
+
 def test_restated_updates_open_with_their_statement_s_words(conversations):
     for conversation in conversations:
         for fact in conversation.facts:

@@ -70,7 +70,7 @@ def pool(folder: str | Path) -> list[dict]:
 
 def table(study: dict) -> list[str]:
     """Markdown: one row per pooled setting."""
-    updated = " (the first updated)" if study["updates"] else ""
+    updated = " (the first updated)" if study["updates"] and study["suite"] == "generated" else ""
     lines = [
         f"### recall suite{_suite_label(study)}, pooled: {study['model']}, {study['facts']} facts per "
         f"conversation{updated}, kinds {', '.join(study['kinds'])}",
