@@ -6,15 +6,10 @@ import json
 import re
 
 import pytest
-import torch
 from sirllm_agents_apps.bench import pooled, recall, recall_data
 from sirllm_agents_apps.bench.plots import recall_figure, recall_plot
 from sirllm_agents_apps.bench.report import report
 from sirllm_agents_apps.cli import main as cli
-
-from sirllm_agents.policies import CachedTokens
-from sirllm_agents.policies.sentences import sentence_index
-from sirllm_agents.policies.supersede import restatements
 
 
 def count_words(text: str) -> int:
@@ -50,19 +45,7 @@ def test_supersede_pairs_each_update_with_its_statement_and_no_fact_with_anythin
     model = tiny_engine.model
     for seed in range(100):
         conversation = recall_data.generate(seed, 1000, lambda text: len(model.encode(text)))
-        messages = list(conversation.messages)
-        text = model.template.render(messages, add_generation_prompt=False)
-        ids, marks = model.encode_marked(text, [m["content"] for m in messages])
-        token_ids, template = torch.tensor(ids), torch.tensor(marks)
-        tokens = CachedTokens(torch.zeros(len(ids)), template, *model.token_shapes.of(token_ids), token_ids)
-        # Message texts are the runs of unmarked tokens, in order.
-        run_start = ~template & torch.cat((torch.tensor([True]), template[:-1]))
-        message = (run_start.cumsum(0) - 1).tolist()
-        sentence = sentence_index(tokens)
-        first = {}  # each sentence's first token
-        for position, index in enumerate(sentence.tolist()):
-            first.setdefault(index, position)
-        pairs = {(message[first[older]], message[first[newer]]) for older, newer in restatements(tokens, sentence)}
+        pairs = recall.restated_messages(model, list(conversation.messages))
         (updated,) = [fact for fact in conversation.facts if fact.previous is not None]
         stating = {fact.message for fact in conversation.facts} | {updated.previous_message}
         assert {pair for pair in pairs if set(pair) & stating} == {(updated.previous_message, updated.message)}

@@ -12,6 +12,7 @@ from sirllm_agents.model import BACKENDS
 
 from .. import extras
 from .recall_data import SUBJECTS
+from .recall_varied import CATEGORIES
 
 MEMORY_TASKS = ("grocery", "dailydialog", "rps")
 BENCH_EXTRA = 'pip install "sirllm-agents-apps[bench]"'
@@ -52,8 +53,20 @@ def add_parser(commands) -> None:
     recall = tasks.add_parser(
         "recall", help="the project's recall suite: generated conversations, cloze and generation"
     )
+    recall.add_argument(
+        "--suite",
+        choices=("generated", "varied"),
+        default="generated",
+        help="generated: the first generator (recall_data); varied: the second one (recall_varied: free-form "
+        "updates, same-opening sentences, ReAct traces, long tool outputs), scored per question category",
+    )
     recall.add_argument("--conversations", type=int, default=100, help="conversations per length")
-    recall.add_argument("--length", type=_numbers(int), default=[1000], help="tokens per conversation (comma list)")
+    recall.add_argument(
+        "--length",
+        type=_numbers(int),
+        default=None,
+        help="tokens per conversation (comma list; default 1000, varied 1500)",
+    )
     recall.add_argument(
         "--budget",
         type=_numbers(float),
@@ -62,11 +75,23 @@ def add_parser(commands) -> None:
     )
     recall.add_argument("--policies", default="full,streaming,sirllm,truncate")
     _entropy_options(recall)
-    recall.add_argument("--facts", type=int, default=3, help="facts per conversation (the first is later updated)")
-    recall.add_argument("--no-update", action="store_true", help="state every fact once, never updated")
     recall.add_argument(
-        "--kinds", default=",".join(SUBJECTS), help=f"fact kinds to draw from (of {', '.join(SUBJECTS)})"
+        "--facts", type=int, default=3, help="generated suite: facts per conversation (the first is later updated)"
     )
+    recall.add_argument(
+        "--no-update", action="store_true", help="generated suite: state every fact once, never updated"
+    )
+    recall.add_argument(
+        "--kinds",
+        default=",".join(SUBJECTS),
+        help=f"generated suite: fact kinds to draw from (of {', '.join(SUBJECTS)})",
+    )
+    recall.add_argument(
+        "--categories",
+        default=",".join(CATEGORIES),
+        help=f"varied suite: question categories to ask (of {', '.join(CATEGORIES)})",
+    )
+    recall.add_argument("--per-category", type=int, default=1, help="varied suite: questions per category")
     recall.add_argument("--seed", type=int, default=0, help="the first conversation's seed")
     recall.add_argument(
         "--no-generation",
@@ -337,7 +362,10 @@ def main(args: argparse.Namespace) -> None:
 
         results = _memory(args, threads)
         plot = plots.memory_plot
-    stem = _write_new(out / f"{args.task}-{started}", json.dumps(results, indent=1))
+    name = f"{args.task}-{started}"
+    if args.task == "recall" and args.suite != "generated":
+        name += f"-{args.suite}"
+    stem = _write_new(out / name, json.dumps(results, indent=1))
     plot(results, stem.with_suffix(".png"))
     print(f"wrote {stem}.json and {stem}.png")
 
@@ -500,12 +528,19 @@ def _recall(args: argparse.Namespace, threads: int) -> dict:
     from sirllm_agents.engine import Engine
     from sirllm_agents.policies import POLICIES
 
+    from . import recall_varied
     from .recall import Setting, run_setting
     from .recall_data import generate
 
     kinds = args.kinds.split(",")
     if set(kinds) - set(SUBJECTS) or len(kinds) < args.facts:
         raise SystemExit(f"--kinds must name at least --facts ({args.facts}) of {', '.join(SUBJECTS)}, got {kinds}")
+    varied = args.suite == "varied"
+    categories = args.categories.split(",")
+    if varied and (set(categories) - set(CATEGORIES) or args.per_category < 1):
+        raise SystemExit(f"--categories must name some of {', '.join(CATEGORIES)} and --per-category be >= 1")
+    counts = dict.fromkeys(categories, args.per_category)
+    lengths = args.length or [1500 if varied else 1000]
     policies = args.policies.split(",")
     unknown = set(policies) - set(POLICIES) - {"truncate"}
     if unknown:
@@ -520,12 +555,15 @@ def _recall(args: argparse.Namespace, threads: int) -> dict:
     count = lambda text: len(engine.model.encode(text))  # noqa: E731
     runs = []
     with Progress() as progress:
-        for length in args.length:
+        for length in lengths:
             seeds = range(args.seed, args.seed + args.conversations)
-            conversations = [
-                generate(seed, length, count, facts=args.facts, update=not args.no_update, kinds=kinds)
-                for seed in seeds
-            ]
+            if varied:
+                conversations = [recall_varied.generate(seed, length, count, counts) for seed in seeds]
+            else:
+                conversations = [
+                    generate(seed, length, count, facts=args.facts, update=not args.no_update, kinds=kinds)
+                    for seed in seeds
+                ]
             for setting in settings:
                 label = f"recall {length} tok {setting.policy} budget={setting.budget} decay={setting.decay}"
                 bar = progress.add_task(
@@ -539,19 +577,22 @@ def _recall(args: argparse.Namespace, threads: int) -> dict:
                     generate=not args.no_generation,
                 )
                 runs.append({"length": length, **run})
-    return {
+    results = {
         "task": "recall",
         "model": engine.model.name,
         "backend": engine.model.backend.name,
         "conversations": args.conversations,
         "seed": args.seed,
-        "facts": args.facts,
-        "updates": not args.no_update,
-        "kinds": kinds,
-        "lengths": args.length,
+        "facts": sum(counts.values()) if varied else args.facts,
+        "updates": varied or not args.no_update,
+        "kinds": list(recall_varied.KINDS) if varied else kinds,
+        "lengths": lengths,
         "threads": threads,
         "runs": runs,
     }
+    if varied:
+        results |= {"suite": "varied", "categories": counts}
+    return results
 
 
 def _locomo(args: argparse.Namespace, threads: int) -> dict:

@@ -26,10 +26,12 @@ def pool(folder: str | Path) -> list[dict]:
     for path in sorted(Path(folder).glob("recall-*.json")):  # TASK-TIMESTAMP: oldest first, so newer records win
         results = json.loads(path.read_text())
         kinds = tuple(results.get("kinds") or SUBJECTS)  # the first files predate recording the kinds (all of them)
-        study_key = (results["model"], results["facts"], results.get("updates", True), kinds)
+        suite = results.get("suite", "generated")  # the varied suite's files (recall_varied) pool apart
+        study_key = (results["model"], results["facts"], results.get("updates", True), kinds, suite)
         study = studies.setdefault(
             study_key,
             {
+                "suite": suite,
                 "model": results["model"],
                 "facts": results["facts"],
                 "updates": results.get("updates", True),
@@ -68,10 +70,10 @@ def pool(folder: str | Path) -> list[dict]:
 
 def table(study: dict) -> list[str]:
     """Markdown: one row per pooled setting."""
-    updated = " (the first updated)" if study["updates"] else ""
+    updated = " (the first updated)" if study["updates"] and study["suite"] == "generated" else ""
     lines = [
-        f"### recall suite, pooled: {study['model']}, {study['facts']} facts per conversation{updated}, "
-        f"kinds {', '.join(study['kinds'])}",
+        f"### recall suite{_suite_label(study)}, pooled: {study['model']}, {study['facts']} facts per "
+        f"conversation{updated}, kinds {', '.join(study['kinds'])}",
         "",
         "| length | policy | budget | decay | recent | conversations | cloze | generated (replies) | well-formed | "
         "value kept | plain: cloze | updated: cloze | updated: old value picked | backends | files |",
@@ -109,6 +111,10 @@ def kind_table(study: dict) -> list[str]:
     return lines
 
 
+def _suite_label(study: dict) -> str:
+    return "" if study["suite"] == "generated" else f" ({study['suite']})"
+
+
 def _setting_cells(run: dict) -> str:
     """The length, policy, budget, decay and recent cells of a row (``full`` has no budget, decay or window)."""
     setting = f"{run['budget']} | {run['decay']} | {run['recent']:g}" if run["policy"] != "full" else "1 | | "
@@ -126,7 +132,9 @@ def write(folder: str | Path, out: str | Path) -> str:
     main_kinds = list(SUBJECTS)
     for study in pool(folder):
         name = f"recall-pooled-{study['model']}"
-        if (study["facts"], study["updates"], study["kinds"]) != (3, True, main_kinds):
+        if study["suite"] != "generated":
+            name += f"-{study['suite']}"
+        elif (study["facts"], study["updates"], study["kinds"]) != (3, True, main_kinds):
             name += f"-{study['facts']}facts-{'-'.join(study['kinds'])}"
         counts = sorted({run["conversations"] for run in study["runs"]})
         conversations = f"{counts[0]}-{counts[-1]}" if len(counts) > 1 else str(counts[0])

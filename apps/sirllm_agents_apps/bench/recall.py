@@ -122,13 +122,17 @@ def _generation_fields(reply: str, fact: Fact, fragments: set[tuple[str, ...]]) 
 
 
 def _fact_fields(conversation: Conversation, fact: Fact) -> dict:
-    return {
+    fields = {
         "kind": fact.kind,
         "updated": fact.previous is not None,
         "depth": fact.message / len(conversation.messages),  # where the (newest) statement sits, as a share
         "value": fact.value,
         "question": fact.question,
     }
+    category = getattr(fact, "category", None)  # the varied suite's questions have one (recall_varied.CATEGORIES)
+    if category is not None:
+        fields["category"] = category
+    return fields
 
 
 def _argmax(values: list[float]) -> int:
@@ -198,11 +202,36 @@ def share_in_cache(session: Session, message: int, value: str) -> float:
     return sum(kept) / len(kept)
 
 
+def restated_messages(model, messages: list[dict]) -> set[tuple[int, int]]:
+    """The (older, newer) message pairs whose sentences the ``supersede`` policy would pair as restatements with the
+    whole of ``messages`` cached: what its rule sees in a suite's conversation (its tests use this)."""
+    import torch
+
+    from sirllm_agents.policies import CachedTokens
+    from sirllm_agents.policies.sentences import sentence_index
+    from sirllm_agents.policies.supersede import restatements
+
+    text = model.template.render(messages, add_generation_prompt=False)
+    ids, marks = model.encode_marked(text, [m["content"] for m in messages])
+    token_ids, template = torch.tensor(ids), torch.tensor(marks)
+    tokens = CachedTokens(torch.zeros(len(ids)), template, *model.token_shapes.of(token_ids), token_ids)
+    # Message texts are the runs of unmarked tokens, in order.
+    run_start = ~template & torch.cat((torch.tensor([True]), template[:-1]))
+    message = (run_start.cumsum(0) - 1).tolist()
+    sentence = sentence_index(tokens)
+    first: dict[int, int] = {}  # each sentence's first token
+    for position, index in enumerate(sentence.tolist()):
+        first.setdefault(index, position)
+    return {(message[first[older]], message[first[newer]]) for older, newer in restatements(tokens, sentence)}
+
+
 def summarize(records: list[dict]) -> dict:
     """Shares over the facts that fit (``full`` may overflow): cloze and generated recall, well-formed replies and
     the value's tokens kept, for all facts, for facts never updated, for updated ones (with how often the value
     they replaced won instead), and per fact kind (``kinds``). Generation shares count the facts that have a reply
-    (``replies``): records pooled from cloze-only runs have none."""
+    (``replies``): records pooled from cloze-only runs have none. Records of the varied suite (``recall_varied``)
+    carry a question category: they add ``categories`` (the shares per category) and bootstrap ``intervals`` to
+    each group; there ``plain`` as a group still means every question whose fact was never updated."""
     answered = [r for r in records if not r["overflowed"]]
     result = {"facts": len(records), "overflowed": len(records) - len(answered)}
     for group, rows in (
@@ -215,7 +244,32 @@ def summarize(records: list[dict]) -> dict:
     kinds = sorted({r["kind"] for r in answered})
     if kinds:
         result["kinds"] = {kind: _shares([r for r in answered if r["kind"] == kind]) for kind in kinds}
+    categories = sorted({r["category"] for r in answered if "category" in r})
+    if categories:
+        # The varied suite: the same shares per question category, and bootstrap intervals for every group.
+        result["categories"] = {}
+        for category in categories:
+            rows = [r for r in answered if r.get("category") == category]
+            updated = all(r["updated"] for r in rows)
+            result["categories"][category] = _shares(rows, updated) | {"intervals": _intervals(rows, updated)}
+        for group in ("all", "plain", "updated"):
+            if group in result:
+                rows = [r for r in answered if (group == "all") or (r["updated"] == (group == "updated"))]
+                result[group]["intervals"] = _intervals(rows, group == "updated")
     return result
+
+
+def _intervals(rows: list[dict], updated: bool) -> dict:
+    """95% percentile-bootstrap intervals of the cloze, generated and (for updated facts) old-value shares."""
+    from .bootstrap import mean_interval
+
+    fields = ["cloze", "generated", "well_formed"] + (["picked_previous", "generated_previous"] if updated else [])
+    intervals = {}
+    for f in fields:
+        values = [float(r[f]) for r in rows if r[f] is not None]
+        if values:
+            intervals[f] = mean_interval(values)
+    return intervals
 
 
 def _shares(rows: list[dict], updated: bool = False) -> dict:

@@ -108,6 +108,8 @@ def _agent_table(results: dict) -> list[str]:
 
 
 def _recall_table(results: dict) -> list[str]:
+    if results.get("suite", "generated") != "generated":
+        return _varied_table(results)
     updated = " (one updated)" if results.get("updates", True) else ""
     kinds = f", kinds {', '.join(results['kinds'])}" if "kinds" in results else ""
     lines = [
@@ -140,6 +142,48 @@ def _recall_table(results: dict) -> list[str]:
         "for the newest tokens. Value kept: the share of the fact's value tokens still cached at the question.",
     ]
     return lines
+
+
+def _varied_table(results: dict) -> list[str]:
+    """The varied suite (``recall_varied``): per setting, cloze and generated recall with 95% bootstrap intervals,
+    over all questions and per question category, and how often an updated fact's old value won."""
+    from .recall_varied import CATEGORIES
+
+    counts = ", ".join(f"{c} {n}" for c, n in results["categories"].items())
+    lines = [
+        f"### recall suite, varied generator: {results['conversations']} conversations per length, questions per "
+        f"conversation: {counts}; {results['model']} on {results['backend']}",
+        "",
+        "| length | policy | budget | recent | metric | all | " + " | ".join(CATEGORIES) + " |",
+        "| ---: | --- | ---: | ---: | --- | " + " | ".join("---:" for _ in range(len(CATEGORIES) + 1)) + " |",
+    ]
+    for run in results["runs"]:
+        summary = run["summary"]
+        if "all" not in summary:
+            continue  # full overflowed
+        categories = summary.get("categories", {})
+        for metric in ("cloze", "generated", "picked_previous", "well_formed", "kept"):
+            cells = [_varied_cell(summary["all"], metric)]
+            cells += [_varied_cell(categories[c], metric) if c in categories else "" for c in CATEGORIES]
+            if not any(cell not in ("", "-") for cell in cells):
+                continue
+            lines.append(
+                f"| {run['length']} | {run['policy']} | {run['budget']} | {run['recent']:g} | {metric} | "
+                + " | ".join(cells)
+                + " |"
+            )
+    lines += [
+        "",
+        "Cells: percent of questions, with the 95% percentile-bootstrap interval over questions. picked_previous: "
+        "an updated fact's replaced value ranked first in the cloze. kept: the share of the answer's tokens cached.",
+    ]
+    return lines
+
+
+def _varied_cell(shares: dict, metric: str) -> str:
+    if metric in shares.get("intervals", {}):
+        return _interval(shares["intervals"][metric])
+    return _pct(shares.get(metric)) if metric in shares else "-"
 
 
 def _backends_table(results: dict) -> list[str]:
