@@ -24,6 +24,7 @@ from sirllm_agents_apps.server import ServerSettings, create_app  # noqa: E402
 from sirllm_fixtures import tiny_llama  # noqa: E402
 
 from sirllm_agents import Engine, SessionConfig  # noqa: E402
+from sirllm_agents.scheduler import DEFAULT_PARALLEL  # noqa: E402
 
 WEATHER = {
     "type": "function",
@@ -491,14 +492,16 @@ def test_serve_builds_the_engine_warns_off_loopback_and_runs_uvicorn(monkeypatch
 
     made, ran = {}, {}
 
-    def fake_engine(model, backend, config, max_live_sessions, store):
+    def fake_engine(model, backend, parallel, config, max_live_sessions, store):
         made.update(model=model, backend=backend, config=config, max_live_sessions=max_live_sessions, store=store)
+        made["parallel"] = parallel
         return engine
 
     monkeypatch.setattr(sirllm_agents, "Engine", fake_engine)
     monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: ran.update(app=app, host=host, port=port))
-    main(["serve", "--cache-size", "256", "--policy", "streaming", "--max-live-sessions", "3"])
+    main(["serve", "--cache-size", "256", "--policy", "streaming", "--max-live-sessions", "3", "--parallel", "2"])
     assert made["config"].cache_size == 256 and made["config"].policy == "streaming" and made["max_live_sessions"] == 3
+    assert made["parallel"] == 2
     assert made["store"] is None  # a private spill folder unless --session-store names a shared one
     assert made["backend"] == "auto"
     assert ran["host"] == "127.0.0.1" and ran["port"] == 8000
@@ -506,6 +509,7 @@ def test_serve_builds_the_engine_warns_off_loopback_and_runs_uvicorn(monkeypatch
     main(["serve", "--host", "0.0.0.0", "--port", "9001"])
     assert "warning" in capsys.readouterr().err and ran["host"] == "0.0.0.0"
     assert made["config"] == SessionConfig()  # the options left out keep the core's defaults
+    assert made["parallel"] == DEFAULT_PARALLEL
     main(["serve", "--host", "0.0.0.0", "--api-key", KEY])
     assert "warning" not in capsys.readouterr().err
 
