@@ -572,8 +572,7 @@ def run_agent_bench(
                 if engine is not None:
                     sessions = sorted({r["session_id"] for r in run["per_request"]})
                     run.update(cache_bound(engine, sessions), backend=engine.model.backend.name)
-                    # What the engine was made with, where this checkout's Engine takes it.
-                    run["parallel"] = count if make_engine is None and _engine_takes_parallel() else None
+                    run["parallel"] = engine.model.scheduler.max_running
             runs.append(run)
             if report:
                 report(_run_line(run))
@@ -600,26 +599,17 @@ def run_agent_bench(
 
 
 def _engine_maker(model: str | None, cache_size: int | None, threads: int) -> Callable[[int], Any]:
-    """Makes the engine of the server here for N conversations: with an ``Engine`` that takes ``parallel`` (the
-    scheduler's bound on calls run at once), ``parallel=N``, as llama-server gets ``--parallel N``."""
+    """Makes the engine of the server here for N conversations: ``parallel=N`` (the scheduler's bound on calls run
+    at once), as llama-server gets ``--parallel N``."""
 
     def make(conversations: int):
         from sirllm_agents import Engine, SessionConfig
 
-        settings: dict[str, Any] = {"max_live_sessions": max(8, 2 * conversations), "threads": threads}
-        if _engine_takes_parallel():
-            settings["parallel"] = conversations
-        return Engine(model, config=SessionConfig(cache_size=cache_size), **settings)
+        config = SessionConfig(cache_size=cache_size)
+        live = max(8, 2 * conversations)
+        return Engine(model, config=config, max_live_sessions=live, threads=threads, parallel=conversations)
 
     return make
-
-
-def _engine_takes_parallel() -> bool:
-    import inspect
-
-    from sirllm_agents import Engine
-
-    return "parallel" in inspect.signature(Engine).parameters
 
 
 def _warm_up(url: str, kind: str) -> None:
