@@ -120,7 +120,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
 
     app = FastAPI(title="sirllm-agents", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.sirllm = state
-    app.add_middleware(RequestLog, metrics=state.metrics, endpoints=ENDPOINTS)
+    app.add_middleware(RequestLog, metrics=state.metrics, endpoints=ENDPOINTS, retry_after=settings.retry_after_seconds)
 
     async def answer(request: Request, error: Exception) -> Response:
         request_id = record_of(request).request_id

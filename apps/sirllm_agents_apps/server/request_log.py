@@ -58,10 +58,11 @@ def request_id(given: str | None) -> str:
 
 class RequestLog:
     """The middleware (see the module docstring). ``endpoints``: the paths counted by name in ``/metrics``; any
-    other path is counted as ``other``, so that stray paths add no series."""
+    other path is counted as ``other``, so that stray paths add no series. ``retry_after``: the ``Retry-After`` of a
+    429 it answers."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, endpoints: frozenset[str]):
-        self.app, self.metrics, self.endpoints = app, metrics, endpoints
+    def __init__(self, app: ASGIApp, metrics: Metrics, endpoints: frozenset[str], retry_after: int = 1):
+        self.app, self.metrics, self.endpoints, self.retry_after = app, metrics, endpoints, retry_after
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -80,7 +81,7 @@ class RequestLog:
         try:
             await self.app(scope, receive, send_with_id)
         except Exception as error:
-            answer = api_error(error, record.request_id)
+            answer = api_error(error, record.request_id, self.retry_after)
             record.status = answer.status
             if sent:  # the answer had begun: nothing more can be said to the client
                 raise
