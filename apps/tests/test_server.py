@@ -490,19 +490,22 @@ def test_serve_builds_the_engine_warns_off_loopback_and_runs_uvicorn(monkeypatch
     from sirllm_agents_apps.cli import main
 
     import sirllm_agents
+    from sirllm_agents.scheduler import DEFAULT_PARALLEL
 
     made, ran = {}, {}
 
-    def fake_engine(model, backend, config, max_live_sessions, store):
+    def fake_engine(model, backend, parallel, config, max_live_sessions, store):
         made.update(model=model, backend=backend, config=config, max_live_sessions=max_live_sessions, store=store)
+        made["parallel"] = parallel
         return engine
 
     monkeypatch.setattr(sirllm_agents, "Engine", fake_engine)
-    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: ran.update(app=app, host=host, port=port))
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: ran.update(app=app, host=host, port=port, **kw))
     main(["serve", "--cache-size", "256", "--policy", "streaming", "--max-live-sessions", "3"])
     assert made["config"].cache_size == 256 and made["config"].policy == "streaming" and made["max_live_sessions"] == 3
     assert made["store"] is None  # a private spill folder unless --session-store names a shared one
-    assert made["backend"] == "auto"
+    assert made["backend"] == "auto" and made["parallel"] == DEFAULT_PARALLEL
+    assert ran["access_log"] is False  # the server's own line per request replaces uvicorn's
     assert ran["host"] == "127.0.0.1" and ran["port"] == 8000
     assert "warning" not in capsys.readouterr().err
     main(["serve", "--host", "0.0.0.0", "--port", "9001"])
