@@ -76,13 +76,13 @@ class _State:
     def admit(self) -> Callable[[], None]:
         """Take a place in the queue; returns what gives it back (once, however often it is called)."""
         if self.in_flight >= self.settings.max_queue:
-            raise APIError(
+            raise APIError.retry_later(
                 429,
                 f"The server is busy: {self.in_flight} requests are in flight (at most {self.settings.max_queue}). "
                 "Retry later.",
+                self.settings.retry_after_seconds,
                 type="rate_limit_error",
                 code="rate_limit_exceeded",
-                headers={"Retry-After": str(self.settings.retry_after_seconds)},
             )
         self.in_flight += 1
         self.metrics.in_flight = self.in_flight

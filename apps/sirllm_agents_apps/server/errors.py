@@ -41,6 +41,11 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers
 
+    @classmethod
+    def retry_later(cls, status: int, message: str, seconds: int, *, type: str, code: str) -> APIError:
+        """A refusal to retry after ``seconds`` (at least 1), said in ``Retry-After``."""
+        return cls(status, message, type=type, code=code, headers={"Retry-After": str(max(1, seconds))})
+
     def body(self, request_id: str | None = None) -> ErrorBody:
         detail = ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code)
         return ErrorBody(error=detail, request_id=request_id)
@@ -75,21 +80,12 @@ def api_error(error: BaseException, request_id: str | None, retry_after: int = 1
     if isinstance(error, ValueError):
         return APIError(400, str(error), code="invalid_value")
     if isinstance(error, SessionBusyError):
-        return APIError(
-            409,
-            f"{error} (another replica is serving this session; route it there, or retry)",
-            type="conflict_error",
-            code="session_busy",
-            headers={"Retry-After": str(max(1, math.ceil(error.retry_after)))},
+        message = f"{error} (another replica is serving this session; route it there, or retry)"
+        return APIError.retry_later(
+            409, message, math.ceil(error.retry_after), type="conflict_error", code="session_busy"
         )
     if isinstance(error, EngineBusyError):
-        return APIError(
-            429,
-            f"{error}",
-            type="rate_limit_error",
-            code="rate_limit_exceeded",
-            headers={"Retry-After": str(retry_after)},
-        )
+        return APIError.retry_later(429, str(error), retry_after, type="rate_limit_error", code="rate_limit_exceeded")
     log.error("request %s failed", request_id, exc_info=error, extra={"request_id": request_id})
     return APIError(500, f"internal error (request id {request_id})", type="server_error", code="internal_error")
 

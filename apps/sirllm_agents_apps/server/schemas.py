@@ -210,11 +210,10 @@ class ChatCompletion(BaseModel):
         return cls(id=completion_id, created=created, model=model, choices=[choice], usage=Usage.of(reply.stats))
 
 
-class ToolCallPiece(BaseModel):
+class ToolCallPiece(ToolCall):
+    """A streamed tool call: whole, with its place among the reply's calls."""
+
     index: int
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCall
 
 
 class Delta(BaseModel):
