@@ -130,9 +130,9 @@ def _join_parts(i: int, parts: list[Any]) -> str:
 # -- responses --------------------------------------------------------------------------------------------------------
 
 
-def _omitted_when_none(default: Any = None) -> Any:
-    """A field left out of the JSON when None (OpenAI's bodies omit these rather than send null)."""
-    return Field(default=default, exclude_if=lambda value: value is None)
+def _omitted_when_none() -> Any:
+    """A field, None by default, left out of the JSON when None (OpenAI's bodies omit these rather than send null)."""
+    return Field(default=None, exclude_if=lambda value: value is None)
 
 
 class PromptTokensDetails(BaseModel):
