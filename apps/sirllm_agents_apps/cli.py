@@ -221,7 +221,23 @@ def _serve(args: argparse.Namespace) -> None:
         handoff_idle_seconds=args.handoff_idle,
     )
     print(f"sirllm-agents serve: {engine.model.name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level="info")
+    _log_requests()
+    # The server's own line per request (with its id, session, tokens and timings) replaces uvicorn's access log.
+    uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level="info", access_log=False)
+
+
+def _log_requests() -> None:
+    """The server's request lines and errors (logger ``sirllm_agents.server``) on standard error, unless the
+    logger was already given a handler."""
+    import logging
+
+    log = logging.getLogger("sirllm_agents.server")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 def _inspect(path: str, html_out: str | None, last: int | None) -> None:

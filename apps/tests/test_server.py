@@ -7,10 +7,12 @@ import asyncio
 import contextlib
 import itertools
 import json
+import logging
 import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 import pytest
 
@@ -498,12 +500,13 @@ def test_serve_builds_the_engine_warns_off_loopback_and_runs_uvicorn(monkeypatch
         return engine
 
     monkeypatch.setattr(sirllm_agents, "Engine", fake_engine)
-    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: ran.update(app=app, host=host, port=port))
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: ran.update(app=app, host=host, port=port, **kw))
     main(["serve", "--cache-size", "256", "--policy", "streaming", "--max-live-sessions", "3", "--parallel", "2"])
     assert made["config"].cache_size == 256 and made["config"].policy == "streaming" and made["max_live_sessions"] == 3
     assert made["parallel"] == 2
     assert made["store"] is None  # a private spill folder unless --session-store names a shared one
     assert made["backend"] == "auto"
+    assert ran["access_log"] is False  # the server's own line per request replaces uvicorn's
     assert ran["host"] == "127.0.0.1" and ran["port"] == 8000
     assert "warning" not in capsys.readouterr().err
     main(["serve", "--host", "0.0.0.0", "--port", "9001"])
@@ -749,3 +752,327 @@ def test_a_json_reply_is_closed_within_max_tokens_or_comes_back_cut_with_length(
     assert cut.choices[0].message.content.startswith("{") and cut.usage.completion_tokens == 4
     with pytest.raises(ValueError):
         json.loads(cut.choices[0].message.content)
+
+
+# -- production: response models, the error mapping, request ids, latency metrics, disconnects ------------------------
+
+
+def _figures(text: str) -> dict[str, float]:
+    """The samples of a Prometheus text page, by their full name (labels included)."""
+    return {
+        name: float(value)
+        for name, value in (line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    }
+
+
+def test_the_response_models_write_openai_s_bodies():
+    from sirllm_agents_apps.server.schemas import ChatCompletion, ChatCompletionChunk, ChunkChoice, Delta
+
+    from sirllm_agents import Reply, ToolCall, ToolCallDelta, TurnStats
+
+    stats = TurnStats(input_tokens=10, reused_tokens=4, generated_tokens=3)
+    plain = Reply(content="Hi", tool_calls=[], finish_reason="stop", text="Hi", token_ids=[1, 2, 3], stats=stats)
+    body = json.loads(ChatCompletion.of(plain, "chatcmpl-1", 7, "m").model_dump_json())
+    assert body == {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 7,
+        "model": "m",
+        "system_fingerprint": None,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hi", "refusal": None},  # no tool_calls key
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {
+            "prompt_tokens": 10,
+            "completion_tokens": 3,
+            "total_tokens": 13,
+            "prompt_tokens_details": {"cached_tokens": 4},
+        },
+    }
+    call = ToolCall(id="call_1", name="get_weather", arguments={"city": "Oslo ø"})
+    calling = Reply(content="", tool_calls=[call], finish_reason="tool_calls", text="", token_ids=[], stats=stats)
+    message = json.loads(ChatCompletion.of(calling, "c", 0, "m").model_dump_json())["choices"][0]["message"]
+    assert message["content"] is None  # null beside tool calls when empty
+    assert message["tool_calls"] == [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo ø"}'}}
+    ]
+    chunk = ChatCompletionChunk(id="c", created=0, model="m", choices=[ChunkChoice(delta=Delta(content="x"))])
+    assert "usage" not in json.loads(chunk.sse(include_usage=False)[len("data: ") :])
+    assert json.loads(chunk.sse(include_usage=True)[len("data: ") :])["usage"] is None
+    piece = Delta.of(ToolCallDelta(index=0, id="call_1", name="f", arguments="{}")).model_dump(mode="json")
+    assert piece == {
+        "tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    }
+
+
+def test_one_mapping_answers_every_kind_of_error(caplog):
+    from pydantic import ValidationError
+    from sirllm_agents_apps.server.errors import APIError, api_error
+    from sirllm_agents_apps.server.schemas import ChatCompletionRequest
+
+    from sirllm_agents import ContextOverflowError, EngineBusyError, SessionBusyError
+
+    refused = api_error(ValueError("messages[0]: unknown role 'wizard'"), "r1")
+    assert (refused.status, refused.code, refused.message) == (
+        400,
+        "invalid_value",
+        "messages[0]: unknown role 'wizard'",
+    )
+    overflow = api_error(ContextOverflowError("too long"), "r1")
+    assert (overflow.status, overflow.code, overflow.param) == (400, "context_length_exceeded", "messages")
+    busy = api_error(SessionBusyError("s", "replica-b", 2.2), "r1")
+    assert (busy.status, busy.code, busy.headers) == (409, "session_busy", {"Retry-After": "3"})
+    engine_busy = api_error(EngineBusyError("the model is busy"), "r1", retry_after=5)
+    assert (engine_busy.status, engine_busy.type, engine_busy.headers) == (
+        429,
+        "rate_limit_error",
+        {"Retry-After": "5"},
+    )
+    with pytest.raises(ValidationError) as invalid:
+        ChatCompletionRequest.model_validate_json(b'{"model": "m", "messages": [], "max_tokens": 2}')
+    assert (api_error(invalid.value, "r1").status, api_error(invalid.value, "r1").param) == (400, "messages")
+    with pytest.raises(ValidationError) as not_json:
+        ChatCompletionRequest.model_validate_json(b'{"model": "m", "messa')
+    assert api_error(not_json.value, "r1").code == "invalid_json"
+    given = APIError(404, "no such model")
+    assert api_error(given, "r1") is given
+
+    with caplog.at_level(logging.ERROR, logger="sirllm_agents.server"):
+        try:
+            raise KeyError("the secret internals")
+        except KeyError as error:
+            internal = api_error(error, "req-42")
+    assert (internal.status, internal.type, internal.code) == (500, "server_error", "internal_error")
+    assert "internal error" in internal.message and "req-42" in internal.message and "secret" not in internal.message
+    [logged] = [r for r in caplog.records if r.name == "sirllm_agents.server"]
+    assert logged.exc_info is not None and "the secret internals" in str(logged.exc_info[1])
+    body = internal.body("req-42").model_dump(mode="json")
+    assert body["request_id"] == "req-42" and set(body["error"]) == {"message", "type", "param", "code"}
+
+
+class _ScriptedStream:
+    """Stands in for ``engine.astream``'s stream: yields ``events``, then raises ``error``."""
+
+    def __init__(self, events, error: BaseException):
+        self.events, self.error, self.reply, self.closed = list(events), error, None, False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.events:
+            return self.events.pop(0)
+        raise self.error
+
+    async def finish(self):
+        async for _ in self:
+            pass
+
+    async def aclose(self):
+        self.closed = True
+
+
+def test_failures_answer_through_the_mapping_on_every_path(engine, model, monkeypatch, caplog):
+    from sirllm_agents import EngineBusyError, SessionBusyError, TextDelta
+
+    caplog.set_level(logging.INFO, logger="sirllm_agents.server")
+    body = {"model": model, "messages": [_user(_unique("fail"))], "max_tokens": 4}
+    with _serving(create_app(engine, ServerSettings(retry_after_seconds=3))) as url:
+        # While routing: an unexpected exception is a 500 without its text, logged with its traceback.
+        def broken_route(*args, **kwargs):
+            raise RuntimeError("the secret internals")
+
+        monkeypatch.setattr(engine, "route", broken_route)
+        response = _post(url, body, **{"X-Request-Id": "trace-me-1"})
+        error = _error(response, 500)
+        assert response.headers["X-Request-Id"] == "trace-me-1" == response.json()["request_id"]
+        assert "internal error" in error["message"] and "trace-me-1" in error["message"]
+        assert "secret" not in response.text
+        failures = [r for r in caplog.records if r.exc_info and "the secret internals" in str(r.exc_info[1])]
+        assert len(failures) == 1 and failures[0].name == "sirllm_agents.server"
+
+        def busy_route(*args, **kwargs):
+            raise EngineBusyError("the model is busy: 4 running, 8 waiting")
+
+        monkeypatch.setattr(engine, "route", busy_route)
+        response = _post(url, body)
+        assert _error(response, 429)["code"] == "rate_limit_exceeded" and response.headers["Retry-After"] == "3"
+        monkeypatch.undo()
+
+        # At a stream's first event: a plain status, before any byte of the stream.
+        stream = _ScriptedStream([], SessionBusyError("s", "b", 1.5))
+        monkeypatch.setattr(engine, "astream", lambda *args, **kwargs: stream)
+        response = _post(url, {**body, "stream": True})
+        assert _error(response, 409)["code"] == "session_busy" and response.headers["Retry-After"] == "2"
+        assert stream.closed
+
+        # Inside a stream's body: the error is its last event, and the request is counted with its status.
+        stream = _ScriptedStream([TextDelta("Hel"), TextDelta("lo")], RuntimeError("the secret internals"))
+        monkeypatch.setattr(engine, "astream", lambda *args, **kwargs: stream)
+        response = _post(url, {**body, "stream": True})
+        assert response.status_code == 200
+        events = [line[len("data: ") :] for line in response.text.splitlines() if line.startswith("data: ")]
+        assert "[DONE]" not in events
+        last = json.loads(events[-1])
+        assert last["error"]["code"] == "internal_error" and last["request_id"] == response.headers["X-Request-Id"]
+        assert "secret" not in response.text and stream.closed
+        monkeypatch.undo()
+        figures = _figures(httpx.get(f"{url}/metrics").text)
+        for code in (500, 429, 409):
+            chat = f'sirllm_requests_total{{endpoint="/v1/chat/completions",code="{code}"}}'
+            assert figures[chat] == (2 if code == 500 else 1), code
+        assert figures["sirllm_requests_in_flight"] == 0  # every failure gave its place in the queue back
+        assert _post(url, body).status_code == 200  # and the server goes on serving
+
+
+def test_request_ids_and_one_log_line_per_request(base_url, model, caplog):
+    caplog.set_level(logging.INFO, logger="sirllm_agents.server")
+    body = {"model": model, "messages": [_user(_unique("ids"))], "max_tokens": 3}
+    mine = _post(base_url, body, **{"X-Request-Id": "client-id-7"})
+    assert mine.status_code == 200 and mine.headers["X-Request-Id"] == "client-id-7"
+    made = _post(base_url, body)
+    assert made.headers["X-Request-Id"].startswith("req_") and made.headers["X-Request-Id"] != "client-id-7"
+    for unfit in ("x" * 129, "has space", "tab\there"):
+        assert _post(base_url, {**body, "max_tokens": 0}, **{"X-Request-Id": unfit}).headers["X-Request-Id"] != unfit
+    refused = _post(base_url, {**body, "max_tokens": 0}, **{"X-Request-Id": "bad-1"})
+    assert refused.headers["X-Request-Id"] == "bad-1" == refused.json()["request_id"]
+    assert httpx.get(f"{base_url}/health", headers={"X-Request-Id": "probe-1"}).headers["X-Request-Id"] == "probe-1"
+    assert httpx.get(f"{base_url}/v1/nowhere").headers["X-Request-Id"].startswith("req_")
+
+    deadline = time.monotonic() + 10  # the line is written once the response has gone
+    while time.monotonic() < deadline and not any("probe-1" in r.getMessage() for r in caplog.records):
+        time.sleep(0.01)
+    lines = {r.request_id: r.getMessage() for r in caplog.records if r.name == "sirllm_agents.server"}
+    usage = mine.json()["usage"]
+    line = lines["client-id-7"]
+    assert line.startswith("POST /v1/chat/completions status=200 ")
+    assert f"session={mine.headers['X-Session-Id']} " in line
+    assert f"prompt_tokens={usage['prompt_tokens']} completion_tokens={usage['completion_tokens']} " in line
+    assert " ttft=0." in line and " seconds=" in line and line.endswith("request_id=client-id-7")
+    assert lines["bad-1"].startswith("POST /v1/chat/completions status=400 session=- prompt_tokens=- ")
+    assert lines["probe-1"].startswith("GET /health status=200 ")
+    assert sum(1 for r in caplog.records if getattr(r, "request_id", None) == "client-id-7") == 1
+
+
+def test_time_to_first_token_and_per_token_histograms(engine, model):
+    with _serving(create_app(engine)) as url:
+        reply = _post(url, {"model": model, "messages": [_user(_unique("histograms"))], "max_tokens": 6}).json()
+        text = httpx.get(f"{url}/metrics").text
+    tokens = reply["usage"]["completion_tokens"]
+    assert tokens == 6
+    figures = _figures(text)
+    for name, count in (
+        ("sirllm_request_latency_seconds", 1),
+        ("sirllm_time_to_first_token_seconds", 1),
+        ("sirllm_inter_token_latency_seconds", tokens),  # counted once per generated token
+    ):
+        assert f"# TYPE {name} histogram" in text
+        buckets = [
+            (line.split('le="')[1].split('"')[0], figures[line.split(" ")[0]])
+            for line in text.splitlines()
+            if line.startswith(f"{name}_bucket")
+        ]
+        assert buckets[-1] == ("+Inf", count) and figures[f"{name}_count"] == count
+        counts = [value for _, value in buckets]
+        assert counts == sorted(counts), name  # cumulative
+        assert figures[f"{name}_sum"] > 0
+    # The first token comes before the whole reply, and one token's time is a fraction of the reply's.
+    assert figures["sirllm_time_to_first_token_seconds_sum"] <= figures["sirllm_request_latency_seconds_sum"]
+    assert figures["sirllm_inter_token_latency_seconds_sum"] < figures["sirllm_request_latency_seconds_sum"]
+
+
+@contextlib.contextmanager
+def _counted_forwards(engine, monkeypatch, gate: threading.Event | None = None):
+    """Counts the forwards of the sessions made from now on; with ``gate``, the first one waits for it (and
+    ``entered`` is set once it waits)."""
+    scheduler = engine.model.scheduler
+    ingest = scheduler.ingest
+    counts = {"forwards": 0, "entered": threading.Event()}
+
+    def counted(runner, ids):
+        counts["forwards"] += 1
+        if gate is not None and counts["forwards"] == 1:
+            counts["entered"].set()
+            assert gate.wait(30)
+        return ingest(runner, ids)
+
+    monkeypatch.setattr(scheduler, "ingest", counted)  # a session takes its scheduler's ingest when it is made
+    yield counts
+
+
+def _send_and_leave(url: str, body: dict, session_id: str, leave_when: Callable[[], bool]) -> None:
+    """Post ``body`` over a socket of its own, then close it once ``leave_when()`` holds."""
+    host, port = url.removeprefix("http://").split(":")
+    payload = json.dumps(body).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"X-Session-Id: {session_id}\r\nContent-Length: {len(payload)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head + payload)
+        deadline = time.monotonic() + 30
+        while not leave_when():
+            assert time.monotonic() < deadline, "the request never got that far"
+            time.sleep(0.005)
+
+
+def _client_gone_count(url: str) -> float:
+    figures = _figures(httpx.get(f"{url}/metrics").text)
+    return figures.get('sirllm_requests_total{endpoint="/v1/chat/completions",code="499"}', 0.0)
+
+
+def _wait_for(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def test_a_client_leaving_a_plain_request_stops_its_decoding(engine, model, monkeypatch):
+    messages = [_user(_unique("A very long essay, please."))]
+    session_id = uuid.uuid4().hex
+    body = {"model": model, "messages": messages, "max_tokens": 4000}
+    with _serving(create_app(engine)) as url, _counted_forwards(engine, monkeypatch) as counts:
+        _send_and_leave(url, body, session_id, leave_when=lambda: counts["forwards"] >= 5)  # decoding has begun
+        _wait_for(lambda: _client_gone_count(url) == 1, "the server never counted the client gone (499)")
+        stopped = counts["forwards"]
+        time.sleep(0.3)
+        assert counts["forwards"] == stopped < 200  # no forward after the answer; far from 4000 tokens
+        session = engine.route([], session_id)
+        assert session.transcript.messages == messages  # the conversation, without a reply
+        assert session.stats.turns == 0
+        # The same request again reuses the prompt the session rolled back to.
+        retry = _post(url, {**body, "max_tokens": 3}, **{"X-Session-Id": session_id}).json()
+        assert retry["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+def test_a_client_leaving_during_prefill_stops_the_request_before_it_decodes(engine, model, monkeypatch, stream):
+    messages = [_user(_unique("Read this long prompt. " * 40))]
+    session_id = uuid.uuid4().hex
+    body = {"model": model, "messages": messages, "max_tokens": 4000, "stream": stream}
+    gate = threading.Event()
+    streams = []
+    astream = engine.astream
+    monkeypatch.setattr(engine, "astream", lambda *a, **k: streams.append(astream(*a, **k)) or streams[-1])
+    with _serving(create_app(engine)) as url, _counted_forwards(engine, monkeypatch, gate) as counts:
+        try:
+            _send_and_leave(url, body, session_id, leave_when=counts["entered"].is_set)  # the prompt's first chunk
+            # The server sees the client go while the prompt is still being prefilled, and closes the stream.
+            _wait_for(lambda: streams and streams[0]._cancelled.is_set(), "the server did not close the stream")
+        finally:
+            gate.set()
+        _wait_for(lambda: _client_gone_count(url) == 1, "the server never counted the client gone (499)")
+        session = engine.route([], session_id)
+        forwards = counts["forwards"]
+        time.sleep(0.3)
+        assert counts["forwards"] == forwards
+        # The prefill that had begun runs to its end (the core stops a stream between its events), then one token
+        # at most is decoded, of the 4000 asked: a few forwards in all, and no reply.
+        assert forwards <= 8, forwards
+        assert session.transcript.messages == messages and session.stats.turns == 0

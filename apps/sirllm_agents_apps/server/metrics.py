@@ -8,8 +8,12 @@ from collections import Counter
 from sirllm_agents import Engine, TurnStats
 from sirllm_agents.scheduler import Scheduler
 
-# Upper bounds, in seconds, of the request-latency histogram's buckets.
+# Upper bounds, in seconds, of the histograms' buckets: a whole request, the first token, one decoded token.
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+FIRST_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+CHAT_PATH = "/v1/chat/completions"
 
 TOKEN_COUNTERS = {
     "prefilled": ("prefilled_tokens", "Prompt tokens run through the model."),
@@ -19,32 +23,74 @@ TOKEN_COUNTERS = {
 }
 
 
+class Histogram:
+    """A Prometheus histogram: cumulative bucket counts, their sum and count. Not locked: :class:`Metrics` is."""
+
+    def __init__(self, name: str, help_text: str, bounds: tuple[float, ...]):
+        self.name, self.help_text, self.bounds = name, help_text, bounds
+        self.buckets = [0] * len(bounds)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float, times: int = 1) -> None:
+        """Count ``seconds`` ``times`` times."""
+        self.sum += seconds * times
+        self.count += times
+        for i, bound in enumerate(self.bounds):
+            if seconds <= bound:  # cumulative: counted in every bucket whose bound it is within
+                self.buckets[i] += times
+
+    def lines(self) -> list[str]:
+        lines = [f"# HELP {self.name} {self.help_text}", f"# TYPE {self.name} histogram"]
+        for bound, count in zip(self.bounds, self.buckets, strict=True):
+            lines.append(f'{self.name}_bucket{{le="{bound}"}} {count}')
+        return lines + [
+            f'{self.name}_bucket{{le="+Inf"}} {self.count}',
+            f"{self.name}_sum {self.sum:.6f}",
+            f"{self.name}_count {self.count}",
+        ]
+
+
 class Metrics:
-    """Counters of the requests served and the tokens they moved; thread-safe."""
+    """Counters of the requests served and the tokens they moved, and the latency histograms; thread-safe."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.requests: Counter[tuple[str, int]] = Counter()  # (endpoint, status) -> count
         self.tokens: Counter[str] = Counter()
-        self.latency_buckets = [0] * len(LATENCY_BUCKETS)
-        self.latency_sum = 0.0
-        self.latency_count = 0
+        self.latency = Histogram(
+            "sirllm_request_latency_seconds",
+            "Time to answer a chat completion request, to its last byte.",
+            LATENCY_BUCKETS,
+        )
+        self.first_token = Histogram(
+            "sirllm_time_to_first_token_seconds",
+            "Time from a chat completion request's arrival to its reply's first piece (text or tool call).",
+            FIRST_TOKEN_BUCKETS,
+        )
+        self.per_token = Histogram(
+            "sirllm_inter_token_latency_seconds",
+            "Decoding time per generated token: each reply's decode seconds over its tokens, counted once a token.",
+            TOKEN_BUCKETS,
+        )
         self.in_flight = 0
 
     def request_done(self, endpoint: str, status: int, seconds: float) -> None:
         with self._lock:
             self.requests[(endpoint, status)] += 1
-            if endpoint == "/v1/chat/completions":
-                self.latency_sum += seconds
-                self.latency_count += 1
-                for i, bound in enumerate(LATENCY_BUCKETS):
-                    if seconds <= bound:
-                        self.latency_buckets[i] += 1
+            if endpoint == CHAT_PATH:
+                self.latency.observe(seconds)
+
+    def first_token_after(self, seconds: float) -> None:
+        with self._lock:
+            self.first_token.observe(seconds)
 
     def turn(self, stats: TurnStats) -> None:
         with self._lock:
             for name, (field, _) in TOKEN_COUNTERS.items():
                 self.tokens[name] += getattr(stats, field)
+            if stats.generated_tokens:
+                self.per_token.observe(stats.decode_seconds / stats.generated_tokens, stats.generated_tokens)
 
     def render(self, engine: Engine) -> str:
         live, spilled = len(engine.pool.live_ids()), len(engine.pool.spilled_ids())
@@ -65,24 +111,14 @@ class Metrics:
                 metric = f"sirllm_tokens_{name}_total"
                 lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} counter", f"{metric} {self.tokens[name]}"]
             lines += [
-                "# HELP sirllm_requests_total Requests answered, by endpoint and status code.",
+                "# HELP sirllm_requests_total Requests answered, by endpoint and status code (499: the client "
+                "closed the connection first).",
                 "# TYPE sirllm_requests_total counter",
             ]
             for (endpoint, status), count in sorted(self.requests.items()):
                 lines.append(f'sirllm_requests_total{{endpoint="{endpoint}",code="{status}"}} {count}')
-            metric = "sirllm_request_latency_seconds"
-            lines += [
-                f"# HELP {metric} Time to answer a chat completion request, to its last byte.",
-                f"# TYPE {metric} histogram",
-            ]
-            # Already cumulative: a request is counted in every bucket whose bound it is within.
-            for bound, count in zip(LATENCY_BUCKETS, self.latency_buckets, strict=True):
-                lines.append(f'{metric}_bucket{{le="{bound}"}} {count}')
-            lines += [
-                f'{metric}_bucket{{le="+Inf"}} {self.latency_count}',
-                f"{metric}_sum {self.latency_sum:.6f}",
-                f"{metric}_count {self.latency_count}",
-            ]
+            for histogram in (self.latency, self.first_token, self.per_token):
+                lines += histogram.lines()
         return "\n".join(lines) + "\n"
 
 

@@ -1,4 +1,5 @@
-"""The request body of ``POST /v1/chat/completions``, checked with pydantic, and its conversion to the core's call.
+"""The bodies of ``POST /v1/chat/completions``: the request, checked with pydantic, and its conversion to the core's
+call; the completion, its streamed chunks, usage and the error body, as pydantic models built from the core's types.
 
 Fields the server acts on: ``model``, ``messages``, ``stream``, ``stream_options.include_usage``, ``tools``,
 ``tool_choice``, ``response_format``, ``stop``, ``max_tokens`` / ``max_completion_tokens``, ``temperature``,
@@ -12,10 +13,12 @@ refused (``n > 1``, ``logprobs``, ``logit_bias``); any other field (``user``, ``
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from sirllm_agents import Reply, TextDelta, ToolCallDelta, TurnStats
 from sirllm_agents.penalties import Penalties
 
 
@@ -70,16 +73,15 @@ class ChatCompletionRequest(BaseModel):
     def core_messages(self) -> list[dict[str, Any]]:
         """The messages as the core takes them: content given as a list of text parts is joined into one string
         (other parts are refused), and a ``developer`` message is a system message. The core reads tool-call
-        arguments sent as JSON strings and ``content: null`` beside tool calls itself, and checks roles and content."""
-        messages = []
-        for i, message in enumerate(self.messages):
-            message = dict(message)
-            content = message.get("content")
-            if isinstance(content, list):
-                message["content"] = _join_parts(i, content)
-            if message.get("role") == "developer":  # OpenAI's newer name for system instructions
-                message["role"] = "system"
-            messages.append(message)
+        arguments sent as JSON strings and ``content: null`` beside tool calls itself, and checks roles and content.
+        Only the messages that change are copied: the others are passed as they were read, so that a long
+        conversation costs one look at each message."""
+        messages = self.messages
+        for i, message in enumerate(messages):
+            if type(message.get("content")) is list or message.get("role") == "developer":
+                if messages is self.messages:
+                    messages = list(messages)
+                messages[i] = _as_core(i, message)
         return messages
 
     def options(self, default_max_tokens: int | None = None) -> dict[str, Any]:
@@ -105,6 +107,15 @@ class ChatCompletionRequest(BaseModel):
         return options
 
 
+def _as_core(i: int, message: dict[str, Any]) -> dict[str, Any]:
+    message = dict(message)
+    if isinstance(message.get("content"), list):
+        message["content"] = _join_parts(i, message["content"])
+    if message.get("role") == "developer":  # OpenAI's newer name for system instructions
+        message["role"] = "system"
+    return message
+
+
 def _join_parts(i: int, parts: list[Any]) -> str:
     texts = []
     for j, part in enumerate(parts):
@@ -114,3 +125,149 @@ def _join_parts(i: int, parts: list[Any]) -> str:
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
             raise ValueError(f"messages[{i}].content[{j}]: only text parts are supported, got {kind!r}")
     return "".join(texts)
+
+
+# -- responses --------------------------------------------------------------------------------------------------------
+
+
+def _omitted_when_none() -> Any:
+    """A field, None by default, left out of the JSON when None (OpenAI's bodies omit these rather than send null)."""
+    return Field(default=None, exclude_if=lambda value: value is None)
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+    @classmethod
+    def of(cls, stats: TurnStats) -> Usage:
+        """``cached_tokens`` is the prompt tokens reused from the session's cache."""
+        return cls(
+            prompt_tokens=stats.input_tokens,
+            completion_tokens=stats.generated_tokens,
+            total_tokens=stats.input_tokens + stats.generated_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=stats.reused_tokens),
+        )
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as in OpenAI's API
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    refusal: None = None
+    tool_calls: list[ToolCall] | None = _omitted_when_none()
+
+    @classmethod
+    def of(cls, reply: Reply) -> AssistantMessage:
+        """The reply as OpenAI's message: with tool calls, ``content`` is null when empty."""
+        if not reply.tool_calls:
+            return cls(content=reply.content)
+        calls = [
+            ToolCall(
+                id=call.id,
+                function=FunctionCall(name=call.name, arguments=json.dumps(call.arguments, ensure_ascii=False)),
+            )
+            for call in reply.tool_calls
+        ]
+        return cls(content=reply.content or None, tool_calls=calls)
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: str
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: None = None
+    choices: list[Choice]
+    usage: Usage
+
+    @classmethod
+    def of(cls, reply: Reply, completion_id: str, created: int, model: str) -> ChatCompletion:
+        choice = Choice(message=AssistantMessage.of(reply), finish_reason=reply.finish_reason)
+        return cls(id=completion_id, created=created, model=model, choices=[choice], usage=Usage.of(reply.stats))
+
+
+class ToolCallPiece(ToolCall):
+    """A streamed tool call: whole, with its place among the reply's calls."""
+
+    index: int
+
+
+class Delta(BaseModel):
+    """What a chunk adds: only the fields it sets are written."""
+
+    role: Literal["assistant"] | None = _omitted_when_none()
+    content: str | None = _omitted_when_none()
+    tool_calls: list[ToolCallPiece] | None = _omitted_when_none()
+
+    @classmethod
+    def of(cls, event: TextDelta | ToolCallDelta) -> Delta:
+        if isinstance(event, TextDelta):
+            return cls(content=event.text)
+        function = FunctionCall(name=event.name, arguments=event.arguments)
+        return cls(tool_calls=[ToolCallPiece(index=event.index, id=event.id, function=function)])
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a stream. ``usage`` is written only when the request asked for it
+    (``stream_options.include_usage``): null on every chunk but the last, which has no choices."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: None = None
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+    def sse(self, include_usage: bool) -> str:
+        return sse(self.model_dump(mode="json", exclude=None if include_usage else {"usage"}))
+
+
+def sse(data: dict[str, Any]) -> str:
+    """One server-sent event carrying ``data`` as JSON (with spaces after separators, as the stream always had)."""
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error body, with the id of the request it answers (also in the ``X-Request-Id`` header)."""
+
+    error: ErrorDetail
+    request_id: str | None = None
