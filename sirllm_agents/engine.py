@@ -34,8 +34,8 @@ class Engine:
     id, a ``.gguf`` file, an already loaded ``PreTrainedModel`` together with ``tokenizer=``, or a
     :class:`~sirllm_agents.model.Model`. ``backend`` picks what runs it: ``"torch"``, ``"llamacpp"`` (GGUF files, CPU)
     or ``"auto"``, llama.cpp for a GGUF when it is installed (see :meth:`Model.load`, which takes the other loading
-    arguments). Up to ``parallel`` calls, on any sessions, run at once, their forwards batched together by the model's
-    scheduler; more wait their turn.
+    arguments). Up to ``parallel`` calls, on any sessions, run at once (with ``batch``, their forwards batched
+    together by the model's scheduler); more wait their turn.
 
     The engine also holds a pool of conversations for :meth:`chat` / :meth:`stream` / :meth:`achat`: each call goes
     to the session named by ``session_id``, else to the one whose transcript is the longest prefix of its messages.
@@ -59,6 +59,7 @@ class Engine:
         trust_remote_code: bool = False,
         chat_template: str | None = None,
         parallel: int = DEFAULT_PARALLEL,
+        batch: bool | None = None,
         max_live_sessions: int = DEFAULT_MAX_LIVE_SESSIONS,
         max_spilled_sessions: int = DEFAULT_MAX_SPILLED_SESSIONS,
         spill_dir: str | os.PathLike | None = None,
@@ -78,6 +79,7 @@ class Engine:
                 trust_remote_code=trust_remote_code,
                 chat_template=chat_template,
                 parallel=parallel,
+                batch=batch,
             )
         self.pool = SessionPool(
             self.model,

@@ -38,6 +38,7 @@ class Model:
         name: str,
         chat_template: str | None = None,
         parallel: int = DEFAULT_PARALLEL,
+        batch: bool = True,
     ):
         if getattr(tokenizer, "backend_tokenizer", None) is None:
             raise ValueError(f"{name}: sirllm-agents needs a fast (tokenizers) tokenizer")
@@ -49,8 +50,9 @@ class Model:
         eos = backend.eos_token_ids() | {tokenizer.eos_token_id}
         self.stop_token_ids: frozenset[int] = frozenset(i for i in eos if i is not None)
         self.token_shapes = TokenShapes.from_tokenizer(tokenizer, backend.vocab_size)
-        # Every forward of every session on this model goes through it: up to `parallel` requests decode together.
-        self.scheduler = Scheduler(backend, max_running=parallel)
+        # Every call of every session on this model is admitted by it (up to `parallel` at once), and with `batch`
+        # their forwards run together.
+        self.scheduler = Scheduler(backend, max_running=parallel, batching=batch)
 
     @classmethod
     def load(
@@ -65,6 +67,7 @@ class Model:
         trust_remote_code: bool = False,
         chat_template: str | None = None,
         parallel: int = DEFAULT_PARALLEL,
+        batch: bool | None = None,
     ) -> Model:
         """Load ``model`` (see the class docstring) on ``backend``:
 
@@ -74,8 +77,12 @@ class Model:
         * ``"auto"``: llama.cpp for a GGUF file (the embedded model is one) when ``llama-cpp-python`` is installed
           and neither a device other than the CPU nor a torch dtype is asked for, else torch.
 
-        ``parallel``: how many requests run at once, their decode steps batched together (on llama.cpp, that many
-        conversations share one context); more wait their turn (see :mod:`sirllm_agents.scheduler`).
+        ``parallel``: how many requests run at once; more wait their turn (see :mod:`sirllm_agents.scheduler`).
+        ``batch``: whether the forwards of the requests running at once go through the model together (on llama.cpp,
+        ``parallel`` conversations then share one context) or each request runs its own, in its own thread (on
+        llama.cpp, in a context of its own). ``None``: batched on torch, not on llama.cpp, where it is measured to
+        lose on the embedded model's Q4_1 weights, which ggml's CPU backend multiplies one token at a time (see the
+        benchmarks README; files in Q4_0 or Q8_0 gain from it).
         """
         backend = _chosen_backend(backend, model, device, dtype)
         if backend == "llamacpp":
@@ -88,8 +95,9 @@ class Model:
                 )
             if tokenizer is None:
                 tokenizer = loading.gguf_tokenizer(gguf)
-            backend = LlamaCppBackend(gguf, threads, sequences=parallel)
-            return cls(backend, tokenizer, loading.model_name(model), chat_template, parallel)
+            batch = bool(batch)
+            backend = LlamaCppBackend(gguf, threads, sequences=parallel if batch else 1)
+            return cls(backend, tokenizer, loading.model_name(model), chat_template, parallel, batch)
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.float32)
         if isinstance(model, PreTrainedModel):
             if tokenizer is None:
@@ -99,7 +107,7 @@ class Model:
             weights, tokenizer, name = loading.load(
                 model, device=device, dtype=dtype, trust_remote_code=trust_remote_code
             )
-        return cls(TorchBackend(weights), tokenizer, name, chat_template, parallel)
+        return cls(TorchBackend(weights), tokenizer, name, chat_template, parallel, batch is not False)
 
     def new_runner(self, capacity: int) -> ModelRunner:
         """A runner for one conversation of at most ``capacity`` cached tokens."""

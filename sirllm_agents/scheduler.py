@@ -84,7 +84,8 @@ class EngineBusyError(RuntimeError):
 class Scheduler:
     """Admits requests and runs their forwards together (see the module docstring). ``max_running``: requests run
     at once (their decode steps share one batched forward); ``max_waiting``: requests that may wait for a place,
-    past which :meth:`request` raises :class:`EngineBusyError` (None: no bound)."""
+    past which :meth:`request` raises :class:`EngineBusyError` (None: no bound). With ``batching=False`` each
+    forward runs at once in its request's thread, concurrently with the others' (admission still bounds them)."""
 
     def __init__(
         self,
@@ -92,6 +93,7 @@ class Scheduler:
         max_running: int = DEFAULT_PARALLEL,
         max_waiting: int | None = None,
         gather_seconds: float = GATHER_SECONDS,
+        batching: bool = True,
     ):
         if not isinstance(max_running, int) or max_running < 1:
             raise ValueError(f"max_running must be a positive integer, got {max_running!r}")
@@ -101,6 +103,7 @@ class Scheduler:
         self.max_running = max_running
         self.max_waiting = max_waiting
         self.gather_seconds = gather_seconds
+        self.batching = batching
         self._cond = threading.Condition()
         self._running: list[Ticket] = []
         self._waiting = 0
@@ -153,6 +156,11 @@ class Scheduler:
         forward = _Forward(runner, [int(token) for token in ids], time.monotonic(), len(runner))
         if not forward.ids:
             return torch.empty(0)
+        if not self.batching:
+            with self._cond:
+                self.calls += 1
+                self.forwards += 1
+            return runner.ingest(forward.ids)
         with self._changed():
             self._pending.append(forward)
         while True:

@@ -110,6 +110,28 @@ def test_requests_asking_at_once_share_one_call():
     assert (scheduler.calls, scheduler.forwards) == (1, 4)
 
 
+def test_without_batching_each_forward_runs_at_once_in_its_own_thread():
+    backend = FakeBackend()
+    scheduler = Scheduler(backend, max_running=2, gather_seconds=NEVER, batching=False)
+    admitted, first_done = threading.Barrier(2), threading.Event()
+
+    def first():
+        with scheduler.request():
+            admitted.wait()
+            scheduler.ingest(FakeRunner("first"), [1])
+            first_done.set()
+
+    def second():
+        with scheduler.request():
+            admitted.wait()
+            first_done.wait(JOIN)  # admitted but asking nothing: a batching scheduler would wait for it
+            return scheduler.ingest(FakeRunner("second"), [1, 2, 3, 4, 5])
+
+    run_threads(first, second)
+    assert backend.calls == [[("first", 1)], [("second", 5)]]  # whole, not cut into steps
+    assert (scheduler.calls, scheduler.forwards) == (2, 2)
+
+
 def test_a_prompt_being_prefilled_shares_each_step_with_another_requests_decoding():
     backend = FakeBackend()
     scheduler = Scheduler(backend, max_running=2, gather_seconds=NEVER)
@@ -263,12 +285,12 @@ def conversation(session, topic: str) -> list[list[int]]:
 
 @pytest.fixture(scope="module", params=["torch", "llamacpp"])
 def parallel_engine(request, tokenizer) -> Engine:
-    """Eight conversations at once: the embedded model on llama.cpp; the tiny model in float64 on PyTorch (its
+    """Eight conversations at once, batched: the embedded model on llama.cpp; the tiny model in float64 on PyTorch (its
     batched forward sums in another order, and float64 keeps that far below any gap between two greedy choices)."""
     if request.param == "llamacpp":
         if LLAMACPP_MISSING:
             pytest.skip(LLAMACPP_MISSING)
-        return Engine(backend="llamacpp", threads=1, parallel=8)
+        return Engine(backend="llamacpp", threads=1, parallel=8, batch=True)
     return Engine(tiny_llama(tokenizer).double(), tokenizer=tokenizer, parallel=8)
 
 

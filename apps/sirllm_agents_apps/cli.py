@@ -52,7 +52,13 @@ def main(argv: list[str] | None = None) -> None:
         "--parallel",
         type=int,
         default=DEFAULT_PARALLEL,
-        help=f"requests decoded together; more wait their turn (default {DEFAULT_PARALLEL})",
+        help=f"requests run at once; more wait their turn (default {DEFAULT_PARALLEL})",
+    )
+    serve.add_argument(
+        "--batch",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the forwards of the requests running at once together (default: on torch yes, on llama.cpp no)",
     )
     _session_options(serve)
     serve.add_argument("--max-queue", type=int, default=16, help="chat requests in flight or waiting; past it, 429")
@@ -207,6 +213,7 @@ def _serve(args: argparse.Namespace) -> None:
             args.model,
             backend=args.backend,
             parallel=args.parallel,
+            batch=args.batch,
             config=config,
             max_live_sessions=args.max_live_sessions,
             store=store,

@@ -494,7 +494,7 @@ def test_serve_builds_the_engine_warns_off_loopback_and_runs_uvicorn(monkeypatch
 
     made, ran = {}, {}
 
-    def fake_engine(model, backend, parallel, config, max_live_sessions, store):
+    def fake_engine(model, backend, parallel, batch, config, max_live_sessions, store):
         made.update(model=model, backend=backend, config=config, max_live_sessions=max_live_sessions, store=store)
         made["parallel"] = parallel
         return engine
