@@ -8,7 +8,8 @@ runs once every running request is waiting on one, or ``gather_seconds`` after t
 elsewhere, rendering a long prompt, holds the others up only that long), and the thread that finds it ready runs it
 for all. Alone, a request runs its own forwards at once. A request handing a piece of its reply to its caller is
 not waited for. A long input takes at most the backend's ``step_tokens`` per step, so a prompt being prefilled
-delays the others' next token by one chunk, not by the whole prompt.
+delays the others' next token by one chunk, not by the whole prompt. Without batching (``batching=False``), admission
+still bounds the requests, and each runs its forwards at once in its own thread.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 
 from .runners import Backend, ModelRunner
 
-DEFAULT_PARALLEL = 4  # conversations decoded together
+DEFAULT_PARALLEL = 4  # requests run at once
 GATHER_SECONDS = 0.01
 
 
