@@ -38,7 +38,7 @@ class Model:
         name: str,
         chat_template: str | None = None,
         parallel: int = DEFAULT_PARALLEL,
-        batch: bool = True,
+        batch: bool | None = None,
     ):
         if getattr(tokenizer, "backend_tokenizer", None) is None:
             raise ValueError(f"{name}: sirllm-agents needs a fast (tokenizers) tokenizer")
@@ -51,8 +51,9 @@ class Model:
         self.stop_token_ids: frozenset[int] = frozenset(i for i in eos if i is not None)
         self.token_shapes = TokenShapes.from_tokenizer(tokenizer, backend.vocab_size)
         # Every call of every session on this model is admitted by it (up to `parallel` at once), and with `batch`
-        # their forwards run together.
-        self.scheduler = Scheduler(backend, max_running=parallel, batching=batch)
+        # (default: whenever the backend can) their forwards run together.
+        batching = backend.can_batch if batch is None else batch
+        self.scheduler = Scheduler(backend, max_running=parallel, batching=batching)
 
     @classmethod
     def load(
@@ -95,9 +96,8 @@ class Model:
                 )
             if tokenizer is None:
                 tokenizer = loading.gguf_tokenizer(gguf)
-            batch = bool(batch)
             backend = LlamaCppBackend(gguf, threads, sequences=parallel if batch else 1)
-            return cls(backend, tokenizer, loading.model_name(model), chat_template, parallel, batch)
+            return cls(backend, tokenizer, loading.model_name(model), chat_template, parallel)
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.float32)
         if isinstance(model, PreTrainedModel):
             if tokenizer is None:
@@ -107,7 +107,7 @@ class Model:
             weights, tokenizer, name = loading.load(
                 model, device=device, dtype=dtype, trust_remote_code=trust_remote_code
             )
-        return cls(TorchBackend(weights), tokenizer, name, chat_template, parallel, batch is not False)
+        return cls(TorchBackend(weights), tokenizer, name, chat_template, parallel, batch)
 
     def new_runner(self, capacity: int) -> ModelRunner:
         """A runner for one conversation of at most ``capacity`` cached tokens."""

@@ -154,14 +154,14 @@ class Scheduler:
 
     def ingest(self, runner: ModelRunner, ids: Sequence[int]) -> torch.Tensor:
         """``runner.ingest(ids)``, run in a step together with the other requests' forwards."""
-        forward = _Forward(runner, [int(token) for token in ids], time.monotonic(), len(runner))
-        if not forward.ids:
-            return torch.empty(0)
         if not self.batching:
             with self._cond:
                 self.calls += 1
                 self.forwards += 1
-            return runner.ingest(forward.ids)
+            return runner.ingest(ids)
+        forward = _Forward(runner, [int(token) for token in ids], time.monotonic(), len(runner))
+        if not forward.ids:
+            return torch.empty(0)
         with self._changed():
             self._pending.append(forward)
         while True:
@@ -180,11 +180,12 @@ class Scheduler:
                     self._pending = [f for f in batch if not f.finished and f is not forward] + self._pending
                     self._stepping = False
                 raise
+            unfinished = [f for f in batch if not f.finished]
             now = time.monotonic()
+            for left in unfinished:
+                left.asked = now  # a long input goes on in the next step, with the others' next tokens
             with self._changed():
-                for unfinished in (f for f in batch if not f.finished):
-                    unfinished.asked = now  # a long input goes on in the next step, with the others' next tokens
-                self._pending = [f for f in batch if not f.finished] + self._pending
+                self._pending = unfinished + self._pending
                 self._stepping = False
         if forward.error is not None:
             raise forward.error

@@ -60,6 +60,7 @@ class Backend(Protocol):
     max_length: int  # positions the model was trained on
     vocab_size: int  # rows of its logits
     step_tokens: int | None  # the most tokens of one input a scheduler's step runs (None: the whole input)
+    can_batch: bool  # whether decode_together can take several runners' inputs in one forward
 
     def new_runner(self, capacity: int) -> ModelRunner:
         """A runner for one conversation that will never hold more than ``capacity`` tokens."""

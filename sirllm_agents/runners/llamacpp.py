@@ -91,6 +91,11 @@ class LlamaCppBackend:
             self._contexts = [ref for ref in self._contexts if ref() is not None] + [weakref.ref(context)]
             return context.new_runner(capacity)
 
+    @property
+    def can_batch(self) -> bool:
+        """Runners share contexts, so a call can decode several."""
+        return self.sequences > 1
+
     def batch_key(self, runner: LlamaCppRunner, tokens: int) -> LlamaCppContext:
         """Runners of one context decode together."""
         return runner.context

@@ -18,6 +18,7 @@ class TorchBackend:
 
     name = "torch"
     step_tokens = None  # a scheduler's step runs a prompt chunk whole, as ``ingest`` does
+    can_batch = True
 
     def __init__(self, weights: PreTrainedModel):
         self.weights = weights.eval()
