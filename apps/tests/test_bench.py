@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from functools import partial
+from operator import itemgetter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -610,6 +611,55 @@ def test_locomo_bench_writes_every_cell_and_its_measures_hold(tiny_engine, tmp_p
     table = report(out)
     assert "### LoCoMo: conversations 26" in table and "| oracle (evidence turns only) |" in table
     assert "| streaming | 160 | end |" in table
+
+
+@needs_locomo
+def test_locomo_parts_run_apart_merge_into_the_whole_run(tiny_engine, tmp_path, monkeypatch):
+    from sirllm_agents_apps.bench import locomo
+
+    import sirllm_agents.engine
+
+    monkeypatch.setattr(sirllm_agents.engine, "Engine", lambda *args, **kwargs: tiny_engine)
+
+    def run(name: str, conversations: str, policies: str) -> dict:
+        argv = ["bench", "locomo", "--data", str(LOCOMO), "--conversations", conversations, "--sessions", "2"]
+        argv += ["--questions", "4", "--cache-size", "160", "--policies", policies, "--mode", "end"]
+        cli([*argv, "--threads", "1", "--out", str(tmp_path / name)])
+        [result] = (tmp_path / name).glob("locomo-*.json")
+        return json.loads(result.read_text())
+
+    whole = run("whole", "26,30", "streaming,sirllm,default")
+    parts = {
+        "a": run("a", "26", "streaming,default"),
+        "b": run("b", "30", "streaming,default"),
+        "c": run("c", "26,30", "sirllm"),
+    }
+    merged = locomo.merge(list(parts.values()), list(parts))
+    assert merged["conversations"] == ["26", "30"] and merged["merged_from"] == ["a", "b", "c"]
+    assert merged["oracle"] == whole["oracle"]
+    assert sorted(merged["questions"], key=str) == sorted(whole["questions"], key=str)
+    runs = {run["policy"]: run for run in merged["runs"]}
+    for expected in whole["runs"]:
+        got = runs[expected["policy"]]
+        key = itemgetter("conversation", "question")
+        assert sorted(got["records"], key=key) == sorted(expected["records"], key=key)
+        assert got["summary"] == expected["summary"]
+        assert got["prefilled_tokens"] == expected["prefilled_tokens"]
+    assert merged["targets"] == whole["targets"] and merged["paired_with_default"] == whole["paired_with_default"]
+    assert {(p["policy"], p["category"]) for p in merged["paired_with_default"]} == {
+        (policy, group) for policy in ("streaming", "sirllm") for group in ("all", "answerable", "single-hop")
+    }
+    with pytest.raises(ValueError, match=r"did not run on conversations \['30'\]"):
+        locomo.merge([parts["a"], parts["c"]], ["a", "c"])
+    with pytest.raises(ValueError, match=r"runs streaming .* again on conversations"):
+        locomo.merge([parts["a"], parts["a"]], ["a", "a again"])
+    with pytest.raises(ValueError, match="differs from a in seed"):
+        locomo.merge([parts["a"], parts["b"] | {"seed": 1}], ["a", "b"])
+    out = tmp_path / "merged"
+    cli(["bench", "merge", *(str(next((tmp_path / n).glob("*.json"))) for n in parts), "--out", str(out)])
+    [written] = out.glob("locomo-*.json")
+    assert json.loads(written.read_text())["runs"] == merged["runs"] and written.with_suffix(".png").exists()
+    assert "The default's cloze minus each setting's" in report(out)
 
 
 def test_locomo_greedy_replies_are_scored_by_token_f1_and_truncate_leaves_them_room(tiny_engine):

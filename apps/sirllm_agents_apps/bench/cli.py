@@ -102,6 +102,11 @@ def add_parser(commands) -> None:
     recall.add_argument("--backend", default="auto", choices=BACKENDS, help="llamacpp for GGUF files, else torch")
     _common(recall)
     _locomo_parser(tasks)
+    merge = tasks.add_parser(
+        "merge", help="LoCoMo results run in parts (other conversations or settings, in parallel) as one result"
+    )
+    merge.add_argument("files", nargs="+", help="the parts' JSON results")
+    merge.add_argument("--out", default="bench-results", help="folder for the merged JSON result and PNG plot")
     loop = tasks.add_parser("agent-loop", help="per-step latency and memory of SirLLM against stateless and llama.cpp")
     loop.add_argument("--steps", type=int, default=100)
     loop.add_argument("--peers", default="sirllm,stateless,llamacpp")
@@ -283,6 +288,9 @@ def main(args: argparse.Namespace) -> None:
 
         print(report(args.results), end="")
         return
+    if args.task == "merge":
+        _merge(args)
+        return
     if args.task == "pool":
         from .pooled import write
 
@@ -367,6 +375,20 @@ def main(args: argparse.Namespace) -> None:
         name += f"-{args.suite}"
     stem = _write_new(out / name, json.dumps(results, indent=1))
     plot(results, stem.with_suffix(".png"))
+    print(f"wrote {stem}.json and {stem}.png")
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from . import locomo, plots
+
+    try:
+        results = locomo.merge([json.loads(Path(f).read_text()) for f in args.files], args.files)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"bench merge: {error}") from None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = _write_new(out / f"locomo-{time.strftime('%Y%m%d-%H%M%S')}", json.dumps(results, indent=1))
+    plots.locomo_plot(results, stem.with_suffix(".png"))
     print(f"wrote {stem}.json and {stem}.png")
 
 
@@ -678,4 +700,5 @@ def _locomo(args: argparse.Namespace, threads: int) -> dict:
         "runs": runs,
     }
     results["targets"] = locomo.targets(results, args.seed)
+    results["paired_with_default"] = locomo.paired_with_default(results, args.seed)
     return results

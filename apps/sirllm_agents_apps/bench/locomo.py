@@ -385,3 +385,129 @@ def _target(name: str, category: str, difference: dict, threshold: float) -> dic
         "met": difference["mean"] >= threshold,
         "clear": difference["low"] >= threshold,
     }
+
+
+def paired_with_default(results: dict, seed: int = 0) -> list[dict]:
+    """The default's cloze minus every other setting's, paired per question at the same cache size and mode, with
+    its bootstrap 95% interval, over all, answerable and single-hop questions: what choosing a default between the
+    settings needs (the intervals of two unpaired means overlap far more than the paired difference's)."""
+    defaults = {run["cache_size"]: run for run in results["runs"] if run["policy"] == DEFAULT}
+    found = []
+    for run in results["runs"]:
+        mine = defaults.get(run["cache_size"])
+        if mine is None or run is mine:
+            continue
+        for mode in results["modes"]:
+            for category in ("all", ANSWERABLE, "single-hop"):
+                found.append(
+                    {
+                        "policy": run["policy"],
+                        "cache_size": run["cache_size"],
+                        "decay": run["decay"],
+                        "recent": run["recent"],
+                        "mode": mode,
+                        "category": category,
+                        "difference": _paired_cloze(mine["records"], run["records"], mode, category, seed),
+                    }
+                )
+    return found
+
+
+def _paired_cloze(mine: list[dict], theirs: list[dict], mode: str, category: str, seed: int) -> dict:
+    def chosen(records: list[dict]) -> dict[tuple, float]:
+        return {
+            (r["conversation"], r["question"]): float(r["cloze"])
+            for r in records
+            if r["mode"] == mode and _in_group(r, category)
+        }
+
+    a, b = chosen(mine), chosen(theirs)
+    return mean_interval([a[k] - b[k] for k in sorted(a.keys() & b.keys())], seed)
+
+
+def _in_group(record: dict, group: str) -> bool:
+    """Whether ``record`` counts in ``group``: ``all``, ``answerable`` (not adversarial) or a category's name."""
+    if group == "all":
+        return True
+    if group == ANSWERABLE:
+        return record["category"] != CATEGORIES[ADVERSARIAL]
+    return record["category"] == group
+
+
+# What runs merged into one result must share: the same benchmark, asked the same way.
+SHARED_FIELDS = (
+    "task",
+    "model",
+    "backend",
+    "data",
+    "sessions",
+    "questions_per_conversation",
+    "modes",
+    "later_sessions",
+    "generate",
+    "seed",
+    "threads",
+)
+
+
+def merge(parts: Sequence[dict], names: Sequence[str]) -> dict:
+    """One result from runs of the same benchmark on parts of it, each run in its own process (other conversations,
+    other settings), as if one run had done them all: records joined per setting, summaries, the oracle and the
+    targets computed again over the whole. Every setting must cover every conversation exactly once, so that no
+    table mixes question sets; ``ValueError`` says what is missing or doubled."""
+    if not parts:
+        raise ValueError("nothing to merge: give two or more LoCoMo result files")
+    first = parts[0]
+    for name, part in zip(names, parts):
+        if part.get("task") != "locomo":
+            raise ValueError(f"{name} holds a {part.get('task')!r} result: only LoCoMo results merge")
+        differ = [field for field in SHARED_FIELDS if part.get(field) != first.get(field)]
+        if differ:
+            raise ValueError(f"{name} differs from {names[0]} in {', '.join(differ)}: they are not one benchmark")
+    conversations = list(dict.fromkeys(c for part in parts for c in part["conversations"]))
+    questions = {(q["conversation"], q["question"]): q for part in parts for q in part["questions"]}
+    oracle = list({(r["conversation"], r["question"]): r for part in parts for r in part["oracle"]["records"]}.values())
+    runs: dict[tuple, dict] = {}
+    covered: dict[tuple, list[str]] = {}
+    for name, part in zip(names, parts):
+        for run in part["runs"]:
+            key = (run["policy"], run["cache_size"], run["decay"], run["recent"])
+            doubled = set(covered.get(key, ())) & set(part["conversations"])
+            if doubled:
+                raise ValueError(f"{name} runs {_key_label(key)} again on conversations {sorted(doubled)}")
+            covered.setdefault(key, []).extend(part["conversations"])
+            if key not in runs:
+                runs[key] = {**run, "records": [], "prefilled_tokens": 0, "evicted_tokens": 0, "seconds": 0.0}
+            merged = runs[key]
+            merged["records"] += run["records"]
+            for field in ("prefilled_tokens", "evicted_tokens", "seconds"):
+                merged[field] += run[field]
+    for key, done in covered.items():
+        missing = [c for c in conversations if c not in done]
+        if missing:
+            raise ValueError(
+                f"{_key_label(key)} did not run on conversations {missing}: run it there or leave them out"
+            )
+    seed = first["seed"]
+    for run in runs.values():
+        run["records"] = with_oracle_gap(run["records"], oracle)
+        run["summary"] = {
+            mode: summarize([r for r in run["records"] if r["mode"] == mode], seed) for mode in first["modes"]
+        }
+        run["seconds"] = round(run["seconds"], 2)
+    results = {
+        **{field: first.get(field) for field in SHARED_FIELDS},
+        "conversations": conversations,
+        "questions": list(questions.values()),
+        "merged_from": list(names),
+        "oracle": {"summary": summarize(oracle, seed), "records": oracle},
+        "runs": list(runs.values()),
+    }
+    results["targets"] = targets(results, seed)
+    results["paired_with_default"] = paired_with_default(results, seed)
+    return results
+
+
+def _key_label(key: tuple) -> str:
+    policy, cache_size, decay, recent = key
+    return f"{policy} (cache {cache_size}, decay {decay}, recent {recent})"

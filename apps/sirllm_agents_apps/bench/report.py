@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 # The paper's Table (Yao et al., ACL 2024) for reference: Grocery ACC_g with 6B-34B chat models, cache 4+1020.
@@ -276,7 +278,32 @@ def _locomo_table(results: dict) -> list[str]:
                 f"| {t['target']} | {t['category']} ({d['n']}) | {_interval(d, 1.0, 3)} | "
                 f"{'yes' if t['met'] else 'no'} | {'yes' if t['clear'] else 'no'} |"
             )
+    if results.get("paired_with_default"):
+        lines += [
+            "",
+            "The default's cloze minus each setting's, paired per question (points, [95% interval]):",
+            "",
+            "| setting | cache | mode | all | answerable | single-hop |",
+            "| --- | ---: | --- | ---: | ---: | ---: |",
+        ]
+        rows: dict[tuple, dict] = {}
+        for p in results["paired_with_default"]:
+            key = (locomo_label(p), p["cache_size"], p["mode"])
+            rows.setdefault(key, {})[p["category"]] = p["difference"]
+        for (label, size, mode), cells in rows.items():
+            row = " | ".join(_interval(cells.get(g)) for g in ("all", "answerable", "single-hop"))
+            lines.append(f"| {label} | {size} | {mode} | {row} |")
     return lines
+
+
+def _table_of(module: str, function: str) -> Callable[[dict], list[str]]:
+    """The table a task's own module prints after its run, imported only when a result of that task is read."""
+
+    def table(results: dict) -> list[str]:
+        render = getattr(importlib.import_module(f".{module}", __package__), function)
+        return [f"### {results['task']}", "", render(results).rstrip("\n")]
+
+    return table
 
 
 def report(folder: str | Path) -> str:
@@ -290,6 +317,9 @@ def report(folder: str | Path) -> str:
             "backends": _backends_table,
             "serve": _serve_table,
             "locomo": _locomo_table,
+            "long-run": _table_of("long_run", "table"),
+            "serve-agent": _table_of("serve_load", "agent_table"),
+            "structured": _table_of("structured", "table"),
         }
         table = tables.get(results["task"], _memory_table)(results)
         sections.append("\n".join(table + ["", f"(from `{path.name}`)"]))
