@@ -689,3 +689,8 @@ def test_locomo_greedy_replies_are_scored_by_token_f1_and_truncate_leaves_them_r
     assert 0 < records[0]["messages_kept"] < len(conversation.messages)
     first = next(r for r in records if r["question"] == 4)  # its evidence, the first turn, was trimmed
     assert first["evidence_kept"] == 0.0
+
+
+def test_the_report_reads_every_result_the_repository_keeps():
+    results = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+    assert report(results).count("(from `") == len(list(results.glob("*.json")))

@@ -117,6 +117,11 @@ def summarize(records: list[dict]) -> dict:
     }
 
 
+def _figure(cell: dict, key: str, digits: int) -> str:
+    """A figure of the table, ``-`` where the result predates it (the CPU and ingest columns came later)."""
+    return "-" if cell.get(key) is None else f"{cell[key]:.{digits}f}"
+
+
 def table(results: dict) -> str:
     """The summary as a markdown table, one row per tenth of the run."""
     s = results["summary"]
@@ -129,12 +134,12 @@ def table(results: dict) -> str:
     for d in s["deciles"]:
         lines.append(
             f"| {d['steps'][0]}-{d['steps'][1]} | {d['messages']} | {d['median_ms']:.1f} | "
-            f"{d['median_ingest_ms']:.1f} | {d['median_cpu_ms']:.1f} | {d['median_host_ms']:.2f} | "
-            f"{d['rss_mib']:.0f} |"
+            f"{_figure(d, 'median_ingest_ms', 1)} | {_figure(d, 'median_cpu_ms', 1)} | "
+            f"{_figure(d, 'median_host_ms', 2)} | {d['rss_mib']:.0f} |"
         )
     lines.append(
-        f"last tenth / second tenth: {s['last_over_second']:.3f} (ingested steps {s['last_over_second_ingest']:.3f}, "
-        f"CPU time {s['last_over_second_cpu']:.3f});"
+        f"last tenth / second tenth: {s['last_over_second']:.3f} (ingested steps "
+        f"{_figure(s, 'last_over_second_ingest', 3)}, CPU time {_figure(s, 'last_over_second_cpu', 3)});"
         f" RSS growth after step {RSS_FROM_STEP}: {100 * s['rss_growth']:.2f}%; restarts {s['restarts']}; "
         f"largest cache {s['max_cache_len']}"
     )
