@@ -488,6 +488,8 @@ def test_keys_body_size_and_overload(engine, model):
 
 
 def test_serve_builds_the_engine_warns_off_loopback_and_runs_uvicorn(monkeypatch, capsys, engine):
+    import gc
+
     from sirllm_agents_apps.cli import main
 
     import sirllm_agents
@@ -501,7 +503,10 @@ def test_serve_builds_the_engine_warns_off_loopback_and_runs_uvicorn(monkeypatch
 
     monkeypatch.setattr(sirllm_agents, "Engine", fake_engine)
     monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: ran.update(app=app, host=host, port=port, **kw))
+    frozen = []  # the heap the model left is frozen once, after loading and before serving
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append(("model" in made, "app" in ran)))
     main(["serve", "--cache-size", "256", "--policy", "streaming", "--max-live-sessions", "3", "--parallel", "2"])
+    assert frozen == [(True, False)]
     assert made["config"].cache_size == 256 and made["config"].policy == "streaming" and made["max_live_sessions"] == 3
     assert made["parallel"] == 2
     assert made["store"] is None  # a private spill folder unless --session-store names a shared one
