@@ -145,7 +145,6 @@ def main() -> None:
     parser.add_argument("--messages", default="1000,4000,10000", help="held messages (comma list)")
     parser.add_argument("--calls", type=int, default=15)
     args = parser.parse_args()
-    engine = tiny_engine()
     print(
         "| held messages | path | heap | wall (ms) | in the model (ms) | outside the model (ms) | its mean (ms) "
         "| reading the JSON (ms) | outside the model and the JSON (ms) | full GCs (ms in all) |"
@@ -157,6 +156,9 @@ def main() -> None:
         # libraries leave make each full collection of the cyclic GC cost ~0.3 s, and a request carrying a long
         # conversation allocates enough to trigger one every few calls.
         for heap in ("as loaded", "frozen"):
+            # A fresh engine per run: what an earlier run's sessions hold would slow the later one.
+            engine = tiny_engine()
+            gc.collect()
             if heap == "frozen":
                 gc.freeze()
             with FullCollections() as core_gc:

@@ -456,7 +456,7 @@ def merge(parts: Sequence[dict], names: Sequence[str]) -> dict:
     targets computed again over the whole. Every setting must cover every conversation exactly once, so that no
     table mixes question sets; ``ValueError`` says what is missing or doubled."""
     if not parts:
-        raise ValueError("nothing to merge: give two or more LoCoMo result files")
+        raise ValueError("nothing to merge: give the LoCoMo result files of the parts")
     first = parts[0]
     for name, part in zip(names, parts):
         if part.get("task") != "locomo":
