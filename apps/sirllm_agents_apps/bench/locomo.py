@@ -277,11 +277,7 @@ def summarize(records: list[dict], seed: int = 0) -> dict[str, dict]:
     """Per category, over all questions (``all``) and over all but the adversarial ones (``answerable``: a policy
     that forgets everything may still pick "not mentioned"), the mean of each measured field with its bootstrap 95%
     interval (questions resampled; see :func:`.bootstrap.mean_interval`)."""
-    groups = {"all": records, ANSWERABLE: [r for r in records if r["category"] != CATEGORIES[ADVERSARIAL]]}
-    for name in CATEGORIES.values():
-        rows = [r for r in records if r["category"] == name]
-        if rows:
-            groups[name] = rows
+    groups = {name: [r for r in records if _in_group(r, name)] for name in ("all", ANSWERABLE, *CATEGORIES.values())}
     summary = {}
     for name, rows in groups.items():
         if not rows:
