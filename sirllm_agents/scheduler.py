@@ -154,14 +154,14 @@ class Scheduler:
 
     def ingest(self, runner: ModelRunner, ids: Sequence[int]) -> torch.Tensor:
         """``runner.ingest(ids)``, run in a step together with the other requests' forwards."""
+        if len(ids) == 0:
+            return torch.empty(0)
         if not self.batching:
             with self._cond:
                 self.calls += 1
                 self.forwards += 1
             return runner.ingest(ids)
         forward = _Forward(runner, [int(token) for token in ids], time.monotonic(), len(runner))
-        if not forward.ids:
-            return torch.empty(0)
         with self._changed():
             self._pending.append(forward)
         while True:

@@ -132,6 +132,15 @@ def test_without_batching_each_forward_runs_at_once_in_its_own_thread():
     assert (scheduler.calls, scheduler.forwards) == (2, 2)
 
 
+@pytest.mark.parametrize("batching", [True, False])
+def test_an_empty_input_runs_no_forward(batching):
+    backend = FakeBackend()
+    scheduler = Scheduler(backend, batching=batching)
+    with scheduler.request():
+        assert scheduler.ingest(FakeRunner("idle"), []).numel() == 0
+    assert backend.calls == [] and (scheduler.calls, scheduler.forwards) == (0, 0)
+
+
 def test_a_prompt_being_prefilled_shares_each_step_with_another_requests_decoding():
     backend = FakeBackend()
     scheduler = Scheduler(backend, max_running=2, gather_seconds=NEVER)

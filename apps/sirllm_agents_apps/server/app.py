@@ -89,7 +89,8 @@ class _State:
         held = [True]
 
         def release() -> None:
-            if held.pop() if held else False:
+            if held:
+                held.clear()
                 self.in_flight -= 1
                 self.metrics.in_flight = self.in_flight
 
