@@ -153,8 +153,8 @@ def main() -> None:
     for n in (int(x) for x in args.messages.split(",")):
         held = conversation(n)
         # As it is, then frozen as `sirllm-agents serve` freezes it once the model is loaded: the ~460k objects the
-        # libraries leave make each full collection of the cyclic GC cost ~0.3 s, and a request carrying a long
-        # conversation allocates enough to trigger one every few calls.
+        # libraries leave make each full collection of the cyclic GC cost ~0.3 s, a pause in whichever call
+        # allocates enough to set one off.
         for heap in ("as loaded", "frozen"):
             # A fresh engine per run: what an earlier run's sessions hold would slow the later one.
             engine = tiny_engine()

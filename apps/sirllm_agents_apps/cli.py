@@ -231,8 +231,8 @@ def _serve(args: argparse.Namespace) -> None:
     print(f"sirllm-agents serve: {engine.model.name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     _log_requests()
     # What loading left (~460k objects of torch, transformers and the tokenizer) is never garbage, yet every full
-    # collection of the cyclic GC walks it again: ~0.3 s, which a request carrying a long conversation triggers every
-    # few calls. Frozen, the collector walks only what requests allocate (benchmarks/request_path.py).
+    # collection of the cyclic GC walks it again: a ~0.3 s pause in whichever request sets one off. Frozen, the
+    # collector walks only what requests allocate (benchmarks/request_path.py).
     gc.collect()
     gc.freeze()
     # The server's own line per request (with its id, session, tokens and timings) replaces uvicorn's access log.
