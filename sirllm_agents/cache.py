@@ -21,7 +21,8 @@ Forward = Callable[[ModelRunner, Sequence[int]], torch.Tensor]  # runs ids throu
 
 
 class SirLLMCache:
-    """At most ``cache_size`` tokens; when full, ``policy`` chooses who stays and the runner moves them.
+    """At most ``cache_size`` tokens; when full, the first ``start_size`` (attention sinks) and the newest
+    ``recent_size`` stay, ``policy`` ranks the rest for the remaining room, and the runner moves who stays.
 
     Per cached token it records the token id, its score (token entropy, decayed each turn), its position in the
     whole conversation (``positions``, never reset by eviction), the turn it came from, and whether the chat template
@@ -35,13 +36,16 @@ class SirLLMCache:
         policy: Policy,
         cache_size: int,
         shapes: TokenShapes,
+        *,
+        start_size: int = 0,
+        recent_size: int = 0,
         history_window: int | None = None,
         forward: Forward | None = None,
     ):
         self.runner = runner
         self.forward: Forward = forward or _ingest
         self.policy = policy
-        self.cache_size = cache_size
+        self.cache_size, self.start_size, self.recent_size = cache_size, start_size, recent_size
         self.shapes = shapes
         self.token_ids = torch.empty(0, dtype=torch.long)
         self.scores = torch.empty(0, dtype=torch.float32)
@@ -72,7 +76,7 @@ class SirLLMCache:
     @property
     def max_chunk(self) -> int:
         """The most tokens one forward may add: room must stay for the sinks and the protected recent tokens."""
-        return self.cache_size - self.policy.start_size - self.policy.recent_size
+        return self.cache_size - self.start_size - self.recent_size
 
     def make_room(self, n: int, slack: int = 0) -> int:
         """Evict so that ``n`` more tokens fit; when evicting anyway, free ``slack`` extra slots so the next few
@@ -85,7 +89,8 @@ class SirLLMCache:
             return 0
         budget = self.cache_size - min(n + slack, self.max_chunk)
         shapes = self.shapes.of(self.token_ids)
-        keep = self.policy.keep(CachedTokens(self.scores, self.template, *shapes, self.token_ids), budget)
+        tokens = CachedTokens(self.scores, self.template, *shapes, self.token_ids)
+        keep = self.policy.keep(tokens, budget, self.start_size, self.recent_size)
         keep = keep.to(torch.long)
         self.runner.retain(keep)
         evicted = len(self) - keep.numel()
@@ -151,7 +156,8 @@ class SirLLMCache:
 
     def copy(self) -> SirLLMCache:
         """A copy sharing no state with this cache (the policy and shapes, which never change, are shared)."""
-        twin = SirLLMCache(self.runner.copy(), self.policy, self.cache_size, self.shapes, forward=self.forward)
+        bound = {"start_size": self.start_size, "recent_size": self.recent_size}
+        twin = SirLLMCache(self.runner.copy(), self.policy, self.cache_size, self.shapes, **bound, forward=self.forward)
         for name in _RECORDS:
             setattr(twin, name, getattr(self, name).clone())
         twin.history = self.history.copy()

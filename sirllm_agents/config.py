@@ -5,12 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from .policies import POLICIES, Policy, make_policy
+from .policies import POLICIES, Policy, policy_class
 
 DEFAULT_CACHE_SIZE = 1024
 DEFAULT_POLICY = "supersede"
 RECENT_SHARE = 8  # recent_size=None keeps the newest cache_size // 8 tokens under the entropy policies
-UNSCORED = ("full", "streaming")  # policies that keep no entropy ranking: no recent window to reserve
 MIN_FREE_SLOTS = 16  # room a cache keeps beyond sinks and protected recent tokens, so prefill can make progress
 # Without keep_history a session records the newest HISTORY_TOKENS ingested tokens (up to twice as many) and the
 # figures of its newest TURN_LOG_CALLS calls, so its memory and its files stay bounded however long it runs.
@@ -27,8 +26,9 @@ class SessionConfig:
     highest token entropy, the paper), ``"streaming"`` (sinks + newest), ``"full"`` (never evict), another variant
     (``"words"``, ``"sentences"``, ``"density"``, ``"structure"``; see ``sirllm_agents.policies``), or a
     :class:`~sirllm_agents.policies.Policy` object. ``cache_size=None`` means 1024 tokens, or the model's maximum
-    length for ``"full"``. ``recent_size`` tokens, the newest, are never evicted; ``None`` means an eighth of the
-    cache for the entropy policies (so replies keep their form) and none for ``"streaming"`` and ``"full"``.
+    length for ``"full"``. Under any policy the first ``start_size`` tokens (attention sinks) and the ``recent_size``
+    newest are never evicted; ``recent_size=None`` means an eighth of the cache for the policies that rank by entropy
+    (so replies keep their form) and none for ``"streaming"`` and ``"full"``.
     ``decay`` multiplies every stored score after each turn so old key tokens can fade. ``prefill_chunk`` bounds one
     forward pass. ``keep_history`` keeps the record of every token ingested and every call's figures (for the memory
     view of a whole conversation); by default a session keeps the newest ``HISTORY_TOKENS`` tokens' and
@@ -46,6 +46,10 @@ class SessionConfig:
     def __post_init__(self) -> None:
         if isinstance(self.policy, str) and self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}: expected one of {', '.join(POLICIES)}")
+        if not isinstance(self.policy, (str, Policy)):
+            raise ValueError(
+                f"policy must be a built-in policy's name or a sirllm_agents.policies.Policy, got {self.policy!r}"
+            )
         for name in ("start_size", "recent_size"):
             value = getattr(self, name)
             if (name == "start_size" or value is not None) and (not _is_int(value) or value < 0):
@@ -60,8 +64,7 @@ class SessionConfig:
             return
         if not _is_int(self.cache_size):
             raise ValueError(f"cache_size must be an integer or None, got {self.cache_size!r}")
-        policy = self.make_policy()
-        reserved = policy.start_size + policy.recent_size
+        reserved = sum(self.protected(self.cache_size))
         if self.cache_size < reserved + MIN_FREE_SLOTS:
             window = " (recent_size: an eighth of the cache unless given)" if self.recent_size is None else ""
             raise ValueError(
@@ -87,18 +90,25 @@ class SessionConfig:
         return options
 
     def make_policy(self) -> Policy:
-        if isinstance(self.policy, str):
-            return make_policy(self.policy, self.start_size, self._recent_size(self.cache_size))
-        return self.policy
+        """The policy object (a new one for a built-in policy's name)."""
+        return policy_class(self.policy)() if isinstance(self.policy, str) else self.policy
 
-    def _recent_size(self, cache_size: int | None) -> int:
-        if not isinstance(self.policy, str):
-            return self.policy.recent_size
+    def protected(self, cache_size: int | None = None) -> tuple[int, int]:
+        """The (attention sinks, newest tokens) that a full cache of ``cache_size`` (default: this config's) never
+        evicts: what the settings give, the recent window by default an eighth of the cache for a policy that ranks
+        by entropy (``Policy.scored``); none for a policy that never evicts."""
+        kind = self._policy_kind
+        if not kind.evicts:
+            return 0, 0
+        size = self.cache_size if cache_size is None else cache_size
         if self.recent_size is not None:
-            return self.recent_size
-        if self.policy_name in UNSCORED or cache_size is None:
-            return 0
-        return cache_size // RECENT_SHARE
+            return self.start_size, self.recent_size
+        return self.start_size, size // RECENT_SHARE if kind.scored and size is not None else 0
+
+    @property
+    def _policy_kind(self) -> type[Policy] | Policy:
+        """What the policy declares (``scored``, ``evicts``), read without making one."""
+        return policy_class(self.policy) if isinstance(self.policy, str) else self.policy
 
     @property
     def policy_name(self) -> str:
@@ -109,13 +119,13 @@ class SessionConfig:
         error (cache positions past the model's length were never trained)."""
         size = self.cache_size
         if size is None:
-            size = max_length if self.policy_name == "full" else min(DEFAULT_CACHE_SIZE, max_length)
+            size = min(DEFAULT_CACHE_SIZE, max_length) if self._policy_kind.evicts else max_length
         if size > max_length:
             raise ValueError(
                 f"cache_size {size} is larger than the model's maximum length {max_length}; cache positions past it "
                 "were never trained"
             )
-        return replace(self, cache_size=size, recent_size=self._recent_size(size))
+        return replace(self, cache_size=size, recent_size=self.protected(size)[1])
 
     @property
     def history_window(self) -> int | None:

@@ -473,9 +473,17 @@ class Session:
             raise
 
     def _new_cache(self) -> SirLLMCache:
-        runner = self.model.new_runner(self.cache_size)
-        shapes, window = self.model.token_shapes, self.config.history_window
-        return SirLLMCache(runner, self.policy, self.cache_size, shapes, window, self.model.scheduler.ingest)
+        start_size, recent_size = self.config.protected()
+        return SirLLMCache(
+            self.model.new_runner(self.cache_size),
+            self.policy,
+            self.cache_size,
+            self.model.token_shapes,
+            start_size=start_size,
+            recent_size=recent_size,
+            history_window=self.config.history_window,
+            forward=self.model.scheduler.ingest,
+        )
 
     def _reset(self) -> None:
         self.cache = self._new_cache()

@@ -20,7 +20,7 @@ from sirllm_agents.runners.torch import TorchBackend
 
 needs_llamacpp = pytest.mark.skipif(bool(LLAMACPP_MISSING), reason=str(LLAMACPP_MISSING))
 
-POLICY = SirLLMPolicy(start_size=4, recent_size=8)
+POLICY, SINKS, RECENT = SirLLMPolicy(), 4, 8
 EVICTION_SLACK = 8  # an eviction frees this many cells, so it comes every few tokens, not on every one
 REPLY_TOKENS = 40
 INTERJECTION_AT = 20
@@ -85,7 +85,7 @@ class Conversation:
             self.pending = self.reply[-1:] + (self.interjection if len(self.reply) == INTERJECTION_AT else [])
         if len(self.runner) + len(self.pending) > self.capacity:
             tokens = CachedTokens(self.scores, *[torch.zeros(len(self.scores), dtype=torch.bool)] * 4, self.scores)
-            keep = POLICY.keep(tokens, self.capacity - max(EVICTION_SLACK, len(self.pending)))
+            keep = POLICY.keep(tokens, self.capacity - max(EVICTION_SLACK, len(self.pending)), SINKS, RECENT)
             self.runner.retain(keep)
             self.scores = self.scores[keep]
             self.evictions += 1

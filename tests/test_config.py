@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sirllm_agents import SessionConfig
-from sirllm_agents.policies import SirLLMPolicy
+from sirllm_agents.policies import SirLLMPolicy, StreamingPolicy
 
 
 @pytest.mark.parametrize(
@@ -37,12 +37,26 @@ def test_sized_fills_the_default_and_refuses_a_size_past_the_model():
 def test_the_default_recent_window_is_an_eighth_of_the_cache_for_the_entropy_policies():
     assert SessionConfig().policy == "supersede"
     assert SessionConfig().sized(8192).recent_size == 128
-    assert SessionConfig(cache_size=300, policy="sirllm").make_policy().recent_size == 37
+    assert SessionConfig(cache_size=300, policy="sirllm").protected() == (4, 37)
     assert SessionConfig(cache_size=300, policy="streaming").sized(8192).recent_size == 0
     assert SessionConfig(policy="full").sized(2048).recent_size == 0
     assert SessionConfig(cache_size=300, recent_size=0).sized(8192).recent_size == 0  # asked for: kept
-    own = SirLLMPolicy(recent_size=5)
-    assert SessionConfig(cache_size=300, policy=own).sized(8192).recent_size == 5  # a policy object's own window
+    # A policy object ranks; the settings own the window, by what the policy declares.
+    assert SessionConfig(cache_size=300, policy=SirLLMPolicy()).sized(8192).recent_size == 37
+    assert SessionConfig(cache_size=300, policy=StreamingPolicy(), recent_size=5).protected() == (4, 5)
+    assert SessionConfig(cache_size=300, policy=StreamingPolicy()).protected() == (4, 0)
+    assert SessionConfig(policy="full", start_size=4, recent_size=8).sized(2048).protected() == (0, 0)
+
+
+def test_a_policy_that_is_not_a_policy_is_refused_by_name():
+    class Ranker:  # ranks, but does not declare what it needs
+        name = "ranker"
+
+        def ranks(self, tokens):
+            return tokens.scores
+
+    with pytest.raises(ValueError, match=r"a built-in policy's name or a sirllm_agents\.policies\.Policy"):
+        SessionConfig(policy=Ranker())
 
 
 def test_of_and_gather_fold_loose_settings_into_one_config():

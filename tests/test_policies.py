@@ -80,8 +80,8 @@ def test_word_surprisal_is_the_sum_over_the_word():
 def test_words_policy_keeps_a_word_whole_where_sirllm_keeps_its_first_token():
     # Sinks 0-1; a name in three tokens (5, 0.1, 0.1) against single tokens of 3 and 2.9.
     tokens = cached([9, 9, 5, 0.1, 0.1, 3, 2.9, 1], word_start=[1, 1, 1, 0, 0, 1, 1, 1])
-    assert SirLLMPolicy(start_size=2).keep(tokens, 5).tolist() == [0, 1, 2, 5, 6]
-    assert WordsPolicy(start_size=2).keep(tokens, 5).tolist() == [0, 1, 2, 3, 4]
+    assert SirLLMPolicy().keep(tokens, 5, 2, 0).tolist() == [0, 1, 2, 5, 6]
+    assert WordsPolicy().keep(tokens, 5, 2, 0).tolist() == [0, 1, 2, 3, 4]
 
 
 def test_sentences_policy_keeps_whole_sentences_and_evicts_template_tokens_first():
@@ -90,11 +90,11 @@ def test_sentences_policy_keeps_whole_sentences_and_evicts_template_tokens_first
     template = [0, 1, 1, 0, 0, 0, 1, 0, 0, 0]
     ends = [0, 0, 0, 0, 0, 1, 0, 0, 1, 0]
     tokens = cached(scores, template=template, word_start=[1] * 10, sentence_end=ends)
-    policy = SentencesPolicy(start_size=1, recent_size=1)
-    assert policy.keep(tokens, 5).tolist() == [0, 3, 4, 5, 9]  # the first sentence whole, no template token
-    assert policy.keep(tokens, 7).tolist() == [0, 3, 4, 5, 7, 8, 9]
+    policy = SentencesPolicy()
+    assert policy.keep(tokens, 5, 1, 1).tolist() == [0, 3, 4, 5, 9]  # the first sentence whole, no template token
+    assert policy.keep(tokens, 7, 1, 1).tolist() == [0, 3, 4, 5, 7, 8, 9]
     # With room for everything but two tokens, the template tokens of lowest entropy are the ones to go.
-    assert policy.keep(tokens, 8).tolist() == [0, 3, 4, 5, 6, 7, 8, 9]
+    assert policy.keep(tokens, 8, 1, 1).tolist() == [0, 3, 4, 5, 6, 7, 8, 9]
 
 
 def test_density_policy_keeps_the_short_surprising_sentence_where_sentences_keeps_the_long_line_with_one_peak():
@@ -103,10 +103,10 @@ def test_density_policy_keeps_the_short_surprising_sentence_where_sentences_keep
     ends = [1, 0, 0, 1, *[0] * 7, 1, 0]
     tokens = cached(scores, word_start=[1] * 13, sentence_end=ends)
     # Mean 3 plus a tenth of 3 (3.3) against mean 1.5 plus a tenth of 9 (2.4): the short sentence, whole.
-    assert DensityPolicy(start_size=1, recent_size=1).keep(tokens, 5).tolist() == [0, 1, 2, 3, 12]
-    assert SentencesPolicy(start_size=1, recent_size=1).keep(tokens, 5).tolist() == [0, 4, 10, 11, 12]
+    assert DensityPolicy().keep(tokens, 5, 1, 1).tolist() == [0, 1, 2, 3, 12]
+    assert SentencesPolicy().keep(tokens, 5, 1, 1).tolist() == [0, 4, 10, 11, 12]
     # With room for both, both stay whole; template tokens would go first as under `sentences`.
-    assert DensityPolicy(start_size=1, recent_size=1).keep(tokens, 13).tolist() == list(range(13))
+    assert DensityPolicy().keep(tokens, 13, 1, 1).tolist() == list(range(13))
 
 
 def test_restatements_pair_a_restated_subject_not_a_repeated_preamble(tokenizer):
@@ -137,12 +137,12 @@ def test_supersede_policy_keeps_the_restatement_where_density_keeps_the_stale_va
         ],
     )
     budget = len(other) + len(update)
-    kept = set(DensityPolicy(start_size=0).keep(tokens, budget).tolist())
+    kept = set(DensityPolicy().keep(tokens, budget, 0, 0).tolist())
     assert set(stated) <= kept and set(other) <= kept and not set(update) <= kept
-    kept = SupersedePolicy(start_size=0).keep(tokens, budget).tolist()
+    kept = SupersedePolicy().keep(tokens, budget, 0, 0).tolist()
     assert kept == [*other, *update]
     # With room for all but a few tokens, the stale statement is what goes.
-    kept = set(SupersedePolicy(start_size=0).keep(tokens, len(tokens) - 3).tolist())
+    kept = set(SupersedePolicy().keep(tokens, len(tokens) - 3, 0, 0).tolist())
     assert set(other) | set(update) <= kept and len(set(stated) - kept) == 3
 
 
@@ -159,8 +159,8 @@ def test_supersede_policy_evicts_the_stale_value_from_a_session(converse, tiny_e
 
 def test_structure_policy_keeps_template_tokens_while_they_fit():
     tokens = cached([9, 0.1, 0.2, 5, 6, 0.3, 1], template=[0, 1, 1, 0, 0, 1, 0])
-    assert StructurePolicy(start_size=1, recent_size=1).keep(tokens, 5).tolist() == [0, 1, 2, 5, 6]
-    assert StructurePolicy(start_size=1, recent_size=1).keep(tokens, 4).tolist() == [0, 2, 5, 6]
+    assert StructurePolicy().keep(tokens, 5, 1, 1).tolist() == [0, 1, 2, 5, 6]
+    assert StructurePolicy().keep(tokens, 4, 1, 1).tolist() == [0, 2, 5, 6]
 
 
 @pytest.mark.parametrize("policy", ["words", "sentences", "density", "supersede", "structure"])

@@ -4,12 +4,13 @@ leaves, the prefix it reuses, and the cache bound."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 import torch
 from sirllm_fixtures import held_lengths, score_atol
 
-from sirllm_agents.policies import CachedTokens
+from sirllm_agents.policies import CachedTokens, Policy
 
 QUESTIONS = ["Hi there!", "What is 2+2?", "Name a colour.", "Tell me a short joke."]
 OPTIONS = ["B", "Paris", "the capital of France, which is a rather long answer"]
@@ -120,15 +121,14 @@ def test_cache_bound_and_decay_hold_over_many_scored_turns(tiny_engine):
 
 
 @dataclass
-class NewestFirstOut:
+class NewestFirstOut(Policy):
     """A policy that evicts the newest tokens first, so scoring's make-room evicts the conversation's last token."""
 
-    start_size: int = 4
-    recent_size: int = 0
-    name: str = "newest-first-out"
+    name: ClassVar[str] = "newest-first-out"
+    scored: ClassVar[bool] = False  # so no recent window protects the newest
 
-    def keep(self, tokens: CachedTokens, budget: int) -> torch.Tensor:
-        return torch.arange(budget)
+    def ranks(self, tokens: CachedTokens) -> torch.Tensor:
+        return -torch.arange(len(tokens), dtype=torch.float32)
 
 
 def test_the_history_stays_whole_when_eviction_took_the_last_token_before_a_rollback(tiny_engine):

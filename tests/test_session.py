@@ -116,7 +116,7 @@ def test_policy_keeps_sinks_recent_and_top_scores():
     scores = torch.tensor([9.0, 9, 0, 5, 1, 7, 2, 0, 3, 0])
     flags = torch.zeros(10, dtype=torch.bool)
     tokens = CachedTokens(scores, flags, flags, flags, flags, torch.arange(10))
-    kept = SirLLMPolicy(start_size=2, recent_size=2).keep(tokens, budget=6)
+    kept = SirLLMPolicy().keep(tokens, 6, start_size=2, recent_size=2)
     assert kept.tolist() == [0, 1, 3, 5, 8, 9]
 
 

@@ -90,8 +90,8 @@ def test_each_policy_plays_a_dialogue_with_sane_figures(tiny_engine, task):
 def test_a_setting_keeps_its_share_of_the_cache_for_the_newest_tokens(tiny_engine):
     player = Player(tiny_engine, Setting("words", 128, 0.9, recent=0.25))
     player.new_episode()
-    policy = player.session.policy
-    assert (type(policy).__name__, policy.start_size, policy.recent_size) == ("WordsPolicy", 4, 32)
+    cache = player.session.cache
+    assert (type(cache.policy).__name__, cache.start_size, cache.recent_size) == ("WordsPolicy", 4, 32)
     assert player.session.config.decay == 0.9
 
 

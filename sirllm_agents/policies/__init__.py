@@ -1,4 +1,4 @@
-"""Eviction policies: each a small dataclass with one ``keep(tokens, budget)`` method."""
+"""Eviction policies: each a small dataclass with one ``ranks(tokens)`` method (see :class:`Policy`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from .structure import StructurePolicy
 from .supersede import SupersedePolicy
 from .words import WordsPolicy
 
-POLICIES: dict[str, type] = {
+POLICIES: dict[str, type[Policy]] = {
     "sirllm": SirLLMPolicy,
     "streaming": StreamingPolicy,
     "full": FullPolicy,
@@ -24,13 +24,11 @@ POLICIES: dict[str, type] = {
 }
 
 
-def make_policy(name: str, start_size: int, recent_size: int) -> Policy:
-    """Build a policy by name (see ``POLICIES``)."""
+def policy_class(name: str) -> type[Policy]:
+    """The policy called ``name`` (see ``POLICIES``)."""
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}: expected one of {', '.join(POLICIES)}")
-    if name == "full":
-        return FullPolicy()
-    return POLICIES[name](start_size=start_size, recent_size=recent_size)
+    return POLICIES[name]
 
 
 __all__ = [
@@ -46,5 +44,5 @@ __all__ = [
     "StructurePolicy",
     "SupersedePolicy",
     "WordsPolicy",
-    "make_policy",
+    "policy_class",
 ]

@@ -1,9 +1,10 @@
-"""What every eviction policy answers: given what the cache holds and a budget, which tokens stay."""
+"""What every eviction policy answers: how the cached tokens rank, so that a full cache keeps the highest."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import ClassVar
 
 import torch
 
@@ -23,19 +24,28 @@ class CachedTokens:
         return self.scores.numel()
 
 
-@runtime_checkable
-class Policy(Protocol):
-    """Chooses the tokens a full cache keeps.
+class Policy(ABC):
+    """Chooses the tokens a full cache keeps by ranking them: :meth:`ranks` is all a policy writes.
 
-    ``keep`` gets the cached tokens and the number that may stay, and returns the indices to keep, ascending, at
-    most ``budget`` of them. It is only called when ``len(tokens) > budget``.
+    The cache's settings (:class:`~sirllm_agents.config.SessionConfig`) own the attention sinks and the recent window;
+    :meth:`keep` takes those and fills the rest of the budget with the highest-ranked tokens between them.
+
+    A policy declares what it needs of the settings: ``scored`` policies rank by token entropy, and the settings then
+    protect the newest tokens by default (an eighth of the cache), since a reply's own fresh tokens rank low and the
+    reply would lose its form; ``evicts = False`` (``full``) means the cache defaults to the model's whole length.
     """
 
-    name: str
-    start_size: int
-    recent_size: int
+    name: ClassVar[str]
+    scored: ClassVar[bool] = True
+    evicts: ClassVar[bool] = True
 
-    def keep(self, tokens: CachedTokens, budget: int) -> torch.Tensor: ...
+    @abstractmethod
+    def ranks(self, tokens: CachedTokens) -> torch.Tensor:
+        """One float per cached token: the higher, the longer it stays. Only called when the cache is full."""
+
+    def keep(self, tokens: CachedTokens, budget: int, start_size: int, recent_size: int) -> torch.Tensor:
+        """The indices of the tokens that stay, ascending, ``budget`` of them (fewer than ``len(tokens)``)."""
+        return keep_top(self.ranks(tokens), budget, start_size, recent_size)
 
 
 def keep_top(ranks: torch.Tensor, budget: int, start_size: int, recent_size: int) -> torch.Tensor:

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from .base import CachedTokens, keep_top
+from .base import CachedTokens, Policy
 from .sentences import peak_word, sentence_index, text_first
 from .words import word_surprisal
 
@@ -24,17 +25,15 @@ def density_ranks(tokens: CachedTokens, peak: float) -> torch.Tensor:
 
 
 @dataclass
-class DensityPolicy:
+class DensityPolicy(Policy):
     """SirLLM over whole sentences, ranked by how much each tells per cached token: its mean token entropy, plus a
     tenth of its most surprising word's. A fact such as "my dentist appointment is on October 26." is short and
     all of it surprising, so it outranks a long tool-output line whose one rare number would win under the
     ``sentences`` policy, and it is kept as the readable statement the model can answer from. The chat template's
     own tokens go first."""
 
-    start_size: int = 4
-    recent_size: int = 0
     peak: float = 0.1
-    name: str = "density"
+    name: ClassVar[str] = "density"
 
-    def keep(self, tokens: CachedTokens, budget: int) -> torch.Tensor:
-        return keep_top(density_ranks(tokens, self.peak), budget, self.start_size, self.recent_size)
+    def ranks(self, tokens: CachedTokens) -> torch.Tensor:
+        return density_ranks(tokens, self.peak)

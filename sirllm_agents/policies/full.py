@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from .base import CachedTokens
+from .base import CachedTokens, Policy
 
 
 class ContextOverflowError(ValueError):
@@ -12,16 +13,16 @@ class ContextOverflowError(ValueError):
 
 
 @dataclass
-class FullPolicy:
+class FullPolicy(Policy):
     """No eviction: the plain growing KV cache, the upper bound of recall while the conversation fits."""
 
-    start_size: int = 0
-    recent_size: int = 0
-    name: str = "full"
+    name: ClassVar[str] = "full"
+    scored: ClassVar[bool] = False
+    evicts: ClassVar[bool] = False
 
-    def keep(self, tokens: CachedTokens, budget: int) -> torch.Tensor:
+    def ranks(self, tokens: CachedTokens) -> torch.Tensor:
         raise ContextOverflowError(
-            f"policy 'full' never evicts, but this input fits only if {len(tokens) - budget} of the "
-            f"{len(tokens)} cached tokens go (the cache is bounded by the model's maximum length); use policy "
-            "'sirllm' or 'streaming' for conversations of any length"
+            f"policy 'full' never evicts, but the input does not fit beside the {len(tokens)} cached tokens (the "
+            "cache is bounded by the model's maximum length); use policy 'sirllm' or 'streaming' for conversations "
+            "of any length"
         )

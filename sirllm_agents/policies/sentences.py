@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from .base import CachedTokens, keep_top
+from .base import CachedTokens, Policy
 from .words import word_surprisal
 
 BELOW_TEXT = 1e6  # template tokens rank this far below every message token
@@ -41,14 +42,12 @@ def sentence_ranks(tokens: CachedTokens) -> torch.Tensor:
 
 
 @dataclass
-class SentencesPolicy:
+class SentencesPolicy(Policy):
     """SirLLM over whole sentences of message text: each sentence ranks by its most surprising word, so a fact is
     kept as the readable statement it came in ("the door code is 8735.") rather than as scattered high-entropy tokens
     the model then imitates. The chat template's own tokens (role markers, ends of turn) go first."""
 
-    start_size: int = 4
-    recent_size: int = 0
-    name: str = "sentences"
+    name: ClassVar[str] = "sentences"
 
-    def keep(self, tokens: CachedTokens, budget: int) -> torch.Tensor:
-        return keep_top(sentence_ranks(tokens), budget, self.start_size, self.recent_size)
+    def ranks(self, tokens: CachedTokens) -> torch.Tensor:
+        return sentence_ranks(tokens)

@@ -1,20 +1,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from .base import CachedTokens
+from .base import CachedTokens, Policy
 
 
 @dataclass
-class StreamingPolicy:
+class StreamingPolicy(Policy):
     """StreamingLLM (Xiao et al., ICLR 2024): keep the attention sinks and fill the rest with the newest tokens."""
 
-    start_size: int = 4
-    recent_size: int = 0
-    name: str = "streaming"
+    name: ClassVar[str] = "streaming"
+    scored: ClassVar[bool] = False  # the newest tokens stay anyway: no window to reserve for them
 
-    def keep(self, tokens: CachedTokens, budget: int) -> torch.Tensor:
-        n = len(tokens)
-        return torch.cat((torch.arange(self.start_size), torch.arange(n - (budget - self.start_size), n)))
+    def ranks(self, tokens: CachedTokens) -> torch.Tensor:
+        return torch.arange(len(tokens), dtype=torch.float32)

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from .base import CachedTokens, keep_top
+from .base import CachedTokens, Policy
 from .density import sentence_density
 from .sentences import BELOW_TEXT, sentence_index, text_first
 from .words import word_starts, word_surprisal
@@ -62,7 +63,7 @@ def supersede_ranks(tokens: CachedTokens, peak: float) -> torch.Tensor:
 
 
 @dataclass
-class SupersedePolicy:
+class SupersedePolicy(Policy):
     """``density`` where the newest statement of a subject wins. When a later clause restates an earlier one (same
     opening words, new ending: "Update: my locker code is 5173 now"), the earlier sentence is evicted before any
     other message text, and the later one ranks at least as high as it did. Without this, a restatement is
@@ -71,10 +72,8 @@ class SupersedePolicy:
     ("What is the capital of France?" before "... of Japan?") goes first too, and so does a user's fact that a
     later reply restates wrongly."""
 
-    start_size: int = 4
-    recent_size: int = 0
     peak: float = 0.1
-    name: str = "supersede"
+    name: ClassVar[str] = "supersede"
 
-    def keep(self, tokens: CachedTokens, budget: int) -> torch.Tensor:
-        return keep_top(supersede_ranks(tokens, self.peak), budget, self.start_size, self.recent_size)
+    def ranks(self, tokens: CachedTokens) -> torch.Tensor:
+        return supersede_ranks(tokens, self.peak)

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from .base import CachedTokens, keep_top
+from .base import CachedTokens, Policy
 
 
 def word_starts(tokens: CachedTokens) -> torch.Tensor:
@@ -24,13 +25,11 @@ def word_surprisal(tokens: CachedTokens) -> torch.Tensor:
 
 
 @dataclass
-class WordsPolicy:
+class WordsPolicy(Policy):
     """SirLLM over whole words: a word is kept or evicted with all its tokens, ranked by its surprisal (the sum of
     its tokens' entropies), so a kept fact is never a fragment such as the first half of a name."""
 
-    start_size: int = 4
-    recent_size: int = 0
-    name: str = "words"
+    name: ClassVar[str] = "words"
 
-    def keep(self, tokens: CachedTokens, budget: int) -> torch.Tensor:
-        return keep_top(word_surprisal(tokens), budget, self.start_size, self.recent_size)
+    def ranks(self, tokens: CachedTokens) -> torch.Tensor:
+        return word_surprisal(tokens)

@@ -7,8 +7,8 @@ import json
 import time
 from pathlib import Path
 
-from sirllm_agents.config import UNSCORED
 from sirllm_agents.model import BACKENDS
+from sirllm_agents.policies import POLICIES
 
 from .. import extras
 from .recall_data import SUBJECTS
@@ -242,9 +242,15 @@ def _entropy_options(parser) -> None:
 def _entropy_grid(policy: str, args: argparse.Namespace) -> list[tuple[float, float]]:
     """The (decay, recent) pairs to run ``policy`` under: the sweep for an entropy policy; (1.0, 0.0) for the others,
     which keep no scores."""
-    if policy in (*UNSCORED, "truncate"):
+    if not _ranks_by_entropy(policy):
         return [(1.0, 0.0)]
     return [(decay, recent) for decay in args.decay for recent in args.recent]
+
+
+def _ranks_by_entropy(policy: str) -> bool:
+    """Whether a setting's policy keeps entropy scores (the benchmarks' own ``truncate`` and ``default`` are not
+    library policies)."""
+    return policy in POLICIES and POLICIES[policy].scored
 
 
 def _common(parser) -> None:
@@ -654,7 +660,7 @@ def _locomo(args: argparse.Namespace, threads: int) -> dict:
     with Progress() as progress:
         for setting in settings:
             label = f"locomo {setting.policy} cache={setting.cache_size}"
-            if setting.policy not in (*UNSCORED, locomo.TRUNCATE, locomo.DEFAULT):
+            if _ranks_by_entropy(setting.policy):
                 label += f" decay={setting.decay}" + (f" recent={setting.recent}" if setting.recent else "")
             bar = progress.add_task(label, total=messages)
             runs.append(
