@@ -1,5 +1,6 @@
 """sirllm-agents: a local-LLM chat session whose KV cache lives across agent steps, bounded by SirLLM eviction."""
 
+from .async_stream import AsyncReplyStream
 from .config import SessionConfig
 from .engine import Engine
 from .generation import GenerationConfig
@@ -11,7 +12,8 @@ from .policies import ContextOverflowError, FullPolicy, Policy, SirLLMPolicy, St
 from .replies import Reply, ReplyStream, TextDelta, ToolCallDelta
 from .runners.rope import UnsupportedModelError
 from .scheduler import EngineBusyError
-from .session import AsyncReplyStream, Session, SessionStats, TurnStats
+from .session import Session
+from .stats import SessionStats, TurnStats
 from .store import DirectoryStore, SessionBusyError, SessionStore, SharedDirectoryStore
 from .tools import ToolCall
 

@@ -139,6 +139,23 @@ class SirLLMCache:
         self.template = torch.cat((self.template, template.to(torch.bool)))
         self.history.extend(token_ids, positions, turn)
 
+    def probe(self, ids: Sequence[int], position: int) -> float:
+        """``-log p(ids | the cached tokens)``, were ``ids`` to follow them at conversation position ``position``:
+        all but the last are run and cut off again, and the logits after the newest cached token are restored."""
+        logits = self.logits
+        if logits is None:
+            raise RuntimeError("probe needs the logits after the newest cached token: ingest before probing")
+        if len(ids) == 1:
+            return _surprisal(logits, ids[0])
+        run = len(ids) - 1
+        self.ingest(ids[:-1], range(position, position + run), turn=-1, template=[False] * run)
+        # The forward recorded each run token's surprisal (the first from the logits before it); its last logits
+        # score the last token.
+        surprisal = float(self.scores[-run:].sum()) + _surprisal(self.logits, ids[-1])
+        self.truncate(position)
+        self.runner.logits = logits
+        return surprisal
+
     def truncate(self, position: int) -> None:
         """Drop every token from conversation position ``position`` on (they are the newest), and any state a broken
         forward left in the runner without a record."""
@@ -179,3 +196,7 @@ class SirLLMCache:
 
 def _ingest(runner: ModelRunner, ids: Sequence[int]) -> torch.Tensor:
     return runner.ingest(ids)
+
+
+def _surprisal(logits: torch.Tensor, token: int) -> float:
+    return float(logits.logsumexp(-1) - logits[token])

@@ -12,12 +12,13 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from .async_stream import AsyncReplyStream
 from .config import SessionConfig
 from .model import Model
 from .pool import SessionPool
 from .replies import Event, Reply, ReplyStream
 from .scheduler import DEFAULT_PARALLEL
-from .session import AsyncReplyStream, Session
+from .session import Session
 from .store import SessionStore
 
 DEFAULT_MAX_LIVE_SESSIONS = 16

@@ -29,8 +29,9 @@ if TYPE_CHECKING:
 
 FORMAT = "sirllm-agents-session"
 # 2: runner state under "runner.", per-token template marks, the backend in the model identity; 3: a bounded history
-# (from "history.start" on) with the cached tokens' own text, no rendered transcript text
-VERSION = 3
+# (from "history.start" on) with the cached tokens' own text, no rendered transcript text; 4: the cache state's
+# position and turn under "cache" (the turn was the stats' count of replies)
+VERSION = 4
 _HEADER_LIMIT = 100_000_000  # safetensors' own bound on the JSON header
 
 

@@ -19,7 +19,8 @@ from .transcript import check_messages, normalize_message
 
 if TYPE_CHECKING:
     from .model import Model
-    from .session import Session, TurnStats
+    from .session import Session
+    from .stats import TurnStats
 
 REQUIRED = "required"
 

@@ -1,12 +1,10 @@
-"""Scoring options as the assistant's reply: the token ids each option renders to, and its log-likelihood from the
-prompt the session has just ingested (run, then cut off again, so options never stay in the cache)."""
+"""Scoring options as the assistant's reply: the token ids each option renders to, and the room the longest needs
+(each is then probed from the prompt the session has just ingested: see :func:`~sirllm_agents.cache_state.probe`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
-
-import torch
 
 from .cache import SirLLMCache
 from .transcript import Transcript
@@ -52,22 +50,3 @@ def make_room_for(cache: SirLLMCache, option_ids: list[list[int]]) -> int:
             f"(at most {cache.max_chunk + 1})"
         )
     return cache.make_room(longest - 1)
-
-
-def logprob(cache: SirLLMCache, ids: list[int], position: int) -> float:
-    """``log p(ids)`` after the prompt: the prompt's logits score the first token; the others need a forward of all
-    but the last token, which is then cut off the cache again (the prompt's logits are restored)."""
-    logits = cache.logits
-    first = _surprisal(logits, ids[0])
-    if len(ids) == 1:
-        return -first
-    cache.ingest(ids[:-1], range(position, position + len(ids) - 1), turn=-1, template=[False] * (len(ids) - 1))
-    # The forward recorded the surprisal of ids[:-1] with the tokens; its last logits score ids[-1].
-    surprisal = float(cache.scores[-(len(ids) - 1) :].sum()) + _surprisal(cache.logits, ids[-1])
-    cache.truncate(position)
-    cache.runner.logits = logits
-    return -surprisal
-
-
-def _surprisal(logits: torch.Tensor, token: int) -> float:
-    return float(logits.logsumexp(-1) - logits[token])

@@ -1,67 +1,42 @@
-"""A Session: one conversation whose KV cache lives across calls.
+"""A Session: one conversation whose KV cache lives across calls, and the request path into it.
 
 Each call gets the whole conversation, prefills only what the session has not ingested yet, decodes a reply into
 the same bounded cache, and closes the turn so the cache holds exactly the chat-template rendering of the
-conversation (minus what was evicted).
+conversation (minus what was evicted). The parts are plain: the conversation (transcript and cache state,
+:mod:`~sirllm_agents.conversation`), the functions that feed the cache (:mod:`~sirllm_agents.cache_state`), and here
+the request being run, with the lock, the figures and the files.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import os
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from . import scoring
+from .async_stream import AsyncReplyStream
 from .cache import SirLLMCache
+from .cache_state import decode_step, probe
 from .config import SessionConfig
+from .conversation import Conversation
 from .generation import Decoding, GenerationConfig, TokenConstraint
 from .memory import Memory, session_memory
 from .persistence import read_session, write_session
 from .replies import Event, Reply, ReplyStream, Request, ShownText, TextDelta, finish_reply, plan_request
-from .transcript import Message, Segment, Transcript
+from .stats import SessionStats, TurnStats
+from .transcript import Transcript
 
 if TYPE_CHECKING:
     from .model import Model
-
-Marked = tuple[list[int], list[bool]]  # token ids, and per token whether the chat template wrote it
-
-
-@dataclass
-class TurnStats:
-    """Figures of one call. ``input_tokens = reused_tokens + prefilled_tokens`` (on a restart nothing is reused)."""
-
-    input_tokens: int = 0  # tokens of the whole rendered prompt
-    reused_tokens: int = 0  # of those, already ingested by earlier calls: not prefilled again
-    prefilled_tokens: int = 0  # prompt tokens run through the model this call
-    generated_tokens: int = 0
-    evicted_tokens: int = 0
-    cache_len: int = 0  # tokens in the cache after the call
-    restarts: int = 0  # 1 when the conversation did not extend the session's transcript
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
-
-
-@dataclass
-class SessionStats(TurnStats):
-    """Totals over a session's calls; ``cache_len`` is the current length, ``turns`` the completed replies."""
-
-    turns: int = 0
-
-    def add(self, turn: TurnStats) -> None:
-        for f in fields(TurnStats):
-            if f.name != "cache_len":
-                setattr(self, f.name, getattr(self, f.name) + getattr(turn, f.name))
-        self.cache_len = turn.cache_len
+    from .policies import Policy
 
 
 class Session:
@@ -75,21 +50,40 @@ class Session:
         self.model = model
         self.config = (config or SessionConfig()).sized(model.max_length)
         self.session_id = session_id or uuid.uuid4().hex
-        self.policy = self.config.make_policy()
-        self.cache = self._new_cache()
-        self.transcript = Transcript(template=model.template)
+        self.conversation = Conversation(model, self.config)
         self.stats = SessionStats()
         # The figures of each call, in order (the newest ``config.turn_log_calls``): the memory view charts them.
         self.turn_log: deque[TurnStats] = deque(maxlen=self.config.turn_log_calls)
-        # Called as progress(done, total) after each prefill chunk of a segment (a long message being ingested).
-        self.progress: Callable[[int, int], None] | None = None
-        self._position = 0  # tokens ingested over the whole conversation
         self._lock = threading.Lock()
         self._owner: int | None = None
 
     @property
     def cache_size(self) -> int:
         return self.config.cache_size
+
+    @property
+    def cache(self) -> SirLLMCache:
+        """The bounded cache: the runner and what is recorded of each cached token."""
+        return self.conversation.cache
+
+    @property
+    def transcript(self) -> Transcript:
+        """The messages ingested, as the session holds them."""
+        return self.conversation.transcript
+
+    @property
+    def policy(self) -> Policy:
+        """The eviction policy the cache ranks tokens by (made from ``config``)."""
+        return self.cache.policy
+
+    @property
+    def progress(self) -> Callable[[int, int], None] | None:
+        """Called as ``progress(done, total)`` after each prefill chunk of a long message being ingested."""
+        return self.conversation.progress
+
+    @progress.setter
+    def progress(self, report: Callable[[int, int], None] | None) -> None:
+        self.conversation.progress = report
 
     # -- the request ---------------------------------------------------------------------------------------------
 
@@ -141,8 +135,8 @@ class Session:
         return ReplyStream(self._turn(request, config), self)
 
     async def achat(self, messages: Sequence[Mapping[str, Any]], **options: Any) -> Reply:
-        """:meth:`chat` in a worker thread, so an event loop keeps serving other work meanwhile."""
-        return await asyncio.to_thread(self.chat, messages, **options)
+        """:meth:`chat` for an event loop, which keeps serving other work meanwhile (see :meth:`astream`)."""
+        return await self.astream(messages, **options).finish()
 
     def astream(self, messages: Sequence[Mapping[str, Any]], **options: Any) -> AsyncReplyStream:
         """:meth:`stream` for an event loop: the reply is decoded in a thread of its own and its events handed over
@@ -168,13 +162,13 @@ class Session:
         with self._locked():
             turn = TurnStats()
             with self.model.scheduler.request(), self._rolling_back(turn):
-                asked, _ = self._ask(request, turn, reserve=0)
+                asked, _ = self.conversation.ask(request, turn, reserve=0)
                 start = time.perf_counter()
                 option_ids = scoring.reply_ids(self.model, asked, options)
                 turn.evicted_tokens += scoring.make_room_for(self.cache, option_ids)
-                scores = [scoring.logprob(self.cache, ids, self._position) for ids in option_ids]
+                scores = [-probe(self.conversation.state, ids) for ids in option_ids]
                 turn.decode_seconds += time.perf_counter() - start
-                self._rollback(asked)
+                self.conversation.rollback(asked)
                 self.cache.decay(self.config.decay)
             self._record(turn)
             return scores
@@ -189,8 +183,8 @@ class Session:
         with self._locked():
             turn = TurnStats()
             with self.model.scheduler.request(), self._rolling_back(turn):
-                self._extend(request, turn, reserve=0)
-            turn.input_tokens = self._position
+                self.conversation.extend(request, turn, reserve=0)
+            turn.input_tokens = self.conversation.state.position
             self.cache.decay(self.config.decay)
             self._record(turn, completed=True)
             return turn
@@ -200,7 +194,7 @@ class Session:
     def reset(self) -> None:
         """Forget the conversation: empty cache and transcript (totals in ``stats`` are kept)."""
         with self._locked():
-            self._reset()
+            self.conversation.reset()
 
     def fork(self, session_id: str | None = None) -> Session:
         """An independent copy of this session (cache, transcript, settings and stats), e.g. to try several
@@ -208,11 +202,9 @@ class Session:
         end."""
         with self._locked():
             twin = Session(self.model, self.config, session_id)
-            twin.cache = self.cache.copy()
-            twin.transcript = dataclasses.replace(self.transcript, raw=list(self.transcript.raw))
+            twin.conversation = self.conversation.copy()
             twin.stats = dataclasses.replace(self.stats)
             twin.turn_log.extend(dataclasses.replace(turn) for turn in self.turn_log)
-            twin._position = self._position
             return twin
 
     def state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -232,7 +224,7 @@ class Session:
                 "length": transcript.length,
                 "spans": transcript.spans,
             },
-            "position": self._position,
+            "cache": {"position": self.conversation.state.position, "turn": self.conversation.state.turn},
             "stats": dataclasses.asdict(self.stats),
             "turn_log": [dataclasses.asdict(turn) for turn in self.turn_log],
         }
@@ -248,12 +240,13 @@ class Session:
         runner = {name.removeprefix("runner."): t for name, t in tensors.items() if name.startswith("runner.")}
         session.cache.runner.load_state(runner)
         session.cache.load_records(tensors)
-        session._position = document["position"]
+        state = session.conversation.state
+        state.position, state.turn = document["cache"]["position"], document["cache"]["turn"]
         t = document["transcript"]
         spans = [tuple(s) for s in t["spans"]]
         # A loaded session has not seen the caller's form of its messages: the next call checks each of them once.
         raw = [None] * len(t["messages"])
-        session.transcript = Transcript(t["messages"], t["tools"], t["length"], spans, model.template, raw)
+        session.conversation.transcript = Transcript(t["messages"], t["tools"], t["length"], spans, model.template, raw)
         session.stats = SessionStats(**document["stats"])
         session.turn_log.extend(TurnStats(**turn) for turn in document["turn_log"])
         return session
@@ -300,11 +293,9 @@ class Session:
                 # Reserve room for a reply of up to a quarter of the cache before the turn is cached; a longer reply
                 # evicts while decoding.
                 reserve = min(config.max_new_tokens, self.cache_size // 4)
-                asked, prompt_ids = self._ask(request, turn, reserve)
+                asked, prompt_ids = self.conversation.ask(request, turn, reserve)
                 start = time.perf_counter()
-                decoding = Decoding(
-                    self.model, self.cache.logits, self._ingest_generated(turn), config, request.constraint
-                )
+                decoding = Decoding(self.model, self.cache.logits, self._decode_step(turn), config, request.constraint)
                 for piece in decoding:
                     if text := shown.push(piece):
                         with ticket.away():
@@ -314,152 +305,23 @@ class Session:
                 turn.generated_tokens = len(token_ids)
                 reply = finish_reply(request, text, finish_reason, token_ids, turn)
                 reply.session_id = self.session_id
-                self._close_turn(asked, prompt_ids, reply, turn)
+                self.conversation.close(asked, prompt_ids, reply, turn)
                 self.cache.decay(self.config.decay)
             self._record(turn, completed=True)
             yield from shown.rest(reply)
             return reply
 
-    def _ingest_generated(self, turn: TurnStats) -> Callable[[int], torch.Tensor]:
-        """How decoding feeds each sampled token: into the cache (evicting a few slots at once when it must, rather
-        than paying for an eviction on every token); returns the logits that score the next one."""
+    def _decode_step(self, turn: TurnStats) -> Callable[[int], torch.Tensor]:
+        """How decoding feeds each sampled token into the cache, counting what it evicts; evicting makes room for a
+        few more tokens at once rather than paying for an eviction on every one."""
         slack = max(1, min(64, self.cache_size // 16))
 
-        def ingest(token: int) -> torch.Tensor:
-            turn.evicted_tokens += self.cache.make_room(1, slack)
-            self._feed([token], [False])
-            return self.cache.logits
+        def step(token: int) -> torch.Tensor:
+            logits, evicted = decode_step(self.conversation.state, token, slack)
+            turn.evicted_tokens += evicted
+            return logits
 
-        return ingest
-
-    def _ask(self, request: Request, turn: TurnStats, reserve: int) -> tuple[Transcript, list[int]]:
-        """Ingest the request's messages and the generation prompt, restarting when they do not extend the
-        transcript, and leave the logits that score the reply's first token; ``reserve`` more slots are freed for
-        what follows when the turn fits the cache. Returns the transcript of the messages (the state to roll back to)
-        and the prompt's token ids."""
-        prompt_ids, prompt_marks = self._extend(request, turn, reserve)
-        start = time.perf_counter()
-        turn.prefilled_tokens += self._prefill(prompt_ids, turn, prompt_marks)
-        self._score_first_token()
-        turn.prefill_seconds += time.perf_counter() - start
-        turn.input_tokens = self._position
-        return self.transcript, prompt_ids
-
-    def _extend(self, request: Request, turn: TurnStats, reserve: int) -> Marked:
-        """Ingest the messages the transcript lacks (all of them after a restart) and return the token ids of the
-        generation prompt that would follow them, with their template marks (see ``Model.encode_marked``)."""
-        messages, raw = self.transcript.recognise(request.messages)
-        template = self.model.template
-        segments = self.transcript.plan(messages, template, request.tools)
-        if segments is None:
-            self._reset()
-            turn.restarts = 1
-            segments = self.transcript.plan(messages, template, request.tools)
-            if segments is None:
-                raise ValueError(
-                    "the chat template's generation prompt does not extend its own rendering of these messages, "
-                    "so the conversation cannot be followed incrementally"
-                )
-        turn.reused_tokens = self.transcript.length
-        encoded = [
-            self.model.encode_marked(segment.text, [messages[i]["content"] for i in segment.messages])
-            for segment in segments
-        ]
-        # +1: after a rollback the newest cached token is fed again.
-        new_tokens = sum(len(ids) for ids, _ in encoded) + 1
-        if new_tokens + reserve <= self.cache.max_chunk:
-            # Make room for the whole turn before any of it is cached, as StreamingLLM and SirLLM do: the turn's
-            # own tokens (low-entropy template tokens included) then never compete for a place while it is running.
-            turn.evicted_tokens += self.cache.make_room(new_tokens + reserve)
-        self._prefill_messages(messages, raw, request.tools, segments[:-1], encoded[:-1], turn)
-        return encoded[-1]
-
-    def _prefill_messages(
-        self,
-        messages: list[Message],
-        raw: list[Any],
-        tools: list[dict] | None,
-        segments: list[Segment],
-        encoded: list[Marked],
-        turn: TurnStats,
-    ) -> None:
-        start = time.perf_counter()
-        spans = list(self.transcript.spans)
-        for segment, (ids, marks) in zip(segments, encoded):
-            begin = self._position
-            turn.prefilled_tokens += self._prefill(ids, turn, marks)
-            spans.extend((begin, self._position) for _ in segment.messages)
-        self.transcript = Transcript(messages, tools, self._position, spans, self.model.template, raw)
-        turn.prefill_seconds += time.perf_counter() - start
-
-    def _close_turn(self, asked: Transcript, prompt_ids: list[int], reply: Reply, turn: TurnStats) -> None:
-        """Make the cache hold exactly the template's rendering of the conversation with the reply in it, and the
-        transcript the reply as the caller will send it back (:meth:`Reply.as_message`).
-
-        The sampled tokens may differ from that rendering: a stop string was cut off, the end-of-turn marker was
-        not ingested, or the model spelled the text with other tokens. Keep the longest common start and prefill
-        the rest of the rendering."""
-        start = time.perf_counter()
-        message = reply.as_message()
-        messages = asked.messages + [message]
-        added = self.model.template.continuation(messages, len(asked.messages), False, asked.tools)
-        if added is None:
-            # The template rewrites earlier turns once a reply follows: fall back to the state before the reply;
-            # the next call prefills the reply as a new message.
-            self._rollback(asked)
-            return
-        canonical, marks = self.model.encode_marked(added, [reply.content])
-        ingested = prompt_ids + reply.token_ids
-        common = 0
-        while common < min(len(canonical), len(ingested)) and canonical[common] == ingested[common]:
-            common += 1
-        if common < len(ingested):
-            self._truncate(asked.length + common)
-        self._prefill(canonical[common:], turn, marks[common:])
-        spans = asked.spans + [(asked.length, self._position)]
-        raw = asked.raw + [message]
-        self.transcript = Transcript(messages, asked.tools, self._position, spans, self.model.template, raw)
-        turn.decode_seconds += time.perf_counter() - start
-
-    # -- the cache -----------------------------------------------------------------------------------------------
-
-    def _prefill(self, ids: list[int], turn: TurnStats, template: list[bool]) -> int:
-        """Ingest ``ids`` (``template`` marks the tokens the chat template wrote) in chunks that fit the cache,
-        evicting before each; returns how many were new."""
-        refeed = self.cache.logits is None and len(self.cache) > 0
-        chunk = min(self.config.prefill_chunk, self.cache.max_chunk) - refeed
-        for begin in range(0, len(ids), chunk):
-            part = slice(begin, begin + chunk)
-            turn.evicted_tokens += self.cache.make_room(len(ids[part]) + refeed)
-            self._feed(ids[part], template[part])
-            refeed = False
-            if self.progress is not None:
-                self.progress(min(begin + chunk, len(ids)), len(ids))
-        return len(ids)
-
-    def _feed(self, ids: list[int], template: list[bool]) -> None:
-        """Run ``ids`` through the model into the cache at the next conversation positions."""
-        positions = list(range(self._position, self._position + len(ids)))
-        if self.cache.logits is None and len(self.cache):
-            self.cache.refeed_newest(ids, positions, self.stats.turns, template)
-        else:
-            self.cache.ingest(ids, positions, self.stats.turns, template)
-        self._position += len(ids)
-
-    def _score_first_token(self) -> None:
-        """The very first token of a session has no logits before it: give it the highest score of its turn."""
-        scores = self.cache.scores
-        if scores.numel() and torch.isinf(scores[0]):
-            of_turn = scores[(self.cache.turns == self.stats.turns) & torch.isfinite(scores)]
-            scores[0] = of_turn.max() if of_turn.numel() else 0.0
-
-    def _truncate(self, position: int) -> None:
-        self.cache.truncate(position)
-        self._position = position
-
-    def _rollback(self, state: Transcript) -> None:
-        self._truncate(state.length)
-        self.transcript = state
+        return step
 
     @contextmanager
     def _rolling_back(self, turn: TurnStats) -> Iterator[None]:
@@ -468,32 +330,15 @@ class Session:
         try:
             yield
         except BaseException:
-            self._rollback(self.transcript)
+            self.conversation.rollback(self.transcript)
             self._record(turn)
             raise
-
-    def _new_cache(self) -> SirLLMCache:
-        start_size, recent_size = self.config.protected()
-        return SirLLMCache(
-            self.model.new_runner(self.cache_size),
-            self.policy,
-            self.cache_size,
-            self.model.token_shapes,
-            start_size=start_size,
-            recent_size=recent_size,
-            history_window=self.config.history_window,
-            forward=self.model.scheduler.ingest,
-        )
-
-    def _reset(self) -> None:
-        self.cache = self._new_cache()
-        self.transcript = Transcript(template=self.model.template)
-        self._position = 0
 
     def _record(self, turn: TurnStats, completed: bool = False) -> None:
         turn.cache_len = len(self.cache)
         self.stats.add(turn)
         self.stats.turns += completed
+        self.conversation.state.turn += completed
         self.turn_log.append(turn)
 
     def _locked(self):
@@ -514,82 +359,3 @@ class _Owned:
     def __exit__(self, *exc) -> None:
         self.session._owner = None
         self.session._lock.release()
-
-
-class AsyncReplyStream:
-    """A reply stream for an event loop: the stream runs in a thread of its own (the session lock belongs to the
-    thread that opened it) and hands its events over; ``reply`` is set once it is exhausted. ``aclose`` stops
-    decoding early, and the session rolls the partial reply back."""
-
-    _DONE = object()
-
-    def __init__(self, open_stream: Callable[[], ReplyStream]):
-        self._open = open_stream
-        self._queue: asyncio.Queue[Any] | None = None
-        self._cancelled = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._finished = False
-        self.reply: Reply | None = None
-        self.session: Session | None = None
-
-    def __aiter__(self) -> AsyncIterator[Event]:
-        return self
-
-    async def __anext__(self) -> Event:
-        if self._finished:
-            raise StopAsyncIteration
-        if self._thread is None:
-            self._start()
-        item = await self._queue.get()
-        if item is self._DONE:
-            self._finished = True
-            raise StopAsyncIteration
-        if isinstance(item, BaseException):
-            self._finished = True
-            raise item
-        return item
-
-    def _start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._queue = asyncio.Queue()
-
-        def post(item: Any) -> bool:
-            try:
-                loop.call_soon_threadsafe(self._queue.put_nowait, item)
-                return True
-            except RuntimeError:  # the event loop is closed: nobody is reading any more
-                return False
-
-        def run() -> None:
-            stream = None
-            try:
-                stream = self._open()
-                for event in stream:
-                    self.session = stream.session  # known once the first event was asked for
-                    if self._cancelled.is_set() or not post(event):
-                        break
-                self.session = stream.session
-                self.reply = stream.reply
-                item: Any = self._DONE
-            except BaseException as error:  # handed to the consumer, who raises it
-                item = error
-            finally:
-                if stream is not None:
-                    stream.close()
-            post(item)
-
-        self._thread = threading.Thread(target=run, name="sirllm-stream", daemon=True)
-        self._thread.start()
-
-    async def finish(self) -> Reply:
-        """Decode to the end and return the reply."""
-        async for _ in self:
-            pass
-        assert self.reply is not None
-        return self.reply
-
-    async def aclose(self) -> None:
-        """Stop decoding (if still running) and wait until the thread has released the session."""
-        self._cancelled.set()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
