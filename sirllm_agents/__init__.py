@@ -14,7 +14,14 @@ from .runners.rope import UnsupportedModelError
 from .scheduler import EngineBusyError
 from .session import Session
 from .stats import SessionStats, TurnStats
-from .store import DirectoryStore, SessionBusyError, SessionStore, SharedDirectoryStore
+from .store import (
+    DirectoryStore,
+    SessionBusyError,
+    SessionStore,
+    SessionStoreUnavailable,
+    SharedDirectoryStore,
+    open_store,
+)
 from .tools import ToolCall
 
 __all__ = [
@@ -38,6 +45,7 @@ __all__ = [
     "SessionFileError",
     "SessionStats",
     "SessionStore",
+    "SessionStoreUnavailable",
     "SharedDirectoryStore",
     "SirLLMPolicy",
     "StreamingPolicy",
@@ -47,4 +55,5 @@ __all__ = [
     "TurnMemory",
     "TurnStats",
     "UnsupportedModelError",
+    "open_store",
 ]

@@ -45,7 +45,9 @@ class Engine:
     ``max_spilled_sessions`` files are kept: past that the longest-idle one is deleted, and if its conversation
     returns it starts afresh from the messages sent (the right reply, after a full re-prefill). Pooled sessions are
     made with ``config`` (a :class:`SessionConfig`). ``store`` replaces ``spill_dir`` with any
-    :class:`~sirllm_agents.store.SessionStore`, e.g. a ``SharedDirectoryStore`` shared by several server processes.
+    :class:`~sirllm_agents.store.SessionStore`, e.g. a ``RedisStore`` or ``SharedDirectoryStore`` shared by several
+    server processes (``open_store(url or folder)``); with a shared store every turn is committed to it before the
+    call returns its reply.
     """
 
     def __init__(
@@ -151,7 +153,9 @@ class Engine:
             with self.pool.use(messages, tools, session_id, config, response_format) as session:
                 if not one_off:
                     stream.session = session
-                    return (yield from session.stream(messages, **options))
+                    reply = yield from session.stream(messages, **options)
+                    self.pool.commit(session)  # with a shared store the turn is durable before it is answered
+                    return reply
                 made_here = session_id is None and not session.transcript.messages  # no session held a prefix
                 stream.session = session.fork()
             if made_here:

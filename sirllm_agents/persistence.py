@@ -43,6 +43,12 @@ def write_session(
     path: str | os.PathLike, model: Model, document: dict[str, Any], tensors: dict[str, torch.Tensor]
 ) -> None:
     """Write a session's state (``Session.state()``) to ``path`` atomically (see the module docstring)."""
+    _write_atomically(Path(path), session_bytes(model, document, tensors))
+
+
+def session_bytes(model: Model, document: dict[str, Any], tensors: dict[str, torch.Tensor]) -> bytes:
+    """A session's state (``Session.state()``) as the bytes of a session file, for stores that keep them elsewhere
+    than in a file (see :mod:`sirllm_agents.redis_store`)."""
     pieces = token_pieces(model.tokenizer, tensors["history.ids"].tolist())
     cached = token_pieces(model.tokenizer, tensors["cache.token_ids"].tolist())
     tensors = tensors | {"history.piece_ends": _ends(pieces), "cache.piece_ends": _ends(cached)}
@@ -52,8 +58,7 @@ def write_session(
         text = json.dumps(document, ensure_ascii=False)
     except (TypeError, ValueError) as error:
         raise ValueError(f"the session's messages or tools are not JSON data and cannot be saved: {error}") from error
-    data = save_tensors(tensors, metadata={"sirllm_agents": text, "sha256": _digest(text, tensors)})
-    _write_atomically(Path(path), data)
+    return save_tensors(tensors, metadata={"sirllm_agents": text, "sha256": _digest(text, tensors)})
 
 
 def read_session(path: str | os.PathLike, model: Model) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -61,6 +66,13 @@ def read_session(path: str | os.PathLike, model: Model) -> tuple[dict[str, Any],
     :class:`SessionFileError` when the file cannot be used."""
     document, tensors = _read(path)
     _check_model(document, model, path)
+    return document, tensors
+
+
+def read_session_bytes(data: bytes, model: Model, source: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """:func:`read_session` for the bytes of a session file; ``source`` names where they came from in errors."""
+    document, tensors = _decode(data, source)
+    _check_model(document, model, source)
     return document, tensors
 
 
@@ -148,6 +160,10 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tens
         data = Path(path).read_bytes()
     except OSError as error:
         raise SessionFileError(f"{path}: cannot read the session file ({error.strerror or error})") from error
+    return _decode(data, path)
+
+
+def _decode(data: bytes, path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if len(data) < 8:
         raise SessionFileError(f"{path}: not a session file (truncated: {len(data)} bytes)")
     (header_size,) = struct.unpack("<Q", data[:8])

@@ -6,10 +6,12 @@ in memory: the least recently used idle one is written to the pool's :class:`~si
 private folder by default) and read back when its conversation returns, so it continues exactly as if it had stayed.
 Past ``max_spilled_sessions`` files, the longest idle one is deleted.
 
-With a shared store (:class:`~sirllm_agents.store.SharedDirectoryStore`) several processes serve one set of
-conversations: a session is in one process's memory only while that process holds its lease; asking another process
-for it by id raises :class:`~sirllm_agents.store.SessionBusyError` until the holder spills it (when idle, on
-:meth:`SessionPool.spill_idle` or :meth:`SessionPool.spill_all`) or its lease expires.
+With a shared store (:class:`~sirllm_agents.redis_store.RedisStore`,
+:class:`~sirllm_agents.store.SharedDirectoryStore`) several processes serve one set of conversations: a session is
+in one process's memory only while that process holds its lease; asking another process for it by id raises
+:class:`~sirllm_agents.store.SessionBusyError` until the holder spills it (when idle, on :meth:`SessionPool.spill_idle`
+or :meth:`SessionPool.spill_all`) or its lease expires. Every turn is committed to a shared store before it is
+answered (:meth:`SessionPool.commit`), so a process that dies loses no acknowledged turn.
 
 Thread safety: the pool's own lock guards only its bookkeeping, never a model call nor a session file's write, read
 or deletion (the leases' small files are taken and given up under it). A session being written or read back is
@@ -20,6 +22,7 @@ concurrently.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -103,9 +106,28 @@ class SessionPool:
                 self._pins[session.session_id] -= 1
                 if self._pins[session.session_id] <= 0:
                     del self._pins[session.session_id]
-                self._last_used[session.session_id] = time.monotonic()
+                if session.session_id in self._live:  # not when a refused commit dropped it
+                    self._last_used[session.session_id] = time.monotonic()
                 victims = self._victims()
             self._spill_out(victims)
+
+    def commit(self, session: Session) -> None:
+        """With a shared store, write ``session`` to it now, so that the turn it just ended outlives this process:
+        the engine calls it before the turn's reply is returned. When the write fails (another process took the
+        session over: :class:`~sirllm_agents.store.SessionBusyError`; the store unreachable: ``OSError``), the turn
+        is not durable, so the copy here is dropped, its lease given up, and the error raised: the next call
+        continues from the store's last commit."""
+        if not self.store.shared:
+            return
+        try:
+            self.store.commit(session)
+        except BaseException:
+            with self._lock:
+                if self._live.get(session.session_id) is session:
+                    self._forget_live(session.session_id)
+            with contextlib.suppress(OSError):  # the store is unreachable: the lease lapses on its own
+                self.store.release(session.session_id)
+            raise
 
     def route(
         self,

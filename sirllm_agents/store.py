@@ -65,6 +65,11 @@ class SessionBusyError(RuntimeError):
         self.session_id, self.owner, self.retry_after = session_id, owner, retry_after
 
 
+class SessionStoreUnavailable(ConnectionError):
+    """The session store could not be reached (or refused the write): the turn was not made durable, so it is not
+    acknowledged. Retry once the store is back; the session continues from its last commit."""
+
+
 def file_key(session_id: str) -> str:
     """The file name stem of a session: a digest, so any id is a safe file name."""
     return hashlib.sha256(session_id.encode()).hexdigest()[:32]
@@ -90,6 +95,13 @@ class SessionStore(ABC):
     @abstractmethod
     def delete(self, session_id: str) -> None:
         """Forget the saved session, if any (and release its lease)."""
+
+    def commit(self, session: Session) -> None:
+        """Write ``session`` now, waiting for a call in progress to end, so that its latest turn outlives this process
+        (a shared store's pool calls it before a turn is acknowledged). Raises :class:`SessionBusyError` when another
+        process holds the session's lease now (this copy is stale). A private store loses its sessions with the
+        process anyway: it writes nothing."""
+        return None
 
     @abstractmethod
     def acquire(self, session_id: str) -> None:
@@ -184,7 +196,7 @@ class SharedDirectoryStore(DirectoryStore):
         with self._held_lock:
             self._held[session_id] = token
             if self._renewer is None or not self._renewer.is_alive():
-                self._renewer = threading.Thread(target=_renew_loop, args=(weakref.ref(self),), daemon=True)
+                self._renewer = threading.Thread(target=renew_leases, args=(weakref.ref(self),), daemon=True)
                 self._renewer.start()
 
     def holds(self, session_id: str) -> bool:
@@ -211,10 +223,20 @@ class SharedDirectoryStore(DirectoryStore):
 
     def save(self, session: Session) -> bool:
         with self._guard(session.session_id):
-            if not self._renew(session.session_id):  # taken over: what we hold is stale, the store's copy is newer
-                lease = self._read_lease(session.session_id) or {"owner": "nobody", "expires": time.time()}
-                raise SessionBusyError(session.session_id, lease["owner"], lease["expires"] - time.time())
+            self._check_still_mine(session.session_id)
             return super().save(session)
+
+    def commit(self, session: Session) -> None:
+        with self._guard(session.session_id):
+            self._check_still_mine(session.session_id)
+            session.save(self.path(session.session_id))
+
+    def _check_still_mine(self, session_id: str) -> None:
+        """Renew our lease, or raise :class:`SessionBusyError` when it was taken over (what we hold is stale, the
+        store's copy is newer). Called under the session's guard."""
+        if not self._renew(session_id):
+            lease = self._read_lease(session_id) or {"owner": "nobody", "expires": time.time()}
+            raise SessionBusyError(session_id, lease["owner"], lease["expires"] - time.time())
 
     def take(self, model: Model, session_id: str) -> Session | None:
         path = self.path(session_id)
@@ -279,8 +301,10 @@ class SharedDirectoryStore(DirectoryStore):
         return False
 
 
-def _renew_loop(store_ref: weakref.ref[SharedDirectoryStore]) -> None:
-    """Renew a store's leases every third of their length while it holds any (and while the store exists)."""
+def renew_leases(store_ref: weakref.ref[SessionStore]) -> None:
+    """Renew a store's leases every third of their length while it holds any (and while the store exists): the
+    background thread of a shared store (one with ``lease_seconds``, ``held()``, ``_held`` and its ``_held_lock``,
+    ``_renewer``)."""
     while True:
         store = store_ref()
         if store is None:
@@ -300,3 +324,20 @@ def _renew_loop(store_ref: weakref.ref[SharedDirectoryStore]) -> None:
                 log.warning("could not renew the lease of session %s: %s", session_id, error)
         del store
         time.sleep(pause)
+
+
+def open_store(
+    location: str, *, owner: str | None = None, lease_seconds: float = DEFAULT_LEASE_SECONDS
+) -> SessionStore:
+    """The shared store at ``location``: a ``redis://``, ``rediss://`` or ``unix://`` URL is a
+    :class:`~sirllm_agents.redis_store.RedisStore` (needs the ``redis`` extra), anything else a folder for a
+    :class:`SharedDirectoryStore`. ``owner`` and ``lease_seconds`` as for either store."""
+    if location.split("://", 1)[0] in ("redis", "rediss", "unix") and "://" in location:
+        try:
+            from .redis_store import RedisStore
+        except ImportError as error:
+            raise ValueError(
+                f'{location!r} is a Redis URL, and redis-py is not installed: pip install "sirllm-agents[redis]"'
+            ) from error
+        return RedisStore(location, owner=owner, lease_seconds=lease_seconds)
+    return SharedDirectoryStore(location, owner=owner, lease_seconds=lease_seconds)

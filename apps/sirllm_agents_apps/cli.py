@@ -73,8 +73,9 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument(
         "--session-store",
         default=None,
-        metavar="DIR",
-        help="a folder shared with other replicas: sessions spill there and move between servers, one at a time",
+        metavar="URL_OR_DIR",
+        help="shared with other replicas: redis://host:port/db (sessions committed every turn, fenced leases) or a "
+        "folder (one host); sessions move between servers, one at a time",
     )
     serve.add_argument("--replica-name", default=None, help="this server's name in session leases (default host:pid)")
     serve.add_argument(
@@ -189,7 +190,7 @@ def _serve(args: argparse.Namespace) -> None:
     require("sirllm-agents serve", ["fastapi", "uvicorn"], SERVE_EXTRA)
     import uvicorn
 
-    from sirllm_agents import Engine, SharedDirectoryStore
+    from sirllm_agents import Engine, open_store
 
     from .server import ServerSettings, create_app
 
@@ -209,7 +210,7 @@ def _serve(args: argparse.Namespace) -> None:
         config = _session_config(args)
         store = None
         if args.session_store is not None:
-            store = SharedDirectoryStore(args.session_store, owner=args.replica_name, lease_seconds=args.lease_seconds)
+            store = open_store(args.session_store, owner=args.replica_name, lease_seconds=args.lease_seconds)
         engine = Engine(
             args.model,
             backend=args.backend,

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from sirllm_agents import ContextOverflowError, EngineBusyError, SessionBusyError
+from sirllm_agents import ContextOverflowError, EngineBusyError, SessionBusyError, SessionStoreUnavailable
 
 from .schemas import ErrorBody, ErrorDetail
 
@@ -63,7 +63,8 @@ class ClientGone(Exception):
 def api_error(error: BaseException, request_id: str | None, retry_after: int = 1) -> APIError:
     """How ``error`` is answered. A request the core or the request model refuses (``ValueError``, pydantic's
     ``ValidationError``, ``ContextOverflowError``) is a 400 with its own message; a session another replica holds
-    (``SessionBusyError``) a 409, and a model with too many requests waiting (``EngineBusyError``) a 429, both with
+    (``SessionBusyError``) a 409, a session store that cannot be reached (``SessionStoreUnavailable``: the turn was not
+    committed) a 503, and a model with too many requests waiting (``EngineBusyError``) a 429, all with
     ``Retry-After``; a client gone is recorded as 499. Anything else is a 500 that says "internal error" and the
     request id, and never the exception's text: its traceback goes to the log."""
     if isinstance(error, APIError):
@@ -84,6 +85,9 @@ def api_error(error: BaseException, request_id: str | None, retry_after: int = 1
         return APIError.retry_later(
             409, message, math.ceil(error.retry_after), type="conflict_error", code="session_busy"
         )
+    if isinstance(error, SessionStoreUnavailable):
+        log.error("request %s: %s", request_id, error, extra={"request_id": request_id})
+        return APIError.retry_later(503, str(error), retry_after, type="server_error", code="session_store_unavailable")
     if isinstance(error, EngineBusyError):
         return APIError.retry_later(429, str(error), retry_after, type="rate_limit_error", code="rate_limit_exceeded")
     log.error("request %s failed", request_id, exc_info=error, extra={"request_id": request_id})

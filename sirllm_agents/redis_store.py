@@ -1,0 +1,330 @@
+"""A session store in Redis, shared by replicas on any number of machines, with fenced leases.
+
+Each session has five keys, all under one hash tag (``sirllm:{<file key>}:...``) so that a Redis Cluster keeps them
+in one slot, where one Lua script may touch them all:
+
+- ``lease``: ``"<token> <owner>"``, set with ``NX`` and a ``PX`` expiry. ``token`` is the **fencing token**: the value
+  of ``epoch``, incremented by the same script that takes the lease, so every grant of a session gets a larger one.
+- ``epoch``: the last token granted (kept when the session is deleted, so tokens never go back).
+- ``blob``: the session file's bytes (:func:`~sirllm_agents.persistence.session_bytes`: safetensors and JSON, never
+  pickle, with its checksum); ``blob.previous``: the commit before it.
+- ``meta`` / ``meta.previous``: a hash per blob: the token and owner that wrote it, its size, checksum and time.
+
+Every write is one script that first checks the lease is still ``"<token> <owner>"`` of this store and that no
+commit with a larger token exists: a replica that stalled (paused, partitioned) past its lease and was taken over has
+its commit refused with :class:`~sirllm_agents.store.SessionBusyError`, and its pool drops the stale copy. A commit
+moves the current blob to ``blob.previous`` before writing the new one, so a blob found corrupted when read (checksum
+mismatch) is refused with :class:`~sirllm_agents.persistence.SessionFileError`, logged, and the previous commit is
+read instead. Leases are renewed every third of ``lease_seconds`` while held (compare-and-``PEXPIRE``) and given up
+by compare-and-delete.
+
+Redis must not evict these keys (``maxmemory-policy noeviction``) and should log writes (``appendonly yes``); see
+``docs/scaling.md`` for what a failover can and cannot lose.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+
+from .persistence import SessionFileError, read_session_bytes, session_bytes
+from .session import Session
+from .store import (
+    DEFAULT_LEASE_SECONDS,
+    SessionBusyError,
+    SessionStore,
+    SessionStoreUnavailable,
+    file_key,
+    renew_leases,
+)
+
+if TYPE_CHECKING:
+    from .model import Model
+
+log = logging.getLogger(__name__)
+
+# KEYS: lease, epoch. ARGV: owner, ttl ms, the lease value this store holds ("" if none).
+# Returns {0, value} when granted (or still ours, then extended), {1, holder's value, ms left} when another holds it.
+_ACQUIRE = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  if current == ARGV[3] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    return {0, current}
+  end
+  return {1, current, redis.call('PTTL', KEYS[1])}
+end
+local value = redis.call('INCR', KEYS[2]) .. ' ' .. ARGV[1]
+redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
+return {0, value}
+"""
+
+# KEYS: lease. ARGV: our value, ttl ms. 1 when extended, 0 when the lease is no longer ours.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+# KEYS: lease. ARGV: our value.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+# KEYS: lease, blob, blob.previous, meta, meta.previous. ARGV: our value, our token, ttl ms, the blob, then the meta
+# hash's field/value pairs. 1: committed; 0: the lease is not ours; -1: a commit with a larger token exists.
+_COMMIT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+local last = tonumber(redis.call('HGET', KEYS[4], 'token') or '0')
+if tonumber(ARGV[2]) < last then
+  return -1
+end
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('RENAME', KEYS[2], KEYS[3])
+  redis.call('RENAME', KEYS[4], KEYS[5])
+end
+redis.call('SET', KEYS[2], ARGV[4])
+redis.call('HSET', KEYS[4], unpack(ARGV, 5))
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+# KEYS: lease, blob, blob.previous, meta, meta.previous. ARGV: our value. 1: deleted; 0: the lease is not ours.
+_DELETE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+return 1
+"""
+
+
+class SessionKeys:
+    """The Redis keys of one session (for an operator's ``redis-cli``: :meth:`RedisStore.keys` gives them)."""
+
+    def __init__(self, prefix: str, session_id: str):
+        base = f"{prefix}{{{file_key(session_id)}}}"
+        self.lease, self.epoch = f"{base}:lease", f"{base}:epoch"
+        self.blob, self.previous = f"{base}:blob", f"{base}:blob.previous"
+        self.meta, self.meta_previous = f"{base}:meta", f"{base}:meta.previous"
+
+    @property
+    def written(self) -> list[str]:
+        """The keys a commit or a deletion touches, in the scripts' order."""
+        return [self.lease, self.blob, self.previous, self.meta, self.meta_previous]
+
+
+class RedisStore(SessionStore):
+    """Sessions in Redis at ``url`` (``redis://host:port/db``, ``rediss://`` for TLS, ``unix://``), shared by every
+    process that uses the same URL and ``prefix``, with a fenced lease per session (see the module docstring).
+
+    ``owner`` names this process in leases and errors (default ``host:pid``); ``lease_seconds`` is how long a lease
+    lasts unless renewed, so how long a crashed process's sessions stay blocked. ``client`` replaces the connection
+    made from ``url`` (for example one from ``redis.Sentinel(...).master_for(...)``; ``url`` then only names it in
+    errors)."""
+
+    shared = True
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        owner: str | None = None,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        prefix: str = "sirllm:",
+        client: redis.Redis | None = None,
+    ):
+        if not lease_seconds > 0:
+            raise ValueError(f"lease_seconds must be positive, got {lease_seconds!r}")
+        self.url = _redacted(url)  # for logs and errors: the URL without its password
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
+        if " " in self.owner:
+            raise ValueError(f"owner must not contain spaces (it is stored after the lease's token): {self.owner!r}")
+        self.lease_seconds = float(lease_seconds)
+        self.prefix = prefix
+        # Timeouts well under a lease, so a stalled Redis is an error that says so rather than a hung request.
+        timeout = max(1.0, self.lease_seconds / 3)
+        self._redis = client or redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        self._acquire, self._renew_script = self._redis.register_script(_ACQUIRE), self._redis.register_script(_RENEW)
+        self._release, self._commit = self._redis.register_script(_RELEASE), self._redis.register_script(_COMMIT)
+        self._delete = self._redis.register_script(_DELETE)
+        self._held: dict[str, str] = {}  # session id -> our lease's value, "<token> <owner>"
+        self._held_lock = threading.Lock()
+        self._renewer: threading.Thread | None = None
+        self.last_commit: tuple[int, float] | None = None  # (bytes, seconds) of this store's latest commit
+
+    def keys(self, session_id: str) -> SessionKeys:
+        """Where ``session_id`` is kept in Redis."""
+        return SessionKeys(self.prefix, session_id)
+
+    def _ttl_ms(self) -> int:
+        return max(1, round(self.lease_seconds * 1000))
+
+    # -- leases ---------------------------------------------------------------------------------------------------
+
+    def acquire(self, session_id: str) -> None:
+        keys = self.keys(session_id)
+        with self._held_lock:
+            mine = self._held.get(session_id, "")
+        with self._reaching("take the lease of", session_id):
+            granted = self._acquire(keys=[keys.lease, keys.epoch], args=[self.owner, self._ttl_ms(), mine])
+        if int(granted[0]) != 0:
+            _, holder = _split(granted[1].decode())
+            raise SessionBusyError(session_id, holder, max(int(granted[2]), 0) / 1000)
+        with self._held_lock:
+            self._held[session_id] = granted[1].decode()
+            if self._renewer is None or not self._renewer.is_alive():
+                self._renewer = threading.Thread(target=renew_leases, args=(weakref.ref(self),), daemon=True)
+                self._renewer.start()
+
+    def holds(self, session_id: str) -> bool:
+        with self._held_lock:
+            mine = self._held.get(session_id)
+        if mine is None:
+            return False
+        with self._reaching("renew the lease of", session_id):
+            renewed = self._renew_script(keys=[self.keys(session_id).lease], args=[mine, self._ttl_ms()])
+        if not renewed:
+            self._forget(session_id, mine)
+        return bool(renewed)
+
+    def release(self, session_id: str) -> None:
+        with self._held_lock:
+            mine = self._held.pop(session_id, None)
+        if mine is not None:  # forgotten first: should Redis be unreachable, the lease simply expires
+            with self._reaching("give up the lease of", session_id):
+                self._release(keys=[self.keys(session_id).lease], args=[mine])
+
+    def release_all(self) -> None:
+        for session_id in self.held():
+            self.release(session_id)
+
+    def held(self) -> list[str]:
+        """The sessions whose lease this process holds."""
+        with self._held_lock:
+            return list(self._held)
+
+    def token(self, session_id: str) -> int | None:
+        """The fencing token of our lease of ``session_id``, or None when we hold none."""
+        with self._held_lock:
+            mine = self._held.get(session_id)
+        return None if mine is None else _split(mine)[0]
+
+    # -- sessions -------------------------------------------------------------------------------------------------
+
+    def save(self, session: Session) -> bool:
+        """:meth:`commit`, then True. Unlike a folder store's, it waits for a call in progress on the session to end
+        (the pool only spills sessions that are in no call)."""
+        self.commit(session)
+        return True
+
+    def commit(self, session: Session) -> None:
+        session_id, keys = session.session_id, self.keys(session.session_id)
+        with self._held_lock:
+            mine = self._held.get(session_id)
+        if mine is None:
+            raise self._busy(session_id, keys)
+        started = time.perf_counter()
+        data = session_bytes(session.model, *session.state())
+        meta = {"token": _split(mine)[0], "owner": self.owner, "bytes": len(data), "committed_at": time.time()}
+        fields = [item for pair in meta.items() for item in pair]
+        with self._reaching("commit", session_id):
+            outcome = self._commit(keys=keys.written, args=[mine, meta["token"], self._ttl_ms(), data, *fields])
+        if outcome != 1:
+            self._forget(session_id, mine)
+            raise self._busy(session_id, keys)
+        self.last_commit = (len(data), time.perf_counter() - started)
+
+    def take(self, model: Model, session_id: str) -> Session | None:
+        """The last committed session (kept in Redis: should this process die, the next holder continues from it).
+        A latest commit that cannot be used (corrupted, or another model's) is logged and the previous commit read
+        instead; with neither usable, raises ``SessionFileError``."""
+        keys = self.keys(session_id)
+        with self._reaching("read", session_id):
+            data = self._redis.get(keys.blob)
+        if data is None:
+            return None
+        try:
+            return self._session(model, data, keys.blob, session_id)
+        except SessionFileError as error:
+            with self._reaching("read", session_id):
+                previous = self._redis.get(keys.previous)
+            if previous is None:
+                raise
+            log.error("%s; continuing session %s from its previous commit (%s)", error, session_id, keys.previous)
+            return self._session(model, previous, keys.previous, session_id)
+
+    def read_state(self, model: Model, session_id: str, *, previous: bool = False) -> Session | None:
+        """The session as its latest commit (or, with ``previous``, the one before) holds it, without falling back:
+        raises ``SessionFileError`` for a commit that cannot be used; None when there is none."""
+        keys = self.keys(session_id)
+        key = keys.previous if previous else keys.blob
+        with self._reaching("read", session_id):
+            data = self._redis.get(key)
+        return None if data is None else self._session(model, data, key, session_id)
+
+    def delete(self, session_id: str) -> None:
+        keys = self.keys(session_id)
+        self.acquire(session_id)
+        with self._held_lock:
+            mine = self._held.pop(session_id)
+        with self._reaching("delete", session_id):
+            self._delete(keys=keys.written, args=[mine])
+
+    # -- internals ------------------------------------------------------------------------------------------------
+
+    def _session(self, model: Model, data: bytes, key: str, session_id: str) -> Session:
+        source = f"{self.url} key {key}"
+        return Session.from_state(model, *read_session_bytes(data, model, source), session_id)
+
+    def _forget(self, session_id: str, value: str) -> None:
+        with self._held_lock:
+            if self._held.get(session_id) == value:
+                del self._held[session_id]
+
+    def _busy(self, session_id: str, keys: SessionKeys) -> SessionBusyError:
+        """The refusal for a session whose lease this store lost, naming who holds it now."""
+        with self._reaching("read the lease of", session_id):
+            value, left = self._redis.get(keys.lease), self._redis.pttl(keys.lease)
+        holder = _split(value.decode())[1] if value else "nobody (its lease lapsed)"
+        return SessionBusyError(session_id, holder, max(left, 0) / 1000)
+
+    @contextmanager
+    def _reaching(self, what: str, session_id: str) -> Iterator[None]:
+        """Redis errors as :class:`SessionStoreUnavailable`, saying what could not be done and where."""
+        try:
+            yield
+        except redis.RedisError as error:
+            raise SessionStoreUnavailable(
+                f"could not {what} session {session_id!r} in Redis at {self.url} ({error}); the turn was not "
+                "acknowledged: retry once Redis answers"
+            ) from error
+
+
+def _redacted(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
+
+
+def _split(value: str) -> tuple[int, str]:
+    """A lease value's fencing token and owner."""
+    token, _, owner = value.partition(" ")
+    return int(token), owner
