@@ -36,17 +36,18 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """One ``redis-server`` process; :meth:`restart` stops it cleanly and starts it again on the same port and
+    """One ``redis-server`` process (``appendfsync``: the append-only file's ``fsync`` policy; ``always`` loses no
+    acknowledged write); :meth:`restart` stops it cleanly and starts it again on the same port and
     folder, so what it had written (the append-only file) is all it knows."""
 
-    def __init__(self, folder: Path):
-        self.folder, self.port = folder, free_port()
+    def __init__(self, folder: Path, appendfsync: str = "always"):
+        self.folder, self.port, self.appendfsync = folder, free_port(), appendfsync
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
         command = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.folder)]
-        command += ["--appendonly", "yes", "--appendfsync", "always", "--maxmemory-policy", "noeviction"]
+        command += ["--appendonly", "yes", "--appendfsync", self.appendfsync, "--maxmemory-policy", "noeviction"]
         command += ["--save", "", "--protected-mode", "yes"]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 20

@@ -219,7 +219,8 @@ class LlamaCppContext:
         with self.lock:
             size = llama.llama_state_seq_get_size(self.context, sequence)
             data = (ctypes.c_uint8 * size)()
-            blob = bytes(data[: llama.llama_state_seq_get_data(self.context, data, size, sequence)])
+            # string_at copies the bytes at C speed; slicing the ctypes array would build a list of ints first.
+            blob = ctypes.string_at(data, llama.llama_state_seq_get_data(self.context, data, size, sequence))
         if self.sequences == 1:
             return blob
         start, end = self.state_header + 4 * (1 + sequence), len(blob) - 4 * (self.sequences - 1 - sequence)
@@ -258,7 +259,7 @@ class LlamaCppContext:
         and one zero cell count per stream follow the header."""
         size = llama.llama_state_seq_get_size(self.context, 0)
         data = (ctypes.c_uint8 * size)()
-        blob = bytes(data[: llama.llama_state_seq_get_data(self.context, data, size, 0)])
+        blob = ctypes.string_at(data, llama.llama_state_seq_get_data(self.context, data, size, 0))
         header = len(blob) - 4 * (1 + self.sequences)
         if header < 0 or _u32(blob, header) != self.sequences:
             raise LlamaCppError(
