@@ -1,15 +1,21 @@
 """Replicas on Redis, as real processes: ``sirllm-agents serve --session-store redis://...`` servers sharing one
-``redis-server``. A replica killed mid-conversation loses no acknowledged turn (the next turn, on another replica,
-gives the uninterrupted reply); a replica stopped past its lease has its commit refused and never answers from its
-stale copy; sessions survive a restart of Redis."""
+``redis-server``. Behind vllm-router (consistent hashing on ``X-Session-Id``) each conversation stays on one replica
+and gets a single process's replies; a replica killed mid-conversation loses no acknowledged turn (the next turn, on
+another replica, gives the uninterrupted reply); a replica stopped past its lease has its commit refused and never
+answers from its stale copy; sessions survive a restart of Redis."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -18,8 +24,8 @@ pytest.importorskip("fastapi", reason="the server needs the serve extra")
 pytest.importorskip("uvicorn", reason="the server needs the serve extra")
 
 import httpx
-from redis_fixtures import redis_server
-from serve_processes import replica
+from redis_fixtures import free_port, redis_server, skip_or_fail
+from serve_processes import replica, wait_until_up
 from sirllm_fixtures import tiny_llama
 
 from sirllm_agents import Engine
@@ -44,15 +50,24 @@ def model_dir(tmp_path_factory, tokenizer) -> Path:
 
 
 @pytest.fixture(scope="module")
-def expected(model_dir) -> list[str]:
-    """The replies of one uninterrupted session to SCRIPT (greedy, 8 tokens each)."""
-    session, messages, replies = Engine(model_dir).session(), [], []
-    for text in SCRIPT:
+def reference(model_dir) -> Engine:
+    return Engine(model_dir)
+
+
+def replies_of_one_session(engine: Engine, script: list[str]) -> list[str]:
+    """The replies of one uninterrupted session to ``script`` (greedy, 8 tokens each)."""
+    session, messages, replies = engine.session(), [], []
+    for text in script:
         messages.append(user(text))
         reply = session.chat(messages, max_new_tokens=8)
         replies.append(reply.content)
         messages.append({"role": "assistant", "content": reply.content})
     return replies
+
+
+@pytest.fixture(scope="module")
+def expected(reference) -> list[str]:
+    return replies_of_one_session(reference, SCRIPT)
 
 
 def user(text: str) -> dict:
@@ -142,3 +157,79 @@ def test_a_replica_stopped_past_its_lease_has_its_commit_refused_and_never_answe
         assert refused.status_code == 409 and refused.json()["error"]["code"] == "session_busy"
         assert httpx.get(f"{a}/health").json()["live_sessions"] == 0
         assert content(chat(b, messages, session_id)) == expected[2]
+
+
+def router_command() -> str:
+    """vllm-router's launcher: on the PATH, or beside this Python (its wheel installs it there)."""
+    beside = Path(sys.executable).with_name("vllm-router")
+    found = shutil.which("vllm-router") or (str(beside) if beside.exists() else None)
+    if found is None:
+        skip_or_fail("vllm-router is not installed (pip install vllm-router, in the apps' test extra)")
+    return found
+
+
+@contextlib.contextmanager
+def vllm_router(workers: list[str]):
+    """vllm-router on 127.0.0.1 in front of ``workers``, hashing ``X-Session-Id``; yields its URL."""
+    port = free_port()
+    command = [router_command(), "--host", "127.0.0.1", "--port", str(port), "--policy", "consistent_hash"]
+    process = subprocess.Popen(
+        [*command, "--log-level", "warning", "--worker-urls", *workers],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(url, process, timeout=30)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+CONVERSATIONS, TURNS = 12, 10
+
+
+def test_three_replicas_behind_vllm_router_give_every_conversation_a_single_process_replies(
+    model_dir, redis, reference
+):
+    scripts = {
+        f"user-{i}-{uuid.uuid4().hex[:6]}": [f"Hello from user {i}."] + [f"Go on, part {t}." for t in range(1, TURNS)]
+        for i in range(CONVERSATIONS)
+    }
+    expected = {session_id: replies_of_one_session(reference, script) for session_id, script in scripts.items()}
+    with contextlib.ExitStack() as running:
+        workers = [running.enter_context(replica(model_dir, redis.url, f"r{i}"))[0] for i in range(3)]
+        front = running.enter_context(vllm_router(workers))
+        models = httpx.get(f"{front}/v1/models", timeout=10).json()
+        assert "sirllm" in [model["id"] for model in models["data"]]
+
+        def converse(session_id: str) -> tuple[list[str], set[str]]:
+            messages, replies, replicas = [], [], set()
+            for text in scripts[session_id]:
+                messages.append(user(text))
+                response = chat(front, messages, session_id)
+                replicas.add(response.headers["X-Replica"])
+                replies.append(content(response))
+                messages.append({"role": "assistant", "content": replies[-1]})
+            return replies, replicas
+
+        with ThreadPoolExecutor(len(scripts)) as pool:  # the conversations at once, each turn after the last
+            outcomes = dict(zip(scripts, pool.map(converse, scripts)))
+        placed = {}
+        for session_id, (replies, replicas) in outcomes.items():
+            assert replies == expected[session_id], session_id
+            [placed[session_id]] = replicas  # every turn of a conversation on one replica
+        assert len(set(placed.values())) >= 2  # and the conversations spread over the replicas
+
+        session_id = next(iter(scripts))
+        body = {"model": "sirllm", "messages": [user(scripts[session_id][0])], "max_tokens": 8, "stream": True}
+        streamed = httpx.post(
+            f"{front}/v1/chat/completions", json=body, headers={"X-Session-Id": session_id}, timeout=60
+        )
+        events = [line for line in streamed.text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]" and streamed.headers["X-Replica"] == placed[session_id]
