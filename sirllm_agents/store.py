@@ -4,7 +4,10 @@ serve a session.
 A :class:`SessionStore` keeps session files (safetensors tensors and a JSON header, never pickle: see
 :mod:`sirllm_agents.persistence`) by session id. :class:`DirectoryStore` is one process's private spill folder.
 :class:`SharedDirectoryStore` is a folder that several server processes (replicas) share, for example on one machine
-or on a network file system, so a conversation saved by one continues on another.
+or on a network file system, so a conversation saved by one continues on another;
+:class:`~sirllm_agents.redis_store.RedisStore` is the same in Redis, for replicas on several machines.
+:func:`open_store` picks one from a URL or a folder. A shared store's pool commits every turn to it before the turn
+is answered (:meth:`SessionStore.commit`), so a process that dies loses no acknowledged turn.
 
 Two replicas must never serve one session at once, so a shared store grants **leases**. A process must hold a
 session's lease to have it in memory, serve it, save it or delete it:
@@ -20,7 +23,7 @@ session's lease to have it in memory, serve it, save it or delete it:
 - Each grant gets a fresh random ``token``. Before serving a session it holds in memory, and before writing it, a
   process checks that the token is still its own: a holder that stalled past expiry and was taken over finds a
   different token, drops its stale copy and reads the store's. A taken-over session therefore continues from the last
-  copy saved to the store, or starts afresh from the messages the client sends; either gives the right reply.
+  turn committed to the store, or starts afresh from the messages the client sends; either gives the right reply.
 """
 
 from __future__ import annotations

@@ -12,10 +12,11 @@ The app converts types and nothing else: the request body is read by :class:`~.s
 answers are the response models of :mod:`.schemas`, every exception is answered by :func:`~.errors.api_error`, and
 :class:`~.request_log.RequestLog` gives each request its id, its log line and its count in ``/metrics``.
 
-With a shared session store (``Engine(store=SharedDirectoryStore(...))``) several of these servers are replicas of one
-service: a session another replica holds is answered 409 with ``Retry-After``, sessions idle for
-``ServerSettings.handoff_idle_seconds`` are saved to the store and their leases given up, and every session is handed
-over when the server stops.
+With a shared session store (``Engine(store=RedisStore(...))`` or ``SharedDirectoryStore(...)``) several of these
+servers are replicas of one service: each turn is committed to the store before it is answered (a plain reply is
+returned, a stream's final chunk sent, only after the commit), a session another replica holds is answered 409 with
+``Retry-After``, sessions idle for ``ServerSettings.handoff_idle_seconds`` are saved to the store and their leases
+given up, and every session is handed over when the server stops.
 """
 
 from __future__ import annotations
