@@ -9,10 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -24,8 +21,8 @@ pytest.importorskip("fastapi", reason="the server needs the serve extra")
 pytest.importorskip("uvicorn", reason="the server needs the serve extra")
 
 import httpx
-from redis_fixtures import free_port, redis_server, skip_or_fail
-from serve_processes import replica, wait_until_up
+from redis_fixtures import redis_server, skip_or_fail
+from serve_processes import replica, router_command, vllm_router
 from sirllm_fixtures import tiny_llama
 
 from sirllm_agents import Engine
@@ -94,6 +91,14 @@ def content(response: httpx.Response) -> str:
     return response.json()["choices"][0]["message"]["content"]
 
 
+def streamed_text(line: str) -> str:
+    """The text a server-sent event line carries ("" for any other line)."""
+    if not line.startswith("data: {"):
+        return ""
+    choices = json.loads(line.removeprefix("data: ")).get("choices") or [{}]
+    return choices[0].get("delta", {}).get("content") or ""
+
+
 def test_a_replica_killed_mid_conversation_loses_no_acknowledged_turn(model_dir, redis, expected):
     session_id, messages = f"conv-{uuid.uuid4().hex[:8]}", []
     with replica(model_dir, redis.url, "a") as (a, process_a), replica(model_dir, redis.url, "b") as (b, _):
@@ -134,9 +139,10 @@ def test_a_replica_stopped_past_its_lease_has_its_commit_refused_and_never_answe
         with httpx.stream(
             "POST", f"{a}/v1/chat/completions", json=body, headers={"X-Session-Id": session_id}, timeout=120
         ) as stalled:
-            lines = stalled.iter_lines()
-            events = [next(lines), next(lines)]  # the role, then the first token
-            os.kill(process_a.pid, signal.SIGSTOP)
+            lines, events = stalled.iter_lines(), []
+            while not (events and streamed_text(events[-1])):
+                events.append(next(lines))  # up to the first chunk that carries text (the role chunk has none)
+            os.kill(process_a.pid, signal.SIGSTOP)  # 400 tokens take this model over a second: mid-decode
             time.sleep(LEASE_SECONDS + 1)
 
             taken = chat(b, messages, session_id)  # b takes the session over from a's last commit
@@ -159,38 +165,6 @@ def test_a_replica_stopped_past_its_lease_has_its_commit_refused_and_never_answe
         assert content(chat(b, messages, session_id)) == expected[2]
 
 
-def router_command() -> str:
-    """vllm-router's launcher: on the PATH, or beside this Python (its wheel installs it there)."""
-    beside = Path(sys.executable).with_name("vllm-router")
-    found = shutil.which("vllm-router") or (str(beside) if beside.exists() else None)
-    if found is None:
-        skip_or_fail("vllm-router is not installed (pip install vllm-router, in the apps' test extra)")
-    return found
-
-
-@contextlib.contextmanager
-def vllm_router(workers: list[str]):
-    """vllm-router on 127.0.0.1 in front of ``workers``, hashing ``X-Session-Id``; yields its URL."""
-    port = free_port()
-    command = [router_command(), "--host", "127.0.0.1", "--port", str(port), "--policy", "consistent_hash"]
-    process = subprocess.Popen(
-        [*command, "--log-level", "warning", "--worker-urls", *workers],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(url, process, timeout=30)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 CONVERSATIONS, TURNS = 12, 10
 
 
@@ -201,6 +175,8 @@ def test_three_replicas_behind_vllm_router_give_every_conversation_a_single_proc
         f"user-{i}-{uuid.uuid4().hex[:6]}": [f"Hello from user {i}."] + [f"Go on, part {t}." for t in range(1, TURNS)]
         for i in range(CONVERSATIONS)
     }
+    if router_command() is None:
+        skip_or_fail("vllm-router is not installed (pip install vllm-router; CI installs it from requirements/ci.in)")
     expected = {session_id: replies_of_one_session(reference, script) for session_id, script in scripts.items()}
     with contextlib.ExitStack() as running:
         workers = [running.enter_context(replica(model_dir, redis.url, f"r{i}"))[0] for i in range(3)]
