@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 
 # KEYS: lease, epoch. ARGV: owner, ttl ms, the lease value this store holds ("" if none).
 # Returns {0, value} when granted (or still ours, then extended), {1, holder's value, ms left} when another holds it.
+# A lease under our own owner name that is not the one we hold (a previous run of this replica, or a grant whose
+# release failed) is taken over at once: its holder, if alive, has its commits refused by the new token.
 _ACQUIRE = """
 local current = redis.call('GET', KEYS[1])
 if current then
@@ -62,7 +64,10 @@ if current then
     redis.call('PEXPIRE', KEYS[1], ARGV[2])
     return {0, current}
   end
-  return {1, current, redis.call('PTTL', KEYS[1])}
+  local space = string.find(current, ' ', 1, true)
+  if not space or string.sub(current, space + 1) ~= ARGV[1] then
+    return {1, current, redis.call('PTTL', KEYS[1])}
+  end
 end
 local value = redis.call('INCR', KEYS[2]) .. ' ' .. ARGV[1]
 redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
@@ -134,8 +139,10 @@ class RedisStore(SessionStore):
     """Sessions in Redis at ``url`` (``redis://host:port/db``, ``rediss://`` for TLS, ``unix://``), shared by every
     process that uses the same URL and ``prefix``, with a fenced lease per session (see the module docstring).
 
-    ``owner`` names this process in leases and errors (default ``host:pid``); ``lease_seconds`` is how long a lease
-    lasts unless renewed, so how long a crashed process's sessions stay blocked. ``client`` replaces the connection
+    ``owner`` names this process in leases and errors (default ``host:pid``), and must be unique among the processes
+    running: a lease held under this owner that this store did not grant itself (a previous run of the same replica)
+    is taken over at once rather than waited for. ``lease_seconds`` is how long a lease lasts unless renewed, so how
+    long a crashed process's sessions stay blocked. ``client`` replaces the connection
     made from ``url`` (for example one from ``redis.Sentinel(...).master_for(...)``; ``url`` then only names it in
     errors)."""
 
@@ -158,8 +165,9 @@ class RedisStore(SessionStore):
             raise ValueError(f"owner must not contain spaces (it is stored after the lease's token): {self.owner!r}")
         self.lease_seconds = float(lease_seconds)
         self.prefix = prefix
-        # Timeouts well under a lease, so a stalled Redis is an error that says so rather than a hung request.
-        timeout = max(1.0, self.lease_seconds / 3)
+        # A stalled Redis is an error that says so rather than a hung request; long enough for a commit of tens of MB
+        # on a busy machine (a timed-out commit is a turn refused).
+        timeout = max(5.0, self.lease_seconds / 3)
         self._redis = client or redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
         self._acquire, self._renew_script = self._redis.register_script(_ACQUIRE), self._redis.register_script(_RENEW)
         self._release, self._commit = self._redis.register_script(_RELEASE), self._redis.register_script(_COMMIT)

@@ -93,6 +93,18 @@ def test_leases_exclude_a_second_owner_and_every_grant_gets_a_larger_fencing_tok
     assert not a.holds("conv") and b.holds("conv")
 
 
+def test_a_replica_restarted_under_its_name_takes_its_own_leases_over_at_once(make_store):
+    before = make_store("r1")
+    before.acquire("conv")
+    old_token = before.token("conv")
+    after = make_store("r1")  # the same replica name, a new process: its previous run's lease is its own
+    after.acquire("conv")
+    assert after.token("conv") == old_token + 1
+    assert not before.holds("conv")  # the previous grant is fenced off
+    with pytest.raises(SessionBusyError, match=r"\(r1\)"):
+        make_store("r2").acquire("conv")
+
+
 def test_a_commit_after_the_lease_lapsed_is_refused_and_the_stale_copy_dropped(tiny_engine, make_store, client):
     a, b = make_store("a"), make_store("b")
     stale, fresh = replica(tiny_engine, a), replica(tiny_engine, b)
