@@ -7,7 +7,9 @@ in one slot, where one Lua script may touch them all:
   of ``epoch``, incremented by the same script that takes the lease, so every grant of a session gets a larger one.
 - ``epoch``: the last token granted (kept when the session is deleted, so tokens never go back).
 - ``blob``: the session file's bytes (:func:`~sirllm_agents.persistence.session_bytes`: safetensors and JSON, never
-  pickle, with its checksum); ``blob.previous``: the commit before it.
+  pickle, with its checksum), or, for a large session with a blob store configured
+  (:class:`~sirllm_agents.s3_blobs.S3Blobs`), a pointer to an object written there under a key of its own before the
+  commit; ``blob.previous``: the commit before it.
 - ``meta`` / ``meta.previous``: a hash per blob: the token and owner that wrote it, its size, checksum and time.
 
 Every write is one script that first checks the lease is still ``"<token> <owner>"`` of this store and that no
@@ -29,6 +31,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,8 +53,11 @@ from .store import (
 
 if TYPE_CHECKING:
     from .model import Model
+    from .s3_blobs import S3Blobs
 
 log = logging.getLogger(__name__)
+
+DEFAULT_LARGE_BLOB_BYTES = 16 * 2**20  # with a blob store, sessions this large or larger go to it
 
 # KEYS: lease, epoch. ARGV: owner, ttl ms, the lease value this store holds ("" if none).
 # Returns {0, value} when granted (or still ours, then extended), {1, holder's value, ms left} when another holds it.
@@ -90,34 +96,58 @@ end
 return 0
 """
 
-# KEYS: lease, blob, blob.previous, meta, meta.previous. ARGV: our value, our token, ttl ms, the blob, then the meta
-# hash's field/value pairs. 1: committed; 0: the lease is not ours; -1: a commit with a larger token exists.
-_COMMIT = """
+# The value of a blob key that points to an object in the blob store (S3) instead of holding the bytes. Session
+# bytes never start so: their first 8 bytes are a header length far past any real one.
+POINTER = b"sirllm-s3:"
+
+# Returns the value of KEYS[i] when it is a pointer, else ''. ARGV[k]: POINTER.
+_POINTER_AT = """
+local function pointer_at(key, marker)
+  if redis.call('GETRANGE', key, 0, string.len(marker) - 1) == marker then
+    return redis.call('GET', key)
+  end
+  return ''
+end
+"""
+
+# KEYS: lease, blob, blob.previous, meta, meta.previous. ARGV: our value, our token, ttl ms, POINTER, the blob, then
+# the meta hash's field/value pairs. {1, the pointer the commit dropped or ''}: committed; {0}: the lease is not ours;
+# {-1}: a commit with a larger token exists.
+_COMMIT = (
+    _POINTER_AT
+    + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
-  return 0
+  return {0}
 end
 local last = tonumber(redis.call('HGET', KEYS[4], 'token') or '0')
 if tonumber(ARGV[2]) < last then
-  return -1
+  return {-1}
 end
+local dropped = pointer_at(KEYS[3], ARGV[4])
 if redis.call('EXISTS', KEYS[2]) == 1 then
   redis.call('RENAME', KEYS[2], KEYS[3])
   redis.call('RENAME', KEYS[4], KEYS[5])
 end
-redis.call('SET', KEYS[2], ARGV[4])
-redis.call('HSET', KEYS[4], unpack(ARGV, 5))
+redis.call('SET', KEYS[2], ARGV[5])
+redis.call('HSET', KEYS[4], unpack(ARGV, 6))
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return 1
+return {1, dropped}
 """
+)
 
-# KEYS: lease, blob, blob.previous, meta, meta.previous. ARGV: our value. 1: deleted; 0: the lease is not ours.
-_DELETE = """
+# KEYS: lease, blob, blob.previous, meta, meta.previous. ARGV: our value, POINTER. {1, the pointers dropped, or ''}:
+# deleted; {0}: the lease is not ours.
+_DELETE = (
+    _POINTER_AT
+    + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
-  return 0
+  return {0}
 end
+local dropped = {1, pointer_at(KEYS[2], ARGV[2]), pointer_at(KEYS[3], ARGV[2])}
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
-return 1
+return dropped
 """
+)
 
 
 class SessionKeys:
@@ -144,7 +174,9 @@ class RedisStore(SessionStore):
     is taken over at once rather than waited for. ``lease_seconds`` is how long a lease lasts unless renewed, so how
     long a crashed process's sessions stay blocked. ``client`` replaces the connection
     made from ``url`` (for example one from ``redis.Sentinel(...).master_for(...)``; ``url`` then only names it in
-    errors)."""
+    errors). With ``large_blobs`` (:class:`~sirllm_agents.s3_blobs.S3Blobs`), a session of ``large_blob_bytes`` or
+    more is written there under a new object key, and the commit stores a pointer to it; the object a commit or a
+    deletion drops is deleted after it."""
 
     shared = True
 
@@ -156,6 +188,8 @@ class RedisStore(SessionStore):
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         prefix: str = "sirllm:",
         client: redis.Redis | None = None,
+        large_blobs: S3Blobs | None = None,
+        large_blob_bytes: int = DEFAULT_LARGE_BLOB_BYTES,
     ):
         if not lease_seconds > 0:
             raise ValueError(f"lease_seconds must be positive, got {lease_seconds!r}")
@@ -165,6 +199,7 @@ class RedisStore(SessionStore):
             raise ValueError(f"owner must not contain spaces (it is stored after the lease's token): {self.owner!r}")
         self.lease_seconds = float(lease_seconds)
         self.prefix = prefix
+        self.large_blobs, self.large_blob_bytes = large_blobs, large_blob_bytes
         # A stalled Redis is an error that says so rather than a hung request; long enough for a commit of tens of MB
         # on a busy machine (a timed-out commit is a turn refused).
         timeout = max(5.0, self.lease_seconds / 3)
@@ -248,15 +283,25 @@ class RedisStore(SessionStore):
             mine = self._held.get(session_id)
         if mine is None:
             raise self._busy(session_id, keys)
-        started = time.perf_counter()
+        started, token = time.perf_counter(), _split(mine)[0]
         data = session_bytes(session.model, *session.state())
-        meta = {"token": _split(mine)[0], "owner": self.owner, "bytes": len(data), "committed_at": time.time()}
+        value, uploaded = data, None
+        if self.large_blobs is not None and len(data) >= self.large_blob_bytes:
+            # A key of its own per commit: a stale writer's upload can never replace a blob a commit points to.
+            uploaded = f"{self.large_blobs.prefix}{file_key(session_id)}/{token}-{uuid.uuid4().hex}.safetensors"
+            self.large_blobs.put(uploaded, data)
+            value = POINTER + uploaded.encode()
+        where = self.large_blobs.url(uploaded) if uploaded else "redis"
+        meta = {"token": token, "owner": self.owner, "bytes": len(data), "blob": where, "committed_at": time.time()}
         fields = [item for pair in meta.items() for item in pair]
+        # Should the script's answer be lost (a timeout), the upload stays: Redis may point to it now.
         with self._reaching("commit", session_id):
-            outcome = self._commit(keys=keys.written, args=[mine, meta["token"], self._ttl_ms(), data, *fields])
-        if outcome != 1:
+            outcome = self._commit(keys=keys.written, args=[mine, token, self._ttl_ms(), POINTER, value, *fields])
+        if int(outcome[0]) != 1:
+            self._drop_objects([uploaded])
             self._forget(session_id, mine)
             raise self._busy(session_id, keys)
+        self._drop_objects(outcome[1:])
         self.last_commit = (len(data), time.perf_counter() - started)
 
     def take(self, model: Model, session_id: str) -> Session | None:
@@ -293,13 +338,41 @@ class RedisStore(SessionStore):
         with self._held_lock:
             mine = self._held.pop(session_id)
         with self._reaching("delete", session_id):
-            self._delete(keys=keys.written, args=[mine])
+            outcome = self._delete(keys=keys.written, args=[mine, POINTER])
+        self._drop_objects(outcome[1:])
 
     # -- internals ------------------------------------------------------------------------------------------------
 
     def _session(self, model: Model, data: bytes, key: str, session_id: str) -> Session:
         source = f"{self.url} key {key}"
+        if data.startswith(POINTER):
+            data, source = self._pointed_to(data, source)
         return Session.from_state(model, *read_session_bytes(data, model, source), session_id)
+
+    def _pointed_to(self, pointer: bytes, source: str) -> tuple[bytes, str]:
+        """The bytes of the object a blob key points to, and where they came from."""
+        key = pointer.removeprefix(POINTER).decode()
+        if self.large_blobs is None:
+            raise SessionFileError(
+                f"{source}: the session is in the object store (s3 key {key}), and this store has none: give every "
+                "replica the same --blob-store"
+            )
+        data, where = self.large_blobs.get(key), self.large_blobs.url(key)
+        if data is None:
+            raise SessionFileError(f"{source}: points to {where}, which does not exist (deleted by hand?)")
+        return data, where
+
+    def _drop_objects(self, pointers: list) -> None:
+        """Delete the objects that ``pointers`` (object keys, or pointer values from a script; empty ones skipped)
+        name; one that cannot be deleted is logged and left (it is unreferenced, so only costs storage)."""
+        for pointer in pointers:
+            if not pointer or self.large_blobs is None:
+                continue
+            key = pointer.removeprefix(POINTER).decode() if isinstance(pointer, bytes) else pointer
+            try:
+                self.large_blobs.delete(key)
+            except SessionStoreUnavailable as error:
+                log.warning("left an unreferenced session object behind: %s", error)
 
     def _forget(self, session_id: str, value: str) -> None:
         with self._held_lock:

@@ -330,17 +330,37 @@ def renew_leases(store_ref: weakref.ref[SessionStore]) -> None:
 
 
 def open_store(
-    location: str, *, owner: str | None = None, lease_seconds: float = DEFAULT_LEASE_SECONDS
+    location: str,
+    *,
+    owner: str | None = None,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    blob_store: str | None = None,
+    large_blob_bytes: int | None = None,
 ) -> SessionStore:
     """The shared store at ``location``: a ``redis://``, ``rediss://`` or ``unix://`` URL is a
     :class:`~sirllm_agents.redis_store.RedisStore` (needs the ``redis`` extra), anything else a folder for a
-    :class:`SharedDirectoryStore`. ``owner`` and ``lease_seconds`` as for either store."""
-    if location.split("://", 1)[0] in ("redis", "rediss", "unix") and "://" in location:
+    :class:`SharedDirectoryStore`. ``owner`` and ``lease_seconds`` as for either store. With Redis, ``blob_store``
+    (``s3://bucket/prefix``, the ``s3`` extra) takes the sessions of ``large_blob_bytes`` or more (default 16 MiB)."""
+    if not (location.split("://", 1)[0] in ("redis", "rediss", "unix") and "://" in location):
+        if blob_store is not None:
+            raise ValueError("a blob store goes with a Redis session store (redis://...), not with a folder")
+        return SharedDirectoryStore(location, owner=owner, lease_seconds=lease_seconds)
+    try:
+        from .redis_store import DEFAULT_LARGE_BLOB_BYTES, RedisStore
+    except ImportError as error:
+        raise ValueError(
+            f'{location!r} is a Redis URL, and redis-py is not installed: pip install "sirllm-agents[redis]"'
+        ) from error
+    large_blobs = None
+    if blob_store is not None:
         try:
-            from .redis_store import RedisStore
+            from .s3_blobs import S3Blobs
         except ImportError as error:
             raise ValueError(
-                f'{location!r} is a Redis URL, and redis-py is not installed: pip install "sirllm-agents[redis]"'
+                f'{blob_store!r} is an S3 blob store, and boto3 is not installed: pip install "sirllm-agents[s3]"'
             ) from error
-        return RedisStore(location, owner=owner, lease_seconds=lease_seconds)
-    return SharedDirectoryStore(location, owner=owner, lease_seconds=lease_seconds)
+        large_blobs = S3Blobs.from_url(blob_store)
+    limit = DEFAULT_LARGE_BLOB_BYTES if large_blob_bytes is None else large_blob_bytes
+    return RedisStore(
+        location, owner=owner, lease_seconds=lease_seconds, large_blobs=large_blobs, large_blob_bytes=limit
+    )

@@ -77,7 +77,18 @@ def main(argv: list[str] | None = None) -> None:
         help="shared with other replicas: redis://host:port/db (sessions committed every turn, fenced leases) or a "
         "folder (one host); sessions move between servers, one at a time",
     )
-    serve.add_argument("--replica-name", default=None, help="this server's name in session leases (default host:pid)")
+    serve.add_argument(
+        "--blob-store",
+        default=None,
+        metavar="S3_URL",
+        help="with a redis:// store, s3://bucket/prefix for large sessions (endpoint, keys: boto3 config, AWS_*)",
+    )
+    serve.add_argument(
+        "--blob-store-min-mb", type=float, default=16.0, help="sessions this large or larger go to --blob-store"
+    )
+    serve.add_argument(
+        "--replica-name", default=None, help="this server's name in session leases, unique per replica (host:pid)"
+    )
     serve.add_argument(
         "--lease-seconds", type=float, default=30.0, help="a session lease's length, renewed while held (default 30)"
     )
@@ -210,7 +221,15 @@ def _serve(args: argparse.Namespace) -> None:
         config = _session_config(args)
         store = None
         if args.session_store is not None:
-            store = open_store(args.session_store, owner=args.replica_name, lease_seconds=args.lease_seconds)
+            store = open_store(
+                args.session_store,
+                owner=args.replica_name,
+                lease_seconds=args.lease_seconds,
+                blob_store=args.blob_store,
+                large_blob_bytes=round(args.blob_store_min_mb * 2**20),
+            )
+        elif args.blob_store is not None:
+            raise ValueError("--blob-store needs --session-store redis://...")
         engine = Engine(
             args.model,
             backend=args.backend,
