@@ -820,7 +820,7 @@ def test_one_mapping_answers_every_kind_of_error(caplog):
     from sirllm_agents_apps.server.errors import APIError, api_error
     from sirllm_agents_apps.server.schemas import ChatCompletionRequest
 
-    from sirllm_agents import ContextOverflowError, EngineBusyError, SessionBusyError
+    from sirllm_agents import ContextOverflowError, EngineBusyError, SessionBusyError, SessionStoreUnavailable
 
     refused = api_error(ValueError("messages[0]: unknown role 'wizard'"), "r1")
     assert (refused.status, refused.code, refused.message) == (
@@ -858,6 +858,15 @@ def test_one_mapping_answers_every_kind_of_error(caplog):
     assert logged.exc_info is not None and "the secret internals" in str(logged.exc_info[1])
     body = internal.body("req-42").model_dump(mode="json")
     assert body["request_id"] == "req-42" and set(body["error"]) == {"message", "type", "param", "code"}
+
+    # A session store that cannot be reached: a 503 to retry, its message said to the client and logged.
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="sirllm_agents.server"):
+        down = api_error(SessionStoreUnavailable("could not commit ...; the turn was not acknowledged"), "r2", 4)
+    assert (down.status, down.code, down.headers) == (503, "session_store_unavailable", {"Retry-After": "4"})
+    assert down.message == "could not commit ...; the turn was not acknowledged"
+    logged = [r.getMessage() for r in caplog.records if r.name == "sirllm_agents.server"]
+    assert logged == ["request r2: could not commit ...; the turn was not acknowledged"]
 
 
 class _ScriptedStream:
