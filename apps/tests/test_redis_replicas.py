@@ -1,7 +1,7 @@
 """Replicas on Redis, as real processes: ``sirllm-agents serve --session-store redis://...`` servers sharing one
 ``redis-server``. Behind vllm-router (consistent hashing on ``X-Session-Id``) each conversation stays on one replica
-and gets a single process's replies; a replica killed mid-conversation loses no acknowledged turn (the next turn, on
-another replica, gives the uninterrupted reply); a replica stopped past its lease has its commit refused and never
+and gets a single process's replies; a replica killed mid-conversation, reached directly or behind the router, loses
+no acknowledged turn (the next turn, on another replica, gives the uninterrupted reply); a replica stopped past its lease has its commit refused and never
 answers from its stale copy; sessions survive a restart of Redis."""
 
 from __future__ import annotations
@@ -209,3 +209,44 @@ def test_three_replicas_behind_vllm_router_give_every_conversation_a_single_proc
         )
         events = [line for line in streamed.text.splitlines() if line.startswith("data: ")]
         assert events[-1] == "data: [DONE]" and streamed.headers["X-Replica"] == placed[session_id]
+
+
+def test_a_replica_killed_behind_vllm_router_fails_over_with_no_acknowledged_turn_lost(model_dir, redis, expected):
+    if router_command() is None:
+        skip_or_fail("vllm-router is not installed (pip install vllm-router; CI installs it from requirements/ci.in)")
+    session_id, messages = f"conv-{uuid.uuid4().hex[:8]}", []
+    with contextlib.ExitStack() as running:
+        replicas = {f"r{i}": running.enter_context(replica(model_dir, redis.url, f"r{i}")) for i in range(3)}
+        # Health checked every second, dropped at the first failure: failover within seconds, not the default minute.
+        checks = ("--health-check-interval-secs", "1", "--health-failure-threshold", "1")
+        front = running.enter_context(vllm_router([url for url, _ in replicas.values()], *checks))
+        for turn in range(2):
+            messages.append(user(SCRIPT[turn]))
+            response = chat(front, messages, session_id)
+            messages.append({"role": "assistant", "content": content(response)})
+            assert messages[-1]["content"] == expected[turn]
+        serving = response.headers["X-Replica"]
+        prompt = response.json()["usage"]["prompt_tokens"]
+        _, victim = replicas[serving]
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(10)
+
+        # As a client does: retry what failed (the router's error while it still sends to the dead replica, a 409
+        # while that replica's lease lapses) until the conversation is served again.
+        messages.append(user(SCRIPT[2]))
+        deadline, failures = time.monotonic() + 30, []
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                response = chat(front, messages, session_id)
+                if response.status_code == 200:
+                    break
+                failures.append(response.status_code)
+            assert time.monotonic() < deadline, f"not served again within 30 s: {failures}"
+            time.sleep(0.5)
+        assert response.headers["X-Replica"] != serving
+        assert content(response) == expected[2]  # as if the replica had never died
+        assert response.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > prompt  # from its last commit
+        messages.append({"role": "assistant", "content": content(response)})
+        messages.append(user(SCRIPT[3]))
+        following = chat(front, messages, session_id)
+        assert content(following) == expected[3] and following.headers["X-Replica"] == response.headers["X-Replica"]
