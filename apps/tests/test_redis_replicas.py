@@ -1,8 +1,8 @@
 """Replicas on Redis, as real processes: ``sirllm-agents serve --session-store redis://...`` servers sharing one
 ``redis-server``. Behind vllm-router (consistent hashing on ``X-Session-Id``) each conversation stays on one replica
 and gets a single process's replies; a replica killed mid-conversation, reached directly or behind the router, loses
-no acknowledged turn (the next turn, on another replica, gives the uninterrupted reply); a replica stopped past its lease has its commit refused and never
-answers from its stale copy; sessions survive a restart of Redis."""
+no acknowledged turn (the next turn, on another replica, gives the uninterrupted reply); a replica stopped past its
+lease has its commit refused and never answers from its stale copy; sessions survive a restart of Redis."""
 
 from __future__ import annotations
 
