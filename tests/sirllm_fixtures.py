@@ -109,6 +109,16 @@ def write_gguf(model: LlamaForCausalLM, path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_model_dir(tokenizer, tmp_path_factory) -> Path:
+    """:func:`tiny_llama` saved as a model folder, so that server processes and the test's own engine load the same
+    weights."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tiny_llama(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_gguf(tokenizer, tmp_path_factory) -> Path:
     """:func:`tiny_llama`'s weights as a GGUF file."""
     return write_gguf(tiny_llama(tokenizer), tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf")

@@ -13,7 +13,6 @@ import signal
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
@@ -23,7 +22,6 @@ pytest.importorskip("uvicorn", reason="the server needs the serve extra")
 import httpx
 from redis_fixtures import redis_server, skip_or_fail
 from serve_processes import replica, router_command, vllm_router
-from sirllm_fixtures import tiny_llama
 
 from sirllm_agents import Engine
 
@@ -38,17 +36,8 @@ def redis(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer) -> Path:
-    """The tiny random model as a folder, so that server processes and this one load the same weights."""
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tiny_llama(tokenizer).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def reference(model_dir) -> Engine:
-    return Engine(model_dir)
+def reference(tiny_model_dir) -> Engine:
+    return Engine(tiny_model_dir)
 
 
 def replies_of_one_session(engine: Engine, script: list[str]) -> list[str]:
@@ -99,9 +88,9 @@ def streamed_text(line: str) -> str:
     return choices[0].get("delta", {}).get("content") or ""
 
 
-def test_a_replica_killed_mid_conversation_loses_no_acknowledged_turn(model_dir, redis, expected):
+def test_a_replica_killed_mid_conversation_loses_no_acknowledged_turn(tiny_model_dir, redis, expected):
     session_id, messages = f"conv-{uuid.uuid4().hex[:8]}", []
-    with replica(model_dir, redis.url, "a") as (a, process_a), replica(model_dir, redis.url, "b") as (b, _):
+    with replica(tiny_model_dir, redis.url, "a") as (a, process_a), replica(tiny_model_dir, redis.url, "b") as (b, _):
         for turn in range(2):
             messages.append(user(SCRIPT[turn]))
             response = chat(a, messages, session_id)
@@ -128,9 +117,11 @@ def test_a_replica_killed_mid_conversation_loses_no_acknowledged_turn(model_dir,
         assert response.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
 
 
-def test_a_replica_stopped_past_its_lease_has_its_commit_refused_and_never_answers_stale(model_dir, redis, expected):
+def test_a_replica_stopped_past_its_lease_has_its_commit_refused_and_never_answers_stale(
+    tiny_model_dir, redis, expected
+):
     session_id, messages = f"conv-{uuid.uuid4().hex[:8]}", [user(SCRIPT[0])]
-    with replica(model_dir, redis.url, "a") as (a, process_a), replica(model_dir, redis.url, "b") as (b, _):
+    with replica(tiny_model_dir, redis.url, "a") as (a, process_a), replica(tiny_model_dir, redis.url, "b") as (b, _):
         messages.append({"role": "assistant", "content": content(chat(a, messages, session_id))})
         messages.append(user(SCRIPT[1]))
 
@@ -169,7 +160,7 @@ CONVERSATIONS, TURNS = 12, 10
 
 
 def test_three_replicas_behind_vllm_router_give_every_conversation_a_single_process_replies(
-    model_dir, redis, reference
+    tiny_model_dir, redis, reference
 ):
     scripts = {
         f"user-{i}-{uuid.uuid4().hex[:6]}": [f"Hello from user {i}."] + [f"Go on, part {t}." for t in range(1, TURNS)]
@@ -179,7 +170,7 @@ def test_three_replicas_behind_vllm_router_give_every_conversation_a_single_proc
         skip_or_fail("vllm-router is not installed (pip install vllm-router; CI installs it from requirements/ci.in)")
     expected = {session_id: replies_of_one_session(reference, script) for session_id, script in scripts.items()}
     with contextlib.ExitStack() as running:
-        workers = [running.enter_context(replica(model_dir, redis.url, f"r{i}"))[0] for i in range(3)]
+        workers = [running.enter_context(replica(tiny_model_dir, redis.url, f"r{i}"))[0] for i in range(3)]
         front = running.enter_context(vllm_router(workers))
         models = httpx.get(f"{front}/v1/models", timeout=10).json()
         assert "sirllm" in [model["id"] for model in models["data"]]
@@ -211,12 +202,12 @@ def test_three_replicas_behind_vllm_router_give_every_conversation_a_single_proc
         assert events[-1] == "data: [DONE]" and streamed.headers["X-Replica"] == placed[session_id]
 
 
-def test_a_replica_killed_behind_vllm_router_fails_over_with_no_acknowledged_turn_lost(model_dir, redis, expected):
+def test_a_replica_killed_behind_vllm_router_fails_over_with_no_acknowledged_turn_lost(tiny_model_dir, redis, expected):
     if router_command() is None:
         skip_or_fail("vllm-router is not installed (pip install vllm-router; CI installs it from requirements/ci.in)")
     session_id, messages = f"conv-{uuid.uuid4().hex[:8]}", []
     with contextlib.ExitStack() as running:
-        replicas = {f"r{i}": running.enter_context(replica(model_dir, redis.url, f"r{i}")) for i in range(3)}
+        replicas = {f"r{i}": running.enter_context(replica(tiny_model_dir, redis.url, f"r{i}")) for i in range(3)}
         # Health checked every second, dropped at the first failure: failover within seconds, not the default minute.
         checks = ("--health-check-interval-secs", "1", "--health-failure-threshold", "1")
         front = running.enter_context(vllm_router([url for url, _ in replicas.values()], *checks))

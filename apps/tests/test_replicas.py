@@ -3,14 +3,10 @@ with the same greedy replies, never serve one session at once, and sit behind th
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import signal
-import socket
 import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -21,63 +17,17 @@ pytest.importorskip("uvicorn", reason="the server needs the serve extra")
 openai = pytest.importorskip("openai", reason="the replica tests use the official client (the apps test extra)")
 
 import httpx  # noqa: E402  (comes with openai)
-from sirllm_fixtures import tiny_llama  # noqa: E402
+from redis_fixtures import free_port  # noqa: E402
+from serve_processes import replica, wait_until_up  # noqa: E402
 
 from sirllm_agents import Engine  # noqa: E402
 
 NGINX_CONF = Path(__file__).parents[1] / "sirllm_agents_apps" / "server" / "nginx.conf"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_until_up(url: str, process: subprocess.Popen | None = None, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process is None or process.poll() is None, f"{url} exited: {process.stderr.read().decode()[-2000:]}"
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        time.sleep(0.2)
-    raise AssertionError(f"{url} did not come up in {timeout} s")
-
-
-@contextlib.contextmanager
-def _replica(model_dir: Path, store: Path, name: str, *extra: str):
-    """``sirllm-agents serve`` as a process of its own; yields (base URL, process); stopped with SIGTERM."""
-    port = _free_port()
-    command = [sys.executable, "-m", "sirllm_agents_apps.cli", "serve", "--model", str(model_dir), "--port", str(port)]
-    command += ["--session-store", str(store), "--replica-name", name, "--lease-seconds", "3", *extra]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until_up(url, process)
-        yield url, process
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer) -> Path:
-    """The tiny random model as a folder, so that server processes and this one load the same weights."""
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tiny_llama(tokenizer).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def reference(model_dir) -> Engine:
-    return Engine(model_dir)
+def reference(tiny_model_dir) -> Engine:
+    return Engine(tiny_model_dir)
 
 
 def _chat(url: str, messages: list[dict], session_id: str) -> httpx.Response:
@@ -89,7 +39,7 @@ def _user(text: str) -> dict:
     return {"role": "user", "content": text}
 
 
-def test_two_replica_processes_hand_a_conversation_over_and_never_share_it(model_dir, reference, tmp_path):
+def test_two_replica_processes_hand_a_conversation_over_and_never_share_it(tiny_model_dir, reference, tmp_path):
     store = tmp_path / "store"
     session_id = f"conv-{uuid.uuid4().hex[:8]}"
     script = ["Hello, who are you?", "Tell me more.", "And then?"]
@@ -101,8 +51,8 @@ def test_two_replica_processes_hand_a_conversation_over_and_never_share_it(model
         messages.append({"role": "assistant", "content": reply.content})
 
     messages = [_user(script[0])]
-    replica_a = _replica(model_dir, store, "a", "--handoff-idle", "600")
-    with replica_a as (a, process_a), _replica(model_dir, store, "b", "--handoff-idle", "1") as (b, _):
+    replica_a = replica(tiny_model_dir, store, "a", "--handoff-idle", "600")
+    with replica_a as (a, process_a), replica(tiny_model_dir, store, "b", "--handoff-idle", "1") as (b, _):
         first = _chat(a, messages, session_id)
         assert first.status_code == 200 and first.headers["X-Replica"] == "a"
         assert first.json()["choices"][0]["message"]["content"] == expected[0]
@@ -128,7 +78,7 @@ def test_two_replica_processes_hand_a_conversation_over_and_never_share_it(model
 
         # A new replica a2 asks while b holds it: the official client retries the 409 after its Retry-After,
         # by which time b, idle for a second, has handed the session to the store.
-        with _replica(model_dir, store, "a2") as (a2, _):
+        with replica(tiny_model_dir, store, "a2") as (a2, _):
             client = openai.OpenAI(base_url=f"{a2}/v1", api_key="unused", max_retries=4)
             raw = client.chat.completions.with_raw_response.create(
                 model="sirllm", messages=messages, max_tokens=8, extra_headers={"X-Session-Id": session_id}
@@ -142,9 +92,9 @@ def test_two_replica_processes_hand_a_conversation_over_and_never_share_it(model
 
 
 @pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed (apt-get install nginx)")
-def test_the_shipped_nginx_config_keeps_each_session_on_one_replica(model_dir, tmp_path):
-    store, front = tmp_path / "store", _free_port()
-    with _replica(model_dir, store, "r1") as (r1, _), _replica(model_dir, store, "r2") as (r2, _):
+def test_the_shipped_nginx_config_keeps_each_session_on_onereplica(tiny_model_dir, tmp_path):
+    store, front = tmp_path / "store", free_port()
+    with replica(tiny_model_dir, store, "r1") as (r1, _), replica(tiny_model_dir, store, "r2") as (r2, _):
         config = NGINX_CONF.read_text()
         for port, url in (("8001", r1), ("8002", r2)):
             config = config.replace(f"127.0.0.1:{port};", f"{url.removeprefix('http://')};", 1)
@@ -158,11 +108,11 @@ def test_the_shipped_nginx_config_keeps_each_session_on_one_replica(model_dir, t
         nginx = subprocess.Popen(
             ["nginx", "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-g", globals_],
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,  # nginx writes its errors to error_log
         )
         try:
             url = f"http://127.0.0.1:{front}"
-            _wait_until_up(url, nginx, timeout=20)
+            wait_until_up(url, nginx, timeout=20)
             placed: dict[str, str] = {}
             for i in range(12):
                 session_id = f"user-{i}"
