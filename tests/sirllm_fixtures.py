@@ -183,6 +183,12 @@ def _converse(session, turns: list[str], max_new_tokens: int = 8, **kwargs):
     return messages, replies
 
 
+def reply_token_ids(session, turns: list[str], max_new_tokens: int = 6) -> list[list[int]]:
+    """The token ids of each reply of :func:`_converse` on ``session``: what an uninterrupted run gives, for tests
+    that hold a conversation moved between processes or stores to it."""
+    return [reply.token_ids for reply in _converse(session, turns, max_new_tokens)[1]]
+
+
 @pytest.fixture(scope="session")
 def converse():
     return _converse

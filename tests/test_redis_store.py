@@ -10,6 +10,7 @@ import re
 
 import pytest
 from redis_fixtures import redis_server
+from sirllm_fixtures import reply_token_ids
 
 from sirllm_agents import Engine, SessionBusyError, SessionConfig, SessionFileError, SessionStoreUnavailable
 
@@ -49,19 +50,9 @@ def user(text: str) -> dict:
     return {"role": "user", "content": text}
 
 
-def replies_of_one_session(engine: Engine, **cache) -> list[list[int]]:
-    session, messages, replies = engine.session(**cache), [], []
-    for text in SCRIPT:
-        messages.append(user(text))
-        reply = session.chat(messages, max_new_tokens=6)
-        replies.append(reply.token_ids)
-        messages.append({"role": "assistant", "content": reply.text})
-    return replies
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_engine) -> list[list[int]]:
-    return replies_of_one_session(tiny_engine, **CACHE)
+    return reply_token_ids(tiny_engine.session(**CACHE), SCRIPT)
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +138,7 @@ def test_every_turn_is_committed_so_another_replica_continues_with_the_same_repl
 def test_a_corrupted_blob_is_refused_clearly_and_the_previous_commit_stays_readable(tiny_engine, make_store, client):
     # A cache nothing is evicted from: continuing from an older commit then gives the uninterrupted replies too.
     unbounded = dict(cache_size=512)
-    uninterrupted = replies_of_one_session(tiny_engine, **unbounded)
+    uninterrupted = reply_token_ids(tiny_engine.session(**unbounded), SCRIPT)
     store = make_store("a")
     server, messages = Engine(tiny_engine.model, config=SessionConfig(**unbounded), store=store), []
     for text in SCRIPT[:2]:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from redis_fixtures import free_port, redis_server, skip_or_fail
+from sirllm_fixtures import reply_token_ids
 
 from sirllm_agents import Engine, SessionBusyError, SessionConfig, SessionFileError
 
@@ -87,16 +88,6 @@ def user(text: str) -> dict:
     return {"role": "user", "content": text}
 
 
-def replies_of_one_session(engine: Engine) -> list[list[int]]:
-    session, messages, replies = engine.session(cache_size=512), [], []
-    for text in SCRIPT:
-        messages.append(user(text))
-        reply = session.chat(messages, max_new_tokens=6)
-        replies.append(reply.token_ids)
-        messages.append({"role": "assistant", "content": reply.text})
-    return replies
-
-
 def replica(tiny_engine, store) -> Engine:
     return Engine(tiny_engine.model, config=SessionConfig(cache_size=512), store=store)
 
@@ -104,7 +95,7 @@ def replica(tiny_engine, store) -> Engine:
 def test_large_sessions_go_to_s3_and_continue_on_another_replica(tiny_engine, make_store, redis, s3):
     import redis as redis_py
 
-    uninterrupted = replies_of_one_session(tiny_engine)
+    uninterrupted = reply_token_ids(tiny_engine.session(cache_size=512), SCRIPT)
     stores = [make_store("a"), make_store("b")]
     messages = []
     for turn, text in enumerate(SCRIPT):
@@ -144,7 +135,7 @@ def test_a_corrupted_object_is_refused_clearly_and_the_previous_commit_stays_rea
 ):
     import redis as redis_py
 
-    uninterrupted = replies_of_one_session(tiny_engine)
+    uninterrupted = reply_token_ids(tiny_engine.session(cache_size=512), SCRIPT)
     store = make_store("a")
     server, messages = replica(tiny_engine, store), []
     for text in SCRIPT[:2]:

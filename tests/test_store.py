@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+from sirllm_fixtures import reply_token_ids
 
 from sirllm_agents import Engine, SessionBusyError, SessionConfig, SharedDirectoryStore
 from sirllm_agents.store import file_key
@@ -27,13 +28,7 @@ def user(text: str) -> dict:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_engine) -> list[list[int]]:
-    session, messages, replies = tiny_engine.session(**CACHE), [], []
-    for text in SCRIPT:
-        messages.append(user(text))
-        reply = session.chat(messages, max_new_tokens=6)
-        replies.append(reply.token_ids)
-        messages.append({"role": "assistant", "content": reply.text})
-    return replies
+    return reply_token_ids(tiny_engine.session(**CACHE), SCRIPT)
 
 
 def test_a_conversation_moves_between_replicas_with_the_same_replies(tiny_engine, tmp_path, uninterrupted):
