@@ -42,6 +42,10 @@ def test_episodes_follow_the_paper_data():
     assert [g.name for g in games] == ["rps-dominant_rock", "rps-dominant_paper", "rps-dominant_scissors"]
     assert all(len(g.turns) == 5 for g in games)
     assert games[0].turns[1].question.startswith("I chose [rock].")  # the player's previous move
+    # Each turn's cloze form: the question without its lettered choices.
+    for turn in (games[0].turns[0], games[0].turns[1], dialogues[0].turns[0], first[-1]):
+        assert turn.stem and "Choices" not in turn.stem and "(A)" not in turn.stem
+    assert games[0].turns[1].stem.startswith("I chose [rock].")
     assert len(data.load("rps", DATA)[0].turns) == 2000  # the paper plays 2000 rounds
 
 
@@ -66,9 +70,10 @@ def test_each_policy_plays_a_dialogue_with_sane_figures(tiny_engine, task):
         for scoring in ("text", "letter"):
             values = run["metrics"][scoring].values()
             assert values and all(0.0 <= v <= 1.0 for v in values)
-        if task == "grocery":  # the recall turn in cloze form, on its own
-            assert set(run["metrics"]) == {"text", "letter", "cloze", "cloze_char"}
-            assert all(list(run["metrics"][s]) == ["acc_g"] for s in ("cloze", "cloze_char"))
+        # Grocery's recall turn, and every DailyDialog response, also in cloze form.
+        assert set(run["metrics"]) == {"text", "letter", "cloze", "cloze_char"}
+        metric = "acc_g" if task == "grocery" else "accuracy"
+        assert all(list(run["metrics"][s]) == [metric] for s in ("cloze", "cloze_char"))
         assert run["prefilled_tokens"] > 0
         # Only truncate can fail a turn: when the newest message alone passes the budget.
         assert run["overflowed_turns"] == 0 or policy == "truncate"
@@ -120,6 +125,17 @@ def test_cloze_form_runs_on_a_fork_and_ranks_per_token(tiny_engine, policy):
     per_token = [s / len(tiny_engine.model.encode(t)) for s, t in zip(scores, turn.texts)]
     per_char = [s / len(t) for s, t in zip(scores, turn.texts)]
     assert picks == {"cloze": per_token.index(max(per_token)), "cloze_char": per_char.index(max(per_char))}
+
+
+def test_cloze_form_never_picks_a_blank_option(tiny_engine):
+    player = Player(tiny_engine, Setting("sirllm", 96, 1.0))
+    player.new_episode()
+    turn = data.Turn("Reply to: hi. Choices: (A) hello (B) (C) bye", ["A", "B", "C"], ["hello", "", "bye"], 0, "response")
+    turn.stem = "Reply to: hi."
+    picks = cloze_picks(player, [], turn)
+    scores = player.fork().score([{"role": "user", "content": turn.stem}], ["hello", "bye"])
+    per_token = [s / len(tiny_engine.model.encode(t)) for s, t in zip(scores, ["hello", "bye"])]
+    assert picks["cloze"] == (0 if per_token[0] >= per_token[1] else 2)
 
 
 def test_key_share_counts_the_grocery_tokens_the_cache_still_holds():
@@ -203,12 +219,14 @@ def test_cli_writes_json_and_png_and_the_report_tables(tmp_path):
     ]
     for run in results["runs"]:
         assert run["turns"] == 9
-        for player in ("rock", "paper", "scissors"):
-            rates = run["metrics"]["text"][player]
-            assert all(0.0 <= v <= 1.0 for v in rates.values())
-            assert rates["win"] + rates["tie"] + rates["lose"] == pytest.approx(1.0)
+        assert set(run["metrics"]) == {"text", "letter", "cloze", "cloze_char"}  # every round asked both ways
+        for scoring in run["metrics"]:
+            for player in ("rock", "paper", "scissors"):
+                rates = run["metrics"][scoring][player]
+                assert all(0.0 <= v <= 1.0 for v in rates.values())
+                assert rates["win"] + rates["tie"] + rates["lose"] == pytest.approx(1.0)
     table = report(out)
-    assert "| sirllm | 64 | 0.5 | rock |" in table and "| full | max | 1.0 | scissors |" in table
+    assert "| sirllm | 64 | 0.5 | cloze | rock |" in table and "| full | max | 1.0 | text | scissors |" in table
 
 
 @pytest.mark.slow

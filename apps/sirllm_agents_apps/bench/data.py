@@ -24,6 +24,12 @@ RPS_NEXT = (
     "I chose [{move}]. Analyze my preferences to maximize your winning rate and proceed to the next round. "
     "Choices: (A) rock (B) paper (C) scissors. You choose:"
 )
+# The same rounds asked without lettered choices, for the cloze form (the reply is the move itself).
+RPS_FIRST_STEM = "Let's play a game of Rock-Paper-Scissors. Rock, paper or scissors?"
+RPS_NEXT_STEM = (
+    "I chose [{move}]. Analyze my preferences to maximize your winning rate and proceed to the next round. "
+    "Rock, paper or scissors?"
+)
 
 
 @dataclass
@@ -36,7 +42,7 @@ class Turn:
     answer: int  # index of the right option (for RPS: the winning move)
     kind: str  # grocery: "key", "commonsense" or "recall"; dailydialog: "response"; rps: "round"
     user_move: int | None = None  # RPS: index of the player's move this round
-    stem: str = ""  # the question without its choices (what a recall turn asks in cloze form)
+    stem: str = ""  # the question without its lettered choices (what the turn asks in cloze form)
 
 
 @dataclass
@@ -135,7 +141,8 @@ def _rps(path: Path, rounds: int) -> Episode:
         letters = [c["label"] for c in choices]
         texts = [c["text"] for c in choices]
         question = RPS_FIRST if previous is None else RPS_NEXT.format(move=previous)
+        stem = RPS_FIRST_STEM if previous is None else RPS_NEXT_STEM.format(move=previous)
         move = letters.index(row["user_choice"])
-        turns.append(Turn(question, letters, texts, letters.index(row["answerKey"]), "round", move))
+        turns.append(Turn(question, letters, texts, letters.index(row["answerKey"]), "round", move, stem))
         previous = texts[move]
     return Episode(path.stem.replace("rock_paper_scissors_", "rps-"), turns)

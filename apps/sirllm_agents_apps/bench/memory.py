@@ -6,10 +6,11 @@ their log-likelihood per character (lm-eval's ``acc_norm``, so long options are 
 The option chosen under the primary scoring (``--score``) is appended as the assistant's reply, so later turns see
 it in the cache; the other scoring is recorded on the same conversation.
 
-A recall turn (Grocery's last) is also asked in cloze form, on a fork of the session taken just before it: the
-question without its options, each option's text scored as the whole reply, the best per token winning (``cloze``;
-per character: ``cloze_char``). With the options in the prompt a small model picks among the texts it has just read,
-whatever it remembers; without them, only the memory can favour the right one. Grocery runs also record how much of
+A recall turn (Grocery's last), a DailyDialog response and an RPS round are also asked in cloze form, on a fork of
+the session taken just before the turn: the question without its lettered options, each option's text scored as the
+whole reply, the best per token winning (``cloze``; per character: ``cloze_char``). With the options in the prompt a
+small model picks among the texts it has just read, whatever it remembers; without them, only what the cache holds
+can favour the right one. Grocery runs also record how much of
 the first turn's grocery the cache still holds at the recall question.
 """
 
@@ -28,7 +29,8 @@ from sirllm_agents.session import Session
 from .data import Episode, Turn
 
 POLICIES = (*LIBRARY_POLICIES, "truncate")
-SCORINGS = ("letter", "text")  # every turn; recall turns add "cloze" and "cloze_char"
+SCORINGS = ("letter", "text")  # every turn; the CLOZE_KINDS of turns add "cloze" and "cloze_char"
+CLOZE_KINDS = ("recall", "response", "round")  # Grocery's recall, DailyDialog's responses, RPS rounds
 START_SIZE = 4  # attention sinks, as in the paper
 
 
@@ -128,7 +130,7 @@ def play(
     player.new_episode()
     messages: list[dict] = []
     for turn in episode.turns:
-        cloze = cloze_picks(player, messages, turn) if turn.kind == "recall" else {}
+        cloze = cloze_picks(player, messages, turn) if turn.kind in CLOZE_KINDS else {}
         messages.append({"role": "user", "content": turn.question})
         texts = [text for text in turn.texts if text]
         scores = player.score(messages, turn.letters + texts)
@@ -154,12 +156,16 @@ def play(
 
 def cloze_picks(player: Player, messages: list[dict], turn: Turn) -> dict[str, int]:
     """Ask ``turn`` without its options on a fork of the player's session; each option's text is scored as the
-    reply, normalized by its tokens (``cloze``) and by its characters (``cloze_char``). -1 when it does not fit."""
-    scores = player.fork().score(messages + [{"role": "user", "content": turn.stem}], turn.texts)
+    reply, normalized by its tokens (``cloze``) and by its characters (``cloze_char``); a blank option is never
+    picked. -1 when it does not fit."""
+    texts = [text for text in turn.texts if text]
+    scores = player.fork().score(messages + [{"role": "user", "content": turn.stem}], texts)
     if scores is None:
         return {"cloze": -1, "cloze_char": -1}
-    per_token = [s / len(player.engine.model.encode(text)) for s, text in zip(scores, turn.texts)]
-    per_char = [s / len(text) for s, text in zip(scores, turn.texts)]
+    encode = player.engine.model.encode
+    scored = dict(zip(texts, scores))
+    per_token = [scored[text] / len(encode(text)) if text else -math.inf for text in turn.texts]
+    per_char = [scored[text] / len(text) if text else -math.inf for text in turn.texts]
     return {"cloze": _best(per_token), "cloze_char": _best(per_char)}
 
 

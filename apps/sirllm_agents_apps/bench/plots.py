@@ -27,11 +27,11 @@ LEGEND_ROW_INCHES = 0.25
 
 
 def headline(task: str, run: dict, scoring: str) -> float:
-    """The figure a memory run is plotted by: ACC_g (cloze form when recorded), accuracy, or the mean win rate over
+    """The figure a memory run is plotted by (in cloze form when recorded): ACC_g, accuracy, or the mean win rate over
     player types."""
-    metrics = run["metrics"][scoring]
+    metrics = run["metrics"].get("cloze", run["metrics"][scoring])
     if task == "grocery":
-        return run["metrics"].get("cloze", metrics)["acc_g"]
+        return metrics["acc_g"]
     if task == "dailydialog":
         return metrics["accuracy"]
     return sum(m["win"] for m in metrics.values()) / len(metrics)
@@ -44,7 +44,7 @@ def memory_plot(results: dict, path: Path) -> None:
     task, scoring = results["task"], results["scoring"]
     with_key = task == "grocery" and all("key_in_cache" in run for run in results["runs"])
     fig, axes = plt.subplots(1, 1 + with_key, figsize=(12 if with_key else 7, 4.5), squeeze=False)
-    cloze = task == "grocery" and all("cloze" in run["metrics"] for run in results["runs"])
+    cloze = all("cloze" in run["metrics"] for run in results["runs"])
     metric = {"grocery": "ACC_g", "dailydialog": "accuracy", "rps": "win rate (mean over players)"}[task]
     _policy_lines(axes[0][0], results["runs"], lambda run: headline(task, run, scoring), CHANCE[task])
     axes[0][0].set(

@@ -9,6 +9,10 @@ from pathlib import Path
 
 # The paper's Table (Yao et al., ACL 2024) for reference: Grocery ACC_g with 6B-34B chat models, cache 4+1020.
 PAPER_GROCERY = "paper (Yi-6B/34B-Chat, Vicuna-7B, cache 4+1020): ACC_g 96-99% SirLLM vs 24-29% StreamingLLM"
+CLOZE_NOTE = (
+    "Cloze: each turn also asked without its lettered options, on a fork, each option's text scored as the reply "
+    "(best per token); results written before 2026-12-06 have none ('-'). The other columns: the paper's form."
+)
 
 
 def _pct(value: float | None) -> str:
@@ -51,26 +55,29 @@ def _memory_table(results: dict) -> list[str]:
         ]
     elif task == "dailydialog":
         lines += [
-            f"| policy | cache | decay | accuracy | accuracy ({other}) | seconds |",
-            "| --- | ---: | ---: | ---: | ---: | ---: |",
+            f"| policy | cache | decay | accuracy, cloze | accuracy ({scoring}) | accuracy ({other}) | seconds |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for run in results["runs"]:
+            accuracy = {s: _pct(m["accuracy"]) for s, m in run["metrics"].items()}
             lines.append(
-                f"| {_policy(run)} | {run['cache_size'] or 'max'} | {run['decay']} | "
-                f"{_pct(run['metrics'][scoring]['accuracy'])} | {_pct(run['metrics'][other]['accuracy'])} | "
-                f"{run['seconds']:.0f} |"
+                f"| {_policy(run)} | {run['cache_size'] or 'max'} | {run['decay']} | {accuracy.get('cloze', '-')} | "
+                f"{accuracy[scoring]} | {accuracy[other]} | {run['seconds']:.0f} |"
             )
+        lines += ["", CLOZE_NOTE]
     else:
         lines += [
-            "| policy | cache | decay | player | win | tie | lose |",
-            "| --- | ---: | ---: | --- | ---: | ---: | ---: |",
+            "| policy | cache | decay | scoring | player | win | tie | lose |",
+            "| --- | ---: | ---: | --- | --- | ---: | ---: | ---: |",
         ]
         for run in results["runs"]:
-            for player, m in run["metrics"][scoring].items():
-                lines.append(
-                    f"| {_policy(run)} | {run['cache_size'] or 'max'} | {run['decay']} | {player} | "
-                    f"{_pct(m['win'])} | {_pct(m['tie'])} | {_pct(m['lose'])} |"
-                )
+            for form in ("cloze", scoring):
+                for player, m in run["metrics"].get(form, {}).items():
+                    lines.append(
+                        f"| {_policy(run)} | {run['cache_size'] or 'max'} | {run['decay']} | {form} | {player} | "
+                        f"{_pct(m['win'])} | {_pct(m['tie'])} | {_pct(m['lose'])} |"
+                    )
+        lines += ["", CLOZE_NOTE]
     return lines
 
 
