@@ -130,8 +130,10 @@ def test_cloze_form_runs_on_a_fork_and_ranks_per_token(tiny_engine, policy):
 def test_cloze_form_never_picks_a_blank_option(tiny_engine):
     player = Player(tiny_engine, Setting("sirllm", 96, 1.0))
     player.new_episode()
-    turn = data.Turn("Reply to: hi. Choices: (A) hello (B) (C) bye", ["A", "B", "C"], ["hello", "", "bye"], 0, "response")
-    turn.stem = "Reply to: hi."
+    texts = ["hello", "", "bye"]
+    turn = data.Turn(
+        "Reply to: hi. Choices: (A) hello (B) (C) bye", ["A", "B", "C"], texts, 0, "response", stem="Reply to: hi."
+    )
     picks = cloze_picks(player, [], turn)
     scores = player.fork().score([{"role": "user", "content": turn.stem}], ["hello", "bye"])
     per_token = [s / len(tiny_engine.model.encode(t)) for s, t in zip(scores, ["hello", "bye"])]
