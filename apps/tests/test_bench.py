@@ -367,6 +367,32 @@ def test_grocery_report_and_plot_show_the_grocery_kept_in_cache(tmp_path):
     assert imread(tmp_path / "with-key.png").shape[:2] == (540, 1440)
 
 
+def test_dailydialog_report_shows_the_cloze_form_where_recorded(tmp_path):
+    def run(policy, accuracies):
+        return {
+            "policy": policy,
+            "cache_size": 512,
+            "decay": 0.7,
+            "metrics": {scoring: {"accuracy": value} for scoring, value in accuracies.items()},
+            "seconds": 10.0,
+        }
+
+    results = {
+        "task": "dailydialog",
+        "episodes": 2,
+        "model": "tiny",
+        "scoring": "text",
+        "runs": [
+            run("sirllm", {"text": 0.25, "letter": 0.5, "cloze": 0.75, "cloze_char": 0.5}),
+            run("streaming", {"text": 0.25, "letter": 0.5}),  # written before the cloze form
+        ],
+    }
+    (tmp_path / "dailydialog-20261206-000000.json").write_text(json.dumps(results))
+    table = report(tmp_path)
+    assert "| sirllm | 512 | 0.7 | 75.0 | 25.0 | 50.0 | 10 |" in table
+    assert "| streaming | 512 | 0.7 | - | 25.0 | 50.0 | 10 |" in table
+
+
 def _uninstall(monkeypatch, modules: set[str]) -> None:
     """Make ``importlib.util.find_spec`` say ``modules`` are not installed (they may be imported already)."""
     import importlib.util
