@@ -1,5 +1,5 @@
-"""The eviction policies beyond the paper's (words, sentences, density, supersede, restate, structure), the token
-shapes they group by, and the template marks the session records for them."""
+"""The eviction policies beyond the paper's (words, sentences, density, supersede, structure), the token shapes they
+group by, and the template marks the session records for them."""
 
 from __future__ import annotations
 
