@@ -9,14 +9,12 @@ import torch
 from sirllm_agents.policies import (
     CachedTokens,
     DensityPolicy,
-    RestatePolicy,
     SentencesPolicy,
     SirLLMPolicy,
     StructurePolicy,
     SupersedePolicy,
     WordsPolicy,
 )
-from sirllm_agents.policies.restate import changed_value
 from sirllm_agents.policies.sentences import sentence_index
 from sirllm_agents.policies.supersede import restatements
 from sirllm_agents.policies.words import word_surprisal
@@ -148,46 +146,6 @@ def test_supersede_policy_keeps_the_restatement_where_density_keeps_the_stale_va
     assert set(other) | set(update) <= kept and len(set(stated) - kept) == 3
 
 
-def test_restate_pairs_a_changed_value_and_not_a_true_sentence_that_opens_alike(tokenizer):
-    # Word surprisals as a model gives them: the values stand out, a repeated opening is predictable.
-    tokens, _ = cached_text(
-        tokenizer,
-        [
-            ("Also,", 1.0),  # so that every "My" below is the same token, a space before it
-            (" My sister lives in", 1.0),
-            (" Lisbon.", 6.0),  # 0: the fact
-            (" My sister lives in", 0.3),
-            (" a", 0.5),
-            (" flat with two cats.", 2.0),  # 1: opens alike, says something else
-            (" My sister lives in", 0.3),
-            (" Porto", 5.0),
-            (" now.", 1.0),  # 2: the value changed
-            (" What is the capital of", 1.0),
-            (" France?", 3.0),  # 3
-            (" What is the capital of", 0.2),
-            (" Japan?", 3.0),  # 4: a question of the same opening is a changed value too
-        ],
-    )
-    sentence = sentence_index(tokens)
-    assert sentence[-1] == 4  # one sentence each
-    # supersede pairs each sentence with the newest of its opening; restate only the changed values.
-    assert restatements(tokens, sentence) == [(0, 1), (1, 2), (3, 4)]
-    assert restatements(tokens, sentence, changed_value) == [(0, 2), (3, 4)]
-    # The superseded sentences go first: the fact (0) and the first question (3).
-    live = [i for i, k in enumerate(sentence.tolist()) if k not in (0, 3)]
-    assert RestatePolicy().keep(tokens, len(live), 0, 0).tolist() == live
-    # Without the update, nothing of the fact is superseded: density's ranks.
-    tokens, _ = cached_text(
-        tokenizer,
-        [
-            ("My sister lives in", 1.0),
-            (" Lisbon.", 6.0),
-            *[(" My sister lives in", 0.3), (" a", 0.5), (" flat with two cats.", 2.0)],
-        ],
-    )
-    assert torch.equal(RestatePolicy().ranks(tokens), DensityPolicy().ranks(tokens))
-
-
 def test_supersede_policy_evicts_the_stale_value_from_a_session(converse, tiny_engine):
     session = tiny_engine.session(cache_size=96, policy="supersede", recent_size=8)
     turns = ["Please remember this: my locker code is 4821.", *[f"The job {1000 + 37 * i} is done." for i in range(4)]]
@@ -205,7 +163,7 @@ def test_structure_policy_keeps_template_tokens_while_they_fit():
     assert StructurePolicy().keep(tokens, 4, 1, 1).tolist() == [0, 2, 5, 6]
 
 
-@pytest.mark.parametrize("policy", ["words", "sentences", "density", "supersede", "restate", "structure"])
+@pytest.mark.parametrize("policy", ["words", "sentences", "density", "supersede", "structure"])
 def test_each_policy_holds_the_bound_over_a_long_conversation(converse, tiny_engine, policy):
     session = tiny_engine.session(cache_size=96, policy=policy, recent_size=8)
     converse(session, [f"Turn {i}: my code is {1000 + 37 * i}. Please keep it." for i in range(14)])

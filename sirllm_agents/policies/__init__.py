@@ -5,7 +5,6 @@ from __future__ import annotations
 from .base import CachedTokens, Policy
 from .density import DensityPolicy
 from .full import ContextOverflowError, FullPolicy
-from .restate import RestatePolicy
 from .sentences import SentencesPolicy
 from .sirllm import SirLLMPolicy
 from .streaming import StreamingPolicy
@@ -22,7 +21,6 @@ POLICIES: dict[str, type[Policy]] = {
     "density": DensityPolicy,
     "structure": StructurePolicy,
     "supersede": SupersedePolicy,
-    "restate": RestatePolicy,
 }
 
 
@@ -40,7 +38,6 @@ __all__ = [
     "DensityPolicy",
     "FullPolicy",
     "Policy",
-    "RestatePolicy",
     "SentencesPolicy",
     "SirLLMPolicy",
     "StreamingPolicy",
