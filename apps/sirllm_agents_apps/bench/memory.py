@@ -10,8 +10,8 @@ A recall turn (Grocery's last), a DailyDialog response and an RPS round are also
 the session taken just before the turn: the question without its lettered options, each option's text scored as the
 whole reply, the best per token winning (``cloze``; per character: ``cloze_char``). With the options in the prompt a
 small model picks among the texts it has just read, whatever it remembers; without them, only what the cache holds
-can favour the right one. Grocery runs also record how much of
-the first turn's grocery the cache still holds at the recall question.
+can favour the right one. Grocery runs also record how much of the first turn's grocery the cache still holds at the
+recall question.
 """
 
 from __future__ import annotations
