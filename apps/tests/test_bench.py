@@ -660,6 +660,40 @@ def test_locomo_bench_writes_every_cell_and_its_measures_hold(tiny_engine, tmp_p
 
 
 @needs_locomo
+def test_evidence_use_groups_answerable_questions_by_the_evidence_kept_beside_the_oracle():
+    from sirllm_agents_apps.bench import locomo
+
+    def record(question, category, kept, cloze):
+        return {"conversation": "26", "question": question, "category": category, "evidence_kept": kept, "cloze": cloze}
+
+    oracle = [{"conversation": "26", "question": q, "cloze": q % 2 == 0} for q in range(5)]
+    runs = [
+        {
+            "records": [
+                record(0, "single-hop", 0.0, False),
+                record(1, "temporal", 0.05, True),
+                record(2, "adversarial", 1.0, True),
+            ]
+        },
+        {
+            "records": [
+                record(0, "single-hop", 1.0, True),
+                record(3, "multi-hop", 0.5, False),
+                record(4, "temporal", 0.9, False),
+            ]
+        },
+    ]
+    found = locomo.evidence_use({"oracle": {"records": oracle}, "runs": runs})
+    # The adversarial question is left out; question 0 counts once per setting it was asked in.
+    assert [(row["evidence_kept"], row["cloze"]["n"]) for row in found] == [
+        ("under 10%", 2),
+        ("10-90%", 1),
+        ("90% or more", 2),
+    ]
+    assert [row["cloze"]["mean"] for row in found] == [0.5, 0.0, 0.5]
+    assert [row["oracle_cloze"]["mean"] for row in found] == [0.5, 0.0, 1.0]
+
+
 def test_locomo_parts_run_apart_merge_into_the_whole_run(tiny_engine, tmp_path, monkeypatch):
     from sirllm_agents_apps.bench import locomo
 

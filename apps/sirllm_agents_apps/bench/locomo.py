@@ -421,6 +421,32 @@ def _paired_cloze(mine: list[dict], theirs: list[dict], mode: str, category: str
     return mean_interval([a[k] - b[k] for k in sorted(a.keys() & b.keys())], seed)
 
 
+# Shares of a question's evidence the cache held, as ``evidence_use`` groups them: (label, from, up to but not with).
+EVIDENCE_BINS = (("under 10%", 0.0, 0.1), ("10-90%", 0.1, 0.9), ("90% or more", 0.9, 1.1))
+
+
+def evidence_use(results: dict, seed: int = 0) -> list[dict]:
+    """Whether the model uses the evidence a cache kept: the cloze of answerable questions under every setting and
+    mode, pooled and grouped by the share of their evidence the cache held (``EVIDENCE_BINS``), beside the oracle's
+    cloze on the same questions. Where the cache held the evidence and the cloze still falls short of the oracle's,
+    what is missing is the model reading it among everything else, not a policy that keeps it. A question counts once
+    per setting and mode it was asked in, so the intervals are indicative."""
+    oracle = {(r["conversation"], r["question"]): float(r["cloze"]) for r in results["oracle"]["records"]}
+    asked = [r for run in results["runs"] for r in run["records"] if _in_group(r, ANSWERABLE)]
+    found = []
+    for label, low, high in EVIDENCE_BINS:
+        chosen = [r for r in asked if low <= r["evidence_kept"] < high]
+        if chosen:
+            found.append(
+                {
+                    "evidence_kept": label,
+                    "cloze": mean_interval([float(r["cloze"]) for r in chosen], seed),
+                    "oracle_cloze": mean_interval([oracle[r["conversation"], r["question"]] for r in chosen], seed),
+                }
+            )
+    return found
+
+
 def _in_group(record: dict, group: str) -> bool:
     """Whether ``record`` counts in ``group``: ``all``, ``answerable`` (not adversarial) or a category's name."""
     if group == "all":

@@ -238,6 +238,7 @@ def _interval(cell: dict | None, scale: float = 100.0, digits: int = 1) -> str:
 
 
 def _locomo_table(results: dict) -> list[str]:
+    from .locomo import evidence_use
     from .plots import LOCOMO_GROUPS, locomo_label
 
     oracle = results["oracle"]["summary"]
@@ -300,6 +301,19 @@ def _locomo_table(results: dict) -> list[str]:
         for (label, size, mode), cells in rows.items():
             row = " | ".join(_interval(cells.get(g)) for g in ("all", "answerable", "single-hop"))
             lines.append(f"| {label} | {size} | {mode} | {row} |")
+    lines += [
+        "",
+        "Answerable questions by the share of their evidence the cache held, every setting and mode pooled (a "
+        "question counts once per setting and mode), against the oracle's cloze on the same questions:",
+        "",
+        "| evidence kept | asked | cloze | oracle's cloze, same questions |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for row in evidence_use(results):
+        lines.append(
+            f"| {row['evidence_kept']} | {row['cloze']['n']} | {_interval(row['cloze'])} | "
+            f"{_interval(row['oracle_cloze'])} |"
+        )
     return lines
 
 
