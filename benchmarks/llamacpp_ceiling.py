@@ -1,5 +1,5 @@
-"""What llama.cpp itself can do on this machine with `bench serve --workload agent`: the bound any server of this GGUF
-meets, however little it adds to the model.
+"""What llama.cpp, driven through llama-cpp-python as this project's llama.cpp backend drives it, can do on this
+machine with `bench serve --workload agent`: the bound a SirLLM server on that backend meets, however little it adds.
 
 The same workload as `sirllm-agents bench serve --workload agent` (`serve_load.agent_turns`: N conversations of
 10 turns, each turn a ~100-token tool output and a 32-token greedy reply), run straight on llama.cpp's C API with no
@@ -14,8 +14,9 @@ Two ways per N, alternated so both meet the same load:
 * ``all``: every prompt token's logits, which SirLLM's token entropy needs.
 
 It prints aggregate generated tokens per second over the whole run (the bench's figure), per N and way, medians of
-``--repeats`` runs. Compare with `bench serve` on the same machine: no server of this GGUF on these cores passes
-``last``, and a SirLLM server pays at least the difference to ``all``.
+``--repeats`` runs. Compare with `bench serve` on the same machine: a server on this backend does not pass ``last``,
+and a SirLLM server pays at least the difference to ``all``. llama.cpp's own C++ `llama-server` is not bound by it
+(measured 9% faster at 1 and 4 conversations, 10% slower at 8: the bench README).
 
     python benchmarks/llamacpp_ceiling.py [--counts 1 4 8] [--turns 10] [--threads 2] [--repeats 3]
 """
