@@ -487,8 +487,9 @@ def test_keys_body_size_and_overload(engine, model):
 # -- the command ------------------------------------------------------------------------------------------------------
 
 
-def test_serve_builds_the_engine_warns_off_loopback_and_runs_uvicorn(monkeypatch, capsys, engine):
+def test_serve_builds_the_engine_warns_off_loopback_and_runs_uvicorn(monkeypatch, capsys, request, engine):
     import gc
+    import logging
 
     from sirllm_agents_apps.cli import main
 
@@ -505,6 +506,13 @@ def test_serve_builds_the_engine_warns_off_loopback_and_runs_uvicorn(monkeypatch
     monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: ran.update(app=app, host=host, port=port, **kw))
     frozen = []  # the heap the model left is frozen once, after loading and before serving
     monkeypatch.setattr(gc, "freeze", lambda: frozen.append(("model" in made, "app" in ran)))
+    # `serve` gives the request log a handler on this test's captured stderr: taken back afterwards, so that later
+    # tests' servers neither write to the closed capture nor lose their records to it.
+    request_log = logging.getLogger("sirllm_agents.server")
+    monkeypatch.setattr(request_log, "handlers", [])
+    monkeypatch.setattr(request_log, "propagate", request_log.propagate)
+    level = request_log.level
+    request.addfinalizer(lambda: request_log.setLevel(level))
     main(["serve", "--cache-size", "256", "--policy", "streaming", "--max-live-sessions", "3", "--parallel", "2"])
     assert frozen == [(True, False)]
     assert made["config"].cache_size == 256 and made["config"].policy == "streaming" and made["max_live_sessions"] == 3
