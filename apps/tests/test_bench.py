@@ -659,7 +659,6 @@ def test_locomo_bench_writes_every_cell_and_its_measures_hold(tiny_engine, tmp_p
     assert "| streaming | 160 | end |" in table
 
 
-@needs_locomo
 def test_evidence_use_groups_answerable_questions_by_the_evidence_kept_beside_the_oracle():
     from sirllm_agents_apps.bench import locomo
 
@@ -694,6 +693,7 @@ def test_evidence_use_groups_answerable_questions_by_the_evidence_kept_beside_th
     assert [row["oracle_cloze"]["mean"] for row in found] == [0.5, 0.0, 1.0]
 
 
+@needs_locomo
 def test_locomo_parts_run_apart_merge_into_the_whole_run(tiny_engine, tmp_path, monkeypatch):
     from sirllm_agents_apps.bench import locomo
 
